@@ -1,0 +1,242 @@
+"""DatasetIndex: one scan of an ImageFolder split (paths, labels, upright sizes), saved for reuse.
+
+Sizes come from image headers with the EXIF orientation applied, so a 1.28M-image split
+scans in minutes, and the crop boxes drawn from them address the upright picture that
+both decoders produce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+IMAGE_FORMATS = ("JPEG", "PNG")
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # these swap height and width
+_INDEX_FORMAT = 1
+
+
+class DatasetError(ValueError):
+    """Bad input data: the message names the file or folder and what was expected."""
+
+
+def safe_join(root: str | os.PathLike, relative: str) -> str:
+    """Join a stored relative path under root, refusing absolute paths and '..' escapes."""
+    if not relative or relative.startswith(("/", "\\")) or os.path.isabs(relative):
+        raise DatasetError(f"{relative!r}: expected a path relative to the split folder")
+    parts = posixpath.normpath(relative.replace("\\", "/")).split("/")
+    if ".." in parts:
+        raise DatasetError(f"{relative!r}: a path relative to the split folder must not contain '..'")
+    return os.path.join(os.fspath(root), *parts)
+
+
+def read_header(path: str) -> tuple[int, int]:
+    """(height, width) after EXIF orientation, from the header alone; DatasetError if not a JPEG/PNG."""
+    try:
+        with Image.open(path) as im:
+            if im.format not in IMAGE_FORMATS:
+                raise DatasetError(f"{path}: expected a JPEG or PNG image, found {im.format}")
+            width, height = im.size
+            orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if im.format == "JPEG" else 1
+    except UnidentifiedImageError:
+        raise DatasetError(f"{path}: not a readable JPEG or PNG image") from None
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read image header ({err})") from None
+    if orientation in _TRANSPOSED_ORIENTATIONS:
+        height, width = width, height
+    return height, width
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """What a directory walk sees: relative paths, labels, byte sizes, mtimes and class names."""
+
+    paths: list[str]
+    labels: np.ndarray
+    byte_sizes: np.ndarray
+    mtimes: np.ndarray
+    classes: list[str]
+
+
+def _list_split(split_dir: Path) -> _Listing:
+    if not split_dir.is_dir():
+        raise DatasetError(f"{split_dir}: no such split folder (expected <root>/{split_dir.name}/<class>/<image>)")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DatasetError(f"{split_dir}: expected one sub-folder per class, found none")
+    paths, labels, byte_sizes, mtimes = [], [], [], []
+    for label, name in enumerate(classes):
+        entries = sorted(
+            (e for e in os.scandir(split_dir / name) if e.is_file() and not e.name.startswith(".")),
+            key=lambda e: e.name,
+        )
+        if not entries:
+            raise DatasetError(f"{split_dir / name}: class folder holds no images")
+        for entry in entries:
+            stat = entry.stat()
+            paths.append(f"{name}/{entry.name}")
+            labels.append(label)
+            byte_sizes.append(stat.st_size)
+            mtimes.append(stat.st_mtime_ns)
+    return _Listing(paths, np.asarray(labels, np.int32), np.asarray(byte_sizes, np.int64),
+                    np.asarray(mtimes, np.int64), classes)
+
+
+def _pack_strings(strings: list[str]) -> np.ndarray:
+    return np.frombuffer("\n".join(strings).encode("utf-8"), dtype=np.uint8)
+
+
+def _unpack_strings(packed: np.ndarray) -> list[str]:
+    text = packed.tobytes().decode("utf-8")
+    return text.split("\n") if text else []
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """An ImageFolder split: sorted relative paths, labels, (height, width) after EXIF, byte sizes."""
+
+    root: str
+    paths: list[str]
+    labels: np.ndarray
+    sizes: np.ndarray
+    byte_sizes: np.ndarray
+    classes: list[str]
+    skipped: list[str] = field(default_factory=list)
+    mtimes: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over (path, byte size, label) of every image: identifies the split's content."""
+        digest = hashlib.sha256()
+        for path, nbytes, label in zip(self.paths, self.byte_sizes.tolist(), self.labels.tolist()):
+            digest.update(f"{path}\0{nbytes}\0{label}\n".encode("utf-8"))
+        return digest.hexdigest()
+
+    def file(self, i: int) -> str:
+        """Absolute path of image i (never outside the split folder)."""
+        return safe_join(self.root, self.paths[i])
+
+    @classmethod
+    def scan(cls, split_dir: str | os.PathLike, skip_bad: bool = False, workers: int = 8,
+             previous: DatasetIndex | None = None) -> DatasetIndex:
+        """Walk split_dir and read every header (files unchanged since ``previous`` are reused).
+
+        A bad file raises DatasetError naming it, unless skip_bad: then it is left out and
+        listed in ``skipped`` as "path: reason".
+        """
+        split_dir = Path(split_dir).resolve()
+        listing = _list_split(split_dir)
+        known = {}
+        if previous is not None and previous.mtimes is not None:
+            known = {(p, int(b), int(m)): tuple(s) for p, b, m, s in zip(
+                previous.paths, previous.byte_sizes, previous.mtimes, previous.sizes.tolist())}
+        keys = [(p, int(b), int(m)) for p, b, m in zip(listing.paths, listing.byte_sizes, listing.mtimes)]
+        todo = [i for i, key in enumerate(keys) if key not in known]
+
+        def header_or_error(i: int) -> tuple[int, int] | str:
+            path = str(split_dir / listing.paths[i])
+            if not path.lower().endswith(IMAGE_EXTENSIONS):
+                return f"{path}: expected a .jpg, .jpeg or .png image file"
+            try:
+                return read_header(path)
+            except DatasetError as err:
+                return str(err)
+
+        sizes = np.zeros((len(keys), 2), np.int32)
+        for i, key in enumerate(keys):
+            if key in known:
+                sizes[i] = known[key]
+        bad: dict[int, str] = {}
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            results = pool.map(header_or_error, todo, chunksize=256)
+            for i, result in tqdm(zip(todo, results), total=len(todo), desc=f"scan {split_dir.name}",
+                                  unit="img", disable=None, leave=False):
+                if isinstance(result, str):
+                    if not skip_bad:
+                        raise DatasetError(f"{result} (use --skip-bad to leave bad files out)")
+                    bad[i] = result
+                else:
+                    sizes[i] = result
+        keep = np.asarray([i not in bad for i in range(len(keys))], bool)
+        index = cls(
+            root=str(split_dir),
+            paths=[p for p, k in zip(listing.paths, keep) if k],
+            labels=listing.labels[keep],
+            sizes=sizes[keep],
+            byte_sizes=listing.byte_sizes[keep],
+            classes=listing.classes,
+            skipped=[bad[i] for i in sorted(bad)],
+            mtimes=listing.mtimes[keep],
+        )
+        for label, name in enumerate(index.classes):
+            if not np.any(index.labels == label):
+                raise DatasetError(f"{split_dir / name}: class folder holds no usable images")
+        return index
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index as a pickle-free .npz (atomically: temp file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(
+            tmp, format=np.int64(_INDEX_FORMAT), root=_pack_strings([self.root]),
+            paths=_pack_strings(self.paths), labels=self.labels, sizes=self.sizes,
+            byte_sizes=self.byte_sizes, classes=_pack_strings(self.classes),
+            skipped=_pack_strings(self.skipped),
+            mtimes=self.mtimes if self.mtimes is not None else np.zeros(len(self), np.int64),
+        )
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DatasetIndex:
+        with np.load(path, allow_pickle=False) as data:
+            if int(data["format"]) != _INDEX_FORMAT:
+                raise DatasetError(f"{path}: index format {int(data['format'])}, expected {_INDEX_FORMAT}")
+            return cls(
+                root=_unpack_strings(data["root"])[0], paths=_unpack_strings(data["paths"]),
+                labels=data["labels"], sizes=data["sizes"], byte_sizes=data["byte_sizes"],
+                classes=_unpack_strings(data["classes"]), skipped=_unpack_strings(data["skipped"]),
+                mtimes=data["mtimes"],
+            )
+
+
+def default_cache_path(split_dir: str | os.PathLike) -> Path:
+    """Where the index of a split is kept: $MEALV2_CACHE (or ~/.cache/mealv2)/index-<hash of its path>.npz."""
+    base = Path(os.environ.get("MEALV2_CACHE", Path.home() / ".cache" / "mealv2"))
+    key = hashlib.sha256(str(Path(split_dir).resolve()).encode()).hexdigest()[:16]
+    return base / f"index-{Path(split_dir).name}-{key}.npz"
+
+
+def load_index(split_dir: str | os.PathLike, skip_bad: bool = False, cache: bool = True,
+               workers: int = 8) -> DatasetIndex:
+    """Scan a split, reusing the headers of unchanged files from its cached index, and save it."""
+    cache_path = default_cache_path(split_dir)
+    previous = None
+    if cache and cache_path.exists():
+        try:
+            previous = DatasetIndex.load(cache_path)
+        except (OSError, ValueError, KeyError):
+            previous = None  # a damaged cache only costs a full scan
+    index = DatasetIndex.scan(split_dir, skip_bad=skip_bad, workers=workers, previous=previous)
+    if cache:
+        try:
+            index.save(cache_path)
+        except OSError:
+            pass  # a read-only home only costs a rescan next time
+    return index

@@ -1,0 +1,1 @@
+"""Stage one: the teacher ensemble, top-k codecs, the Zarr label store and the cache-teachers job."""

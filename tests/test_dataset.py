@@ -1,0 +1,91 @@
+"""DatasetIndex: class order, labels, upright sizes, fingerprint, save/load, and clear errors."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagegen import make_image_folder, save, smooth_image
+from pipeline.dataset import DatasetError, DatasetIndex, load_index, safe_join
+
+
+def test_scan_lists_classes_labels_and_upright_sizes(mixed_root):
+    index = DatasetIndex.scan(mixed_root / "train")
+    assert index.classes == ["class_0", "class_1", "class_2"]
+    assert index.paths == sorted(index.paths)
+    assert index.paths[0] == "class_0/img_000.jpg"
+    np.testing.assert_array_equal(index.labels, np.repeat([0, 1, 2], 8))
+    for path, size in zip(index.paths, index.sizes):
+        with Image.open(index.root + "/" + path) as im:
+            from PIL import ImageOps
+            upright = ImageOps.exif_transpose(im)
+            assert tuple(size) == (upright.height, upright.width), path
+    rotated = index.paths.index("class_0/img_004.jpg")  # orientation 6: stored 64 wide, shown 64 high
+    assert tuple(index.sizes[rotated]) == (64, 48)
+
+
+def test_fingerprint_changes_with_content_and_not_with_location(tmp_path):
+    make_image_folder(tmp_path / "a", classes=2, per_class=3, mixed=False)
+    make_image_folder(tmp_path / "b", classes=2, per_class=3, mixed=False)
+    first = DatasetIndex.scan(tmp_path / "a" / "train")
+    assert first.fingerprint == DatasetIndex.scan(tmp_path / "b" / "train").fingerprint
+    target = tmp_path / "b" / "train" / "class_1" / "img_000.jpg"
+    save(smooth_image(np.random.default_rng(9), 30, 30, 0), target)
+    assert DatasetIndex.scan(tmp_path / "b" / "train").fingerprint != first.fingerprint
+
+
+def test_save_load_round_trip_is_pickle_free(mixed_root, tmp_path):
+    index = DatasetIndex.scan(mixed_root / "train")
+    index.save(tmp_path / "index.npz")
+    with np.load(tmp_path / "index.npz", allow_pickle=False) as data:
+        assert all(data[key].dtype != object for key in data.files)
+    loaded = DatasetIndex.load(tmp_path / "index.npz")
+    assert loaded.paths == index.paths and loaded.classes == index.classes
+    assert loaded.fingerprint == index.fingerprint
+    np.testing.assert_array_equal(loaded.sizes, index.sizes)
+
+
+def test_load_index_reuses_unchanged_headers(mixed_root, monkeypatch):
+    first = load_index(mixed_root / "train")
+    calls = []
+    import pipeline.dataset as dataset
+    original = dataset.read_header
+    monkeypatch.setattr(dataset, "read_header", lambda path: calls.append(path) or original(path))
+    second = load_index(mixed_root / "train")
+    assert calls == [] and second.fingerprint == first.fingerprint
+
+
+def test_missing_split_is_named(tmp_path):
+    with pytest.raises(DatasetError, match=r"train: no such split folder"):
+        DatasetIndex.scan(tmp_path / "train")
+
+
+def test_empty_class_folder_is_named(tmp_path):
+    split = make_image_folder(tmp_path, classes=2, per_class=2, mixed=False)
+    (split / "class_9").mkdir()
+    with pytest.raises(DatasetError, match=r"class_9: class folder holds no images"):
+        DatasetIndex.scan(split)
+
+
+def test_bad_file_fails_by_default_and_is_recorded_with_skip_bad(tmp_path):
+    split = make_image_folder(tmp_path, classes=2, per_class=3, mixed=False)
+    (split / "class_0" / "broken.jpg").write_bytes(b"not an image at all")
+    (split / "class_1" / "notes.txt").write_text("hello")
+    with pytest.raises(DatasetError, match=r"broken\.jpg: not a readable JPEG or PNG"):
+        DatasetIndex.scan(split)
+    index = DatasetIndex.scan(split, skip_bad=True)
+    assert len(index) == 6
+    assert any("broken.jpg" in s for s in index.skipped) and any("notes.txt" in s for s in index.skipped)
+
+
+def test_other_image_formats_are_refused(tmp_path):
+    split = make_image_folder(tmp_path, classes=1, per_class=1, mixed=False)
+    Image.new("RGB", (8, 8)).save(split / "class_0" / "x.png", "GIF")
+    with pytest.raises(DatasetError, match=r"x\.png: expected a JPEG or PNG image, found GIF"):
+        DatasetIndex.scan(split)
+
+
+@pytest.mark.parametrize("bad", ["../etc/passwd", "/etc/passwd", "a/../../b", ""])
+def test_safe_join_refuses_escapes(bad, tmp_path):
+    with pytest.raises(DatasetError):
+        safe_join(tmp_path, bad)
+    assert safe_join(tmp_path, "a/b.jpg") == str(tmp_path / "a" / "b.jpg")
