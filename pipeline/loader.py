@@ -41,6 +41,16 @@ def epoch_order(num_images: int, seed: int, epoch: int, shuffle: bool = True, ra
     return order[rank::world_size]
 
 
+def resolve_device(name: str) -> torch.device:
+    """"auto" → the first CUDA device when there is one, else the CPU; anything else as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available on this machine")
+    return device
+
+
 def make_decoder(kind: str, res: int, interpolation: str, batch_size: int, device: torch.device,
                  threads: int):
     """DALI when asked or available ("auto"); PIL otherwise."""

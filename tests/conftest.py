@@ -24,3 +24,50 @@ def mixed_root(tmp_path_factory) -> Path:
     make_image_folder(root, "train", classes=3, per_class=8, seed=0)
     make_image_folder(root, "val", classes=3, per_class=4, seed=1)
     return root
+
+
+TEACHER_ARCHS = ("test_resnet", "test_efficientnet")
+
+
+@pytest.fixture(scope="session")
+def teacher_files(tmp_path_factory) -> str:
+    """Two timm test teachers for 3 classes saved locally (.pth and .safetensors): a --teachers spec."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("teachers")
+    torch.manual_seed(0)
+    first = timm.create_model(TEACHER_ARCHS[0], num_classes=3)
+    torch.save(first.state_dict(), folder / "t1.pth")
+    second = timm.create_model(TEACHER_ARCHS[1], num_classes=3)
+    save_file(second.state_dict(), str(folder / "t2.safetensors"))
+    return f"{TEACHER_ARCHS[0]}={folder / 't1.pth'},{TEACHER_ARCHS[1]}={folder / 't2.safetensors'}"
+
+
+@pytest.fixture(scope="session")
+def small_root(tmp_path_factory) -> Path:
+    """ROOT/train with 3 classes × 10 mixed images (30 images: 4 chunks of 8 rows)."""
+    root = tmp_path_factory.mktemp("small")
+    make_image_folder(root, "train", classes=3, per_class=10, seed=2)
+    make_image_folder(root, "val", classes=3, per_class=4, seed=3)
+    return root
+
+
+def cache_args(root, store, teachers, *extra) -> list[str]:
+    """The cache-teachers command line the tests share (32 px, 2 seeds, k=2, 8-row chunks)."""
+    return ["cache-teachers", "--data", str(root), "--store", str(store), "--res", "32", "--teachers", teachers,
+            "--seeds", "2", "--topk", "2", "--batch-size", "4", "--chunk-rows", "8", *extra]
+
+
+@pytest.fixture(scope="session")
+def reference_store(tmp_path_factory, small_root, teacher_files) -> Path:
+    """A store written by one uninterrupted cache-teachers run."""
+    from click.testing import CliRunner
+
+    from mealv2.cli import main
+
+    store = tmp_path_factory.mktemp("stores") / "reference.zarr"
+    result = CliRunner().invoke(main, cache_args(small_root, store, teacher_files), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return store

@@ -1,0 +1,283 @@
+"""LabelStore: the Zarr v3 soft-label store of DESIGN.md — schema, writer protocol, reader, verify.
+
+Work is cut into (seed slot, chunk) units. The coordinator creates every array and the
+attributes; workers write whole units in one assignment each and then set the unit's
+`done` cell, so concurrent writers never share a chunk and a rerun skips finished units.
+"""
+
+from __future__ import annotations
+
+import datetime
+import warnings
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from mealv2 import __version__
+from pipeline.dataset import DatasetIndex
+
+FORMAT = 1
+CHUNK_ROWS = 65536
+LABEL_ARRAYS = ("probs", "classes", "boxes", "flips")
+INDEX_ARRAYS = ("index/paths", "index/sizes", "index/labels")
+# attributes that fix what the labels mean: a store is only extended by a job that agrees on all
+IDENTITY_KEYS = ("res", "interpolation", "topk", "residual", "crop")
+
+
+class StoreError(ValueError):
+    """A store that cannot serve the request: the message names it and what differs."""
+
+
+def _compressors():
+    """blosc-zstd, then a crc32c checksum so `labels verify` finds damaged chunks."""
+    return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec()]
+
+
+def _zarr_store(url: str, read_only: bool, storage_options: dict | None):
+    """A zarr store for a path or any fsspec URL (s3://, gs://, zip::..., file://)."""
+    if "://" in url or "::" in url:
+        return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
+    return zarr.storage.LocalStore(url, read_only=read_only)
+
+
+def _teacher_identity(records: list[dict]) -> list[tuple]:
+    return [(t["name"], t.get("checkpoint_sha256") or t.get("pretrained")) for t in records]
+
+
+def _differences(stored: dict, wanted: dict) -> list[str]:
+    """Human-readable list of what makes two label specs disagree."""
+    diffs = []
+    if stored["dataset"]["fingerprint"] != wanted["dataset"]["fingerprint"]:
+        diffs.append(f"dataset fingerprint {stored['dataset']['fingerprint'][:12]}… vs "
+                     f"{wanted['dataset']['fingerprint'][:12]}…")
+    for key in IDENTITY_KEYS:
+        if stored.get(key) != wanted.get(key):
+            diffs.append(f"{key} {stored.get(key)} vs {wanted.get(key)}")
+    if _teacher_identity(stored["teachers"]) != _teacher_identity(wanted["teachers"]):
+        diffs.append(f"teachers {_teacher_identity(stored['teachers'])} vs {_teacher_identity(wanted['teachers'])}")
+    return diffs
+
+
+def label_spec(index: DatasetIndex, teachers: list[dict], res: int, interpolation: str, topk: int, residual: str,
+               crop: dict) -> dict:
+    """The attributes (less seeds, dates and completeness) that define a store's labels."""
+    return {
+        "dataset": {"fingerprint": index.fingerprint, "num_images": len(index),
+                    "num_classes": index.num_classes, "classes": list(index.classes)},
+        "teachers": teachers, "res": res, "interpolation": interpolation, "topk": topk,
+        "residual": residual, "crop": crop,
+    }
+
+
+@dataclass
+class SlotLabels:
+    """One seed slot's rows, whole, in memory: what stage two indexes by sample."""
+
+    probs: np.ndarray    # (N, k) float16
+    classes: np.ndarray  # (N, k) uint16 or int32
+    boxes: np.ndarray    # (N, 4) int32
+    flips: np.ndarray    # (N,) bool
+
+
+class LabelStore:
+    """A label store opened by path or fsspec URL; read-only unless opened for writing."""
+
+    def __init__(self, url: str, group: zarr.Group, writable: bool, storage_options: dict | None = None):
+        self.url = url
+        self.group = group
+        self.writable = writable
+        self.storage_options = dict(storage_options or {})
+
+    # -- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, url: str, mode: str = "r", storage_options: dict | None = None) -> LabelStore:
+        """Open an existing store: mode "r" (readers) or "r+" (workers writing units)."""
+        if mode not in ("r", "r+"):
+            raise ValueError(f"mode {mode!r}: expected 'r' or 'r+'")
+        try:
+            # writers read the live metadata: consolidated copies go stale while units are written
+            group = zarr.open_group(_zarr_store(url, mode == "r", storage_options), mode=mode,
+                                    use_consolidated=None if mode == "r" else False)
+        except FileNotFoundError:
+            raise StoreError(f"{url}: no label store there") from None
+        attrs = group.attrs.get("mealv2")
+        if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
+            raise StoreError(f"{url}: not a mealv2 label store of format {FORMAT}")
+        return cls(url, group, writable=mode == "r+", storage_options=storage_options)
+
+    @classmethod
+    def exists(cls, url: str, storage_options: dict | None = None) -> bool:
+        try:
+            cls.open(url, "r", storage_options)
+        except StoreError:
+            return False
+        return True
+
+    @classmethod
+    def create_or_extend(cls, url: str, spec: dict, index: DatasetIndex, seeds: list[int],
+                         chunk_rows: int = CHUNK_ROWS, storage_options: dict | None = None) -> LabelStore:
+        """Coordinator: create the store, or check an existing one matches ``spec`` and add seed slots."""
+        if cls.exists(url, storage_options):
+            store = cls.open(url, "r+", storage_options)
+            diffs = _differences(store.attrs, spec)
+            if diffs:
+                raise StoreError(f"{url}: store was made for other labels: " + "; ".join(diffs))
+            store._add_seeds(seeds)
+            return store
+        group = zarr.open_group(_zarr_store(url, False, storage_options), mode="w", zarr_format=3)
+        store = cls(url, group, writable=True, storage_options=storage_options)
+        store._create_arrays(spec, index, len(seeds), chunk_rows)
+        group.attrs["mealv2"] = {
+            "format": FORMAT, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "tool_version": __version__, **spec, "seeds": list(seeds), "complete": False,
+            "skipped": list(index.skipped),
+        }
+        return store
+
+    def _create_arrays(self, spec: dict, index: DatasetIndex, num_seeds: int, chunk_rows: int) -> None:
+        n, k, num_classes = len(index), spec["topk"], index.num_classes
+        class_dtype = "uint16" if num_classes <= 65536 else "int32"
+        rows = min(chunk_rows, max(n, 1))
+        units = -(-n // rows)
+        for name, shape, chunks, dtype in [
+            ("probs", (num_seeds, n, k), (1, rows, k), "float16"),
+            ("classes", (num_seeds, n, k), (1, rows, k), class_dtype),
+            ("boxes", (num_seeds, n, 4), (1, rows, 4), "int32"),
+            ("flips", (num_seeds, n), (1, rows), "bool"),
+            ("done", (num_seeds, units), (1, 1), "bool"),
+        ]:
+            self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=_compressors(),
+                                    fill_value=0)
+        for name, values in [("index/paths", np.asarray(index.paths, dtype=str)),
+                             ("index/sizes", index.sizes.astype(np.int32)),
+                             ("index/labels", index.labels.astype(np.int32))]:
+            array = self.group.create_array(name, shape=values.shape, dtype=values.dtype if name != "index/paths"
+                                            else str, compressors=_compressors())
+            array[...] = values
+
+    def _add_seeds(self, seeds: list[int]) -> None:
+        """Grow the seed axis for seeds not stored yet; existing slots stay untouched."""
+        attrs = self.attrs
+        stored = list(attrs["seeds"])
+        if seeds[:len(stored)] != stored[:len(seeds)]:
+            raise StoreError(f"{self.url}: holds seeds {stored}, this job asks for {seeds}")
+        if len(seeds) <= len(stored):
+            return
+        for name in LABEL_ARRAYS + ("done",):
+            array = self.group[name]
+            array.resize((len(seeds),) + array.shape[1:])
+        self.group.attrs["mealv2"] = {**attrs, "seeds": list(seeds), "complete": False}
+        self._consolidate()  # readers must not see the old shapes
+
+    # -- shape of the work -----------------------------------------------------------------
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs["mealv2"])
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.attrs["seeds"])
+
+    @property
+    def num_images(self) -> int:
+        return self.group["probs"].shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.attrs["dataset"]["num_classes"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.group["probs"].chunks[1]
+
+    @property
+    def num_chunks(self) -> int:
+        return self.group["done"].shape[1]
+
+    def rows(self, chunk: int) -> slice:
+        return slice(chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.num_images))
+
+    def done(self) -> np.ndarray:
+        """(seed slots, chunks) bool: which units are written."""
+        return self.group["done"][...]
+
+    def pending_units(self, shard: int = 0, num_shards: int = 1) -> list[tuple[int, int]]:
+        """(slot, chunk) units not done yet that belong to this shard (unit number % num_shards == shard)."""
+        done = self.done()
+        return [(slot, chunk) for slot in range(done.shape[0]) for chunk in range(done.shape[1])
+                if (slot * done.shape[1] + chunk) % num_shards == shard and not done[slot, chunk]]
+
+    # -- writing and reading ---------------------------------------------------------------
+
+    def write_unit(self, slot: int, chunk: int, labels: SlotLabels) -> None:
+        """Write one unit, each array in one assignment of whole chunks, then mark it done."""
+        if not self.writable:
+            raise StoreError(f"{self.url}: opened read-only")
+        rows = self.rows(chunk)
+        expected = rows.stop - rows.start
+        if len(labels.probs) != expected:
+            raise ValueError(f"unit ({slot}, {chunk}) holds {expected} rows, got {len(labels.probs)}")
+        for name in LABEL_ARRAYS:
+            self.group[name][slot, rows] = getattr(labels, name)
+        self.group["done"][slot, chunk] = True
+
+    def read_slot(self, slot: int) -> SlotLabels:
+        """Seed slot ``slot``'s rows whole (stage two reads one per epoch; never random rows per batch)."""
+        return SlotLabels(*(self.group[name][slot] for name in LABEL_ARRAYS))
+
+    def finalize(self) -> bool:
+        """Coordinator: mark complete and consolidate metadata once every unit is done; returns completeness."""
+        complete = bool(self.done().all())
+        if complete and not self.attrs["complete"]:
+            self.group.attrs["mealv2"] = {**self.attrs, "complete": True}
+            self._consolidate()
+        return complete
+
+    def _consolidate(self) -> None:
+        with warnings.catch_warnings():  # zarr notes consolidation is not in the v3 spec yet; we know
+            warnings.simplefilter("ignore", UserWarning)
+            zarr.consolidate_metadata(self.group.store)
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def nbytes_stored(self) -> int:
+        """Bytes the store takes on its filesystem or bucket."""
+        if "::" in self.url:  # a chained URL (zip::...): the outermost file holds everything
+            fs, path = fsspec.core.url_to_fs(self.url.split("::")[-1], **self.storage_options)
+            return int(fs.size(path))
+        fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        return int(fs.du(path, total=True))
+
+    def info(self) -> dict:
+        attrs = self.attrs
+        done = self.done()
+        crops = len(attrs["seeds"]) * self.num_images
+        nbytes = self.nbytes_stored()
+        return {
+            "url": self.url, "teachers": attrs["teachers"], "res": attrs["res"],
+            "interpolation": attrs["interpolation"], "topk": attrs["topk"], "residual": attrs["residual"],
+            "seeds": attrs["seeds"], "images": self.num_images, "classes": attrs["dataset"]["num_classes"],
+            "complete": attrs["complete"], "units_done": int(done.sum()), "units": int(done.size),
+            "bytes": nbytes, "bytes_per_crop": nbytes / crops if crops else 0.0,
+            "fingerprint": attrs["dataset"]["fingerprint"], "created": attrs["created"],
+            "skipped": len(attrs.get("skipped", [])),
+        }
+
+    def verify_chunks(self) -> list[str]:
+        """Decode every chunk of every array (crc32c checked); one line per damaged chunk."""
+        problems = []
+        for name in LABEL_ARRAYS + ("done",) + INDEX_ARRAYS:
+            array = self.group[name]
+            for coords in np.ndindex(*array.cdata_shape):
+                region = tuple(slice(c * size, min((c + 1) * size, extent))
+                               for c, size, extent in zip(coords, array.chunks, array.shape))
+                try:
+                    array[region]
+                except Exception as err:  # noqa: BLE001 - any decode failure is a damaged chunk
+                    problems.append(f"{name} chunk {'.'.join(map(str, coords))}: {str(err).splitlines()[0]}")
+        return problems

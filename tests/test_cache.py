@@ -1,0 +1,210 @@
+"""cache-teachers end to end: schema read back with plain zarr, labels equal the teachers on PIL crops,
+resume after SIGKILL and sharded jobs give the same bytes, mismatches refused, verify catches damage."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+from conftest import cache_args
+
+from mealv2.cli import main
+from pipeline.dataset import DatasetIndex
+from pipeline.reference import replay_pil
+from softlabels.store import LabelStore
+from softlabels.teachers import TeacherEnsemble, parse_teachers
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def with_option(args: list[str], name: str, value: str) -> list[str]:
+    """args with option ``name`` set to ``value`` (replaced, or appended when absent)."""
+    args = list(args)
+    if name in args:
+        args[args.index(name) + 1] = value
+        return args
+    return args + [name, value]
+
+
+def store_files(store: Path) -> dict[str, bytes]:
+    """Every file of a store; the root's attributes without their creation time."""
+    files = {}
+    for path in sorted(store.rglob("*")):
+        if path.is_file():
+            files[str(path.relative_to(store))] = path.read_bytes()
+    root = json.loads(files.pop("zarr.json"))
+    root["attributes"]["mealv2"].pop("created")
+    files["zarr.json"] = json.dumps(root, sort_keys=True).encode()
+    return files
+
+
+def test_schema_read_back_with_plain_zarr(reference_store, small_root):
+    group = zarr.open_group(str(reference_store), mode="r")
+    attrs = group.attrs["mealv2"]
+    assert attrs["format"] == 1 and attrs["complete"] is True and attrs["seeds"] == [0, 1]
+    assert attrs["res"] == 32 and attrs["topk"] == 2 and attrs["residual"] == "uniform"
+    assert attrs["crop"]["scale"] == [0.08, 1.0] and attrs["dataset"]["num_images"] == 30
+    assert all("checkpoint_sha256" in t and "mean" in t and "std" in t for t in attrs["teachers"])
+    expected = {"probs": ((2, 30, 2), "float16", (1, 8, 2)), "classes": ((2, 30, 2), "uint16", (1, 8, 2)),
+                "boxes": ((2, 30, 4), "int32", (1, 8, 4)), "flips": ((2, 30), "bool", (1, 8)),
+                "done": ((2, 4), "bool", (1, 1)), "index/sizes": ((30, 2), "int32", None),
+                "index/labels": ((30,), "int32", None)}
+    for name, (shape, dtype, chunks) in expected.items():
+        array = group[name]
+        assert array.shape == shape and str(array.dtype) == dtype, name
+        if chunks:
+            assert array.chunks == chunks, name
+        codecs = [type(c).__name__ for c in array.metadata.codecs]
+        assert codecs[-2:] == ["BloscCodec", "Crc32cCodec"], name
+        assert array.metadata.codecs[-2].cname.value == "zstd"
+    index = DatasetIndex.scan(small_root / "train")
+    assert list(group["index/paths"][:]) == index.paths
+    assert attrs["dataset"]["fingerprint"] == index.fingerprint
+    probs = group["probs"][:].astype(np.float32)
+    assert (np.diff(probs, axis=-1) <= 0).all() and (probs.sum(-1) <= 1.001).all()
+    assert group["done"][:].all()
+
+
+def test_labels_equal_teachers_on_reference_crops(reference_store, small_root, teacher_files):
+    store = LabelStore.open(str(reference_store))
+    index = DatasetIndex.scan(small_root / "train")
+    ensemble = TeacherEnsemble(parse_teachers(teacher_files, 32), 3, "cpu")
+    for slot in (0, 1):
+        labels = store.read_slot(slot)
+        crops = []
+        for i in range(len(index)):
+            with open(index.file(i), "rb") as handle:
+                crops.append(replay_pil(handle.read(), labels.boxes[i], labels.flips[i], 32))
+        probs, _ = ensemble(torch.from_numpy(np.stack(crops)))
+        expected = probs.gather(1, torch.from_numpy(labels.classes.astype(np.int64)))
+        np.testing.assert_allclose(labels.probs.astype(np.float32), expected.numpy(), atol=0.02)
+        agree = (probs.argmax(1).numpy() == labels.classes[:, 0]).mean()
+        assert agree > 0.9
+
+
+def test_stored_boxes_are_the_seed_crops(reference_store, small_root):
+    from softlabels.cache import slot_crops
+    store = LabelStore.open(str(reference_store))
+    index = DatasetIndex.scan(small_root / "train")
+    for slot, seed in enumerate(store.seeds):
+        boxes, flips = slot_crops(seed, index.sizes)
+        labels = store.read_slot(slot)
+        np.testing.assert_array_equal(labels.boxes, boxes)
+        np.testing.assert_array_equal(labels.flips, flips)
+
+
+def test_killed_run_resumes_to_the_same_bytes(reference_store, small_root, teacher_files, tmp_path):
+    store = tmp_path / "killed.zarr"
+    command = [sys.executable, "-m", "mealv2", *cache_args(small_root, store, teacher_files)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_cells = store / "done" / "c"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (done_cells.exists() and any(p.is_file() for p in done_cells.rglob("*"))):
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)  # right after the first unit: most of the job is still to do
+    process.wait()
+    assert not LabelStore.open(str(store)).attrs["complete"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert store_files(store) == store_files(reference_store)
+
+
+def test_two_shards_fill_the_same_store(reference_store, small_root, teacher_files, tmp_path):
+    store = tmp_path / "sharded.zarr"
+    first = run_cli(*cache_args(small_root, store, teacher_files, "--shard", "0/2"))
+    assert first.exit_code == 0, first.output
+    assert "incomplete" in first.output
+    second = run_cli(*cache_args(small_root, store, teacher_files, "--shard", "1/2"))
+    assert second.exit_code == 0, second.output
+    assert store_files(store) == store_files(reference_store)
+
+
+def test_more_seeds_extend_without_touching_existing_slots(reference_store, small_root, teacher_files, tmp_path):
+    store = tmp_path / "grown.zarr"
+    shutil.copytree(reference_store, store)
+    before = {k: v for k, v in store_files(store).items() if "/c/" in k}
+    result = run_cli(*with_option(cache_args(small_root, store, teacher_files), "--seeds", "3"))
+    assert result.exit_code == 0, result.output
+    after = store_files(store)
+    assert all(after[k] == v for k, v in before.items())
+    grown = LabelStore.open(str(store))
+    assert grown.seeds == [0, 1, 2] and grown.attrs["complete"] and grown.done().all()
+
+
+@pytest.mark.parametrize("change,message", [
+    (("--res", "40"), "res 32 vs 40"),
+    (("--topk", "3"), "topk 2 vs 3"),
+    (("--residual", "renorm"), "residual uniform vs renorm"),
+])
+def test_mismatched_jobs_are_refused(reference_store, small_root, teacher_files, change, message, tmp_path):
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(reference_store, store)
+    result = run_cli(*with_option(cache_args(small_root, store, teacher_files), *change))
+    assert result.exit_code == 1 and message in result.output
+    assert store_files(store) == store_files(reference_store)
+
+
+def test_other_teachers_and_other_data_are_refused(reference_store, small_root, teacher_files, tmp_path):
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(reference_store, store)
+    one_teacher = teacher_files.split(",")[0]
+    result = run_cli(*cache_args(small_root, store, one_teacher))
+    assert result.exit_code == 1 and "teachers" in result.output
+    other = tmp_path / "other"
+    shutil.copytree(small_root, other)
+    (other / "train" / "class_0" / "img_000.jpg").unlink()
+    result = run_cli(*cache_args(other, store, teacher_files))
+    assert result.exit_code == 1 and "dataset fingerprint" in result.output
+
+
+def test_bad_options_are_one_line_errors(small_root, teacher_files, tmp_path):
+    for args, message in [(("--shard", "3/2"), "0 <= I < N"), (("--batch-size", "0"), "--batch-size must be"),
+                          (("--topk", "9"), "only 3 classes")]:
+        result = run_cli(*with_option(cache_args(small_root, tmp_path / "x.zarr", teacher_files), *args))
+        assert result.exit_code == 1 and message in result.output, result.output
+    result = run_cli(*cache_args(small_root, tmp_path / "y.zarr", "test_resnet=/nonexistent.pth"))
+    assert result.exit_code == 1 and "/nonexistent.pth: checkpoint not found" in result.output
+    result = run_cli(*cache_args(small_root, tmp_path / "z.zarr", "not_a_model_name=/x.pth"))
+    assert result.exit_code == 1 and "not a timm model name" in result.output
+
+
+def test_verify_passes_then_catches_altered_labels_and_flipped_bytes(reference_store, small_root, teacher_files,
+                                                                     tmp_path):
+    ok = run_cli("labels", "verify", reference_store, "--data", small_root, "--recompute", "12",
+                 "--teachers", teacher_files)
+    assert ok.exit_code == 0, ok.output
+    altered = tmp_path / "altered.zarr"
+    shutil.copytree(reference_store, altered)
+    probs = zarr.open_group(str(altered), mode="r+")["probs"]
+    probs[0, 0, 0] = probs[0, 0, 0] - np.float16(0.2)
+    result = run_cli("labels", "verify", altered, "--data", small_root, "--recompute", "30",
+                     "--teachers", teacher_files)
+    assert result.exit_code == 1 and "recomputed labels differ" in result.output
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(reference_store, damaged)
+    chunk = damaged / "classes" / "c" / "1" / "2" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    result = run_cli("labels", "verify", damaged)
+    assert result.exit_code == 1 and "classes chunk 1.2.0" in result.output
+
+
+def test_info_reports_the_store(reference_store):
+    result = run_cli("labels", "info", reference_store, "--json")
+    info = json.loads(result.output)
+    assert info["images"] == 30 and info["seeds"] == [0, 1] and info["complete"]
+    assert info["bytes_per_crop"] > 0 and len(info["teachers"]) == 2
