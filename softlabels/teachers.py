@@ -58,7 +58,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Weights from .safetensors or a pickle-free torch file (bare, or under 'state_dict'/'model')."""
+    """Weights from .safetensors or a pickle-free torch file (bare, or under 'state_dict'/'model'/'student')."""
     path = Path(path)
     if not path.is_file():
         raise TeacherError(f"{path}: checkpoint not found")
@@ -69,7 +69,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unpickling refusals and corrupt files alike
         raise TeacherError(f"{path}: not a weights-only torch checkpoint ({str(err).splitlines()[0]})") from None
-    for key in ("state_dict", "model"):
+    for key in ("state_dict", "model", "student"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
@@ -124,9 +124,9 @@ class Normalize(nn.Module):
         return images.float() * self.scale - self.shift
 
 
-def autocast(device: torch.device):
+def autocast(device: torch.device, enabled: bool = True):
     """bf16 autocast on CUDA, nothing elsewhere: one code path for both devices."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 class TeacherEnsemble(nn.Module):
@@ -162,7 +162,7 @@ class TeacherEnsemble(nn.Module):
             record["pretrained"] = f"{cfg.get('architecture', spec.name)}.{cfg.get('tag', '')}".rstrip(".")
         return record
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: online distillation feeds these targets into autograd
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, 3, H, W) → (mean softmax (B, C) float32, mean logits (B, C) float32)."""
         images = images.to(self.device, non_blocking=True)

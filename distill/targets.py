@@ -1,0 +1,102 @@
+"""Where a training batch's targets come from: the label store, teachers in the loop, or hard labels.
+
+Each source also says which crops an epoch replays, so the student always sees the very
+crops its targets were computed on.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.dataset import DatasetIndex
+from softlabels.cache import slot_crops
+from softlabels.store import LabelStore, SlotLabels
+from softlabels.teachers import TeacherEnsemble
+from softlabels.topk import expand
+
+_LOG_FLOOR = 1e-8  # log of a renormalised top-k target has zeros elsewhere
+
+
+@dataclass
+class BatchTargets:
+    """probs: dense (B, C) soft target, or labels: (B,) hard classes; teacher_side: the discriminator's input."""
+
+    probs: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    teacher_side: torch.Tensor | None = None
+
+
+class CachedTargets:
+    """Epoch e reads seed slot e mod S whole (the next one prefetched in a thread) and expands on the device."""
+
+    def __init__(self, store: LabelStore, device: torch.device):
+        self.store = store
+        self.device = device
+        self.residual = store.attrs["residual"]
+        self.num_classes = store.num_classes
+        self._pool = ThreadPoolExecutor(1)
+        self._pending: dict[int, Future] = {}
+        self._probs = self._classes = None
+
+    def _slot(self, epoch: int) -> int:
+        return epoch % len(self.store.seeds)
+
+    def _load(self, slot: int) -> SlotLabels:
+        future = self._pending.pop(slot, None)
+        return future.result() if future is not None else self.store.read_slot(slot)
+
+    def prepare(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Load this epoch's slot, start reading the next; return its stored boxes and flips."""
+        slot = self._slot(epoch)
+        labels = self._load(slot)
+        following = self._slot(epoch + 1)
+        if following != slot and following not in self._pending:
+            self._pending[following] = self._pool.submit(self.store.read_slot, following)
+        self._probs = torch.from_numpy(labels.probs).to(self.device)
+        self._classes = torch.from_numpy(labels.classes.astype(np.int64)).to(self.device)
+        return labels.boxes, labels.flips
+
+    def __call__(self, images: torch.Tensor, indices: torch.Tensor) -> BatchTargets:
+        at = indices.to(self.device)
+        probs = expand(self._probs[at], self._classes[at], self.num_classes, self.residual)
+        return BatchTargets(probs=probs, teacher_side=probs.clamp_min(_LOG_FLOOR).log())
+
+
+class _SampledCrops:
+    """Crops drawn per epoch: seed e mod ``seeds`` (like a store of that many slots), or seed e when None."""
+
+    def __init__(self, index: DatasetIndex, seeds: int | None):
+        self.sizes = index.sizes
+        self.seeds = seeds
+
+    def prepare(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        return slot_crops(epoch % self.seeds if self.seeds else epoch, self.sizes)
+
+
+class OnlineTargets(_SampledCrops):
+    """Teachers in the loop on the same replayed crops: dense mean softmax, and mean logits if asked."""
+
+    def __init__(self, ensemble: TeacherEnsemble, index: DatasetIndex, seeds: int | None, disc_input: str):
+        super().__init__(index, seeds)
+        self.ensemble = ensemble
+        self.disc_input = disc_input
+
+    def __call__(self, images: torch.Tensor, indices: torch.Tensor) -> BatchTargets:
+        probs, logits = self.ensemble(images)
+        side = logits if self.disc_input == "logits" else probs.clamp_min(_LOG_FLOOR).log()
+        return BatchTargets(probs=probs, teacher_side=side)
+
+
+class HardTargets(_SampledCrops):
+    """Ground-truth classes for plain supervised training (`mealv2 train`)."""
+
+    def __init__(self, index: DatasetIndex, seeds: int | None, device: torch.device):
+        super().__init__(index, seeds)
+        self.labels = torch.from_numpy(index.labels.astype(np.int64)).to(device)
+
+    def __call__(self, images: torch.Tensor, indices: torch.Tensor) -> BatchTargets:
+        return BatchTargets(labels=self.labels[indices.to(self.labels.device)])

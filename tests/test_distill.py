@@ -1,0 +1,154 @@
+"""Stage two end to end: distill from a store, exact resume, outputs, online parity, evaluate, train."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from conftest import cache_args
+
+from distill.targets import CachedTargets, OnlineTargets
+from imagegen import save
+from mealv2.cli import main
+from pipeline.dataset import DatasetIndex
+from pipeline.loader import ReplayLoader
+from softlabels.store import LabelStore
+from softlabels.teachers import TeacherEnsemble, parse_teachers
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def distill_args(root, store, out, epochs, *extra):
+    return ["distill", "--data", root, "--labels", store, "--student", "test_resnet", "--init", "scratch",
+            "--out", out, "--epochs", epochs, "--lr", "0.05", "--lr-steps", "3", "--batch-size", "8",
+            "--no-progress", *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(small_root, reference_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("distill") / "full"
+    result = run_cli(*distill_args(small_root, reference_store, out, 4))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_distill_writes_every_output(full_run):
+    rows = metrics(full_run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) == {"epoch", "lr", "loss", "kd_loss", "disc_loss", "val_top1", "val_top5",
+                            "images_per_sec", "seconds"}
+    assert [r["lr"] for r in rows] == pytest.approx([0.05, 0.05, 0.05, 0.005])  # --lr-steps 3: epochs 4+
+    assert rows[-1]["kd_loss"] < rows[0]["kd_loss"]
+    assert all(r["val_top1"] is not None and 0 <= r["val_top1"] <= r["val_top5"] <= 100 for r in rows)
+    config = json.loads((full_run / "config.json").read_text())
+    assert config["res"] == 32 and config["weight_decay"] == 0.0 and config["mode"] == "distill"
+    state = torch.load(full_run / "checkpoint-last.pth", weights_only=True)
+    assert state["epoch"] == 4 and state["store"]["seeds"] == [0, 1] and state["discriminator"]
+    model = timm.create_model("test_resnet", num_classes=3, checkpoint_path=str(full_run / "model.safetensors"))
+    torch.testing.assert_close(model.state_dict()["fc.weight"], state["student"]["fc.weight"])
+
+
+def test_resume_after_an_epoch_matches_the_uninterrupted_run(full_run, small_root, reference_store, tmp_path):
+    out = tmp_path / "resumed"
+    first = run_cli(*distill_args(small_root, reference_store, out, 2))
+    assert first.exit_code == 0, first.output
+    again = run_cli(*distill_args(small_root, reference_store, out, 2))
+    assert again.exit_code == 1 and "--resume" in again.output
+    second = run_cli(*distill_args(small_root, reference_store, out, 4, "--resume"))
+    assert second.exit_code == 0, second.output
+    resumed = torch.load(out / "checkpoint-last.pth", weights_only=True)["student"]
+    uninterrupted = torch.load(full_run / "checkpoint-last.pth", weights_only=True)["student"]
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=key)
+    assert [r["epoch"] for r in metrics(out)] == [1, 2, 3, 4]
+
+
+def test_evaluate_reproduces_the_final_validation(full_run, small_root):
+    result = run_cli("evaluate", "--data", small_root, "--model", "test_resnet", "--checkpoint",
+                     full_run / "model.safetensors", "--res", "32", "--json")
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output)
+    assert scores["images"] == 12
+    assert scores["top1"] == pytest.approx(metrics(full_run)[-1]["val_top1"])
+
+
+def test_online_targets_with_k_equal_c_match_the_cache(small_root, teacher_files, tmp_path):
+    store = tmp_path / "full_k.zarr"
+    args = cache_args(small_root, store, teacher_files)
+    args[args.index("--topk") + 1] = "3"
+    assert run_cli(*args).exit_code == 0
+    index = DatasetIndex.scan(small_root / "train")
+    cached = CachedTargets(LabelStore.open(str(store)), torch.device("cpu"))
+    ensemble = TeacherEnsemble(parse_teachers(teacher_files, 32), 3, "cpu")
+    online = OnlineTargets(ensemble, index, seeds=2, disc_input="logprobs")
+    loader = ReplayLoader(index, 32, 8, "cpu", "dali")
+    for epoch in (0, 1, 2):
+        boxes, flips = cached.prepare(epoch)
+        online_boxes, online_flips = online.prepare(epoch)
+        np.testing.assert_array_equal(boxes, online_boxes)
+        np.testing.assert_array_equal(flips, online_flips)
+        for images, indices in loader.epoch(np.arange(len(index)), boxes, flips, progress=False):
+            torch.testing.assert_close(cached(images, indices).probs, online(images, indices).probs,
+                                       atol=1e-3, rtol=0)
+
+
+def test_online_mode_trains(small_root, teacher_files, tmp_path):
+    out = tmp_path / "online"
+    result = run_cli("distill", "--online", "--teachers", teacher_files, "--data", small_root, "--student",
+                     "test_resnet", "--init", "scratch", "--out", out, "--epochs", "1", "--batch-size", "8",
+                     "--res", "32", "--seeds", "2", "--disc-input", "logits", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert metrics(out)[0]["disc_loss"] is not None
+
+
+def test_refusals(small_root, reference_store, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(small_root, other)
+    (other / "train" / "class_2" / "img_000.jpg").unlink()
+    result = run_cli(*distill_args(other, reference_store, tmp_path / "a", 1))
+    assert result.exit_code == 1 and "labels are for another dataset" in result.output
+    incomplete = tmp_path / "incomplete.zarr"
+    shutil.copytree(reference_store, incomplete)
+    import zarr
+    zarr.open_group(str(incomplete), mode="r+", use_consolidated=False)["done"][1, 2] = False
+    result = run_cli(*distill_args(small_root, incomplete, tmp_path / "b", 1))
+    assert result.exit_code == 1 and "incomplete" in result.output
+    result = run_cli(*distill_args(small_root, reference_store, tmp_path / "c", 1, "--disc-input", "logits"))
+    assert result.exit_code == 1 and "needs --online" in result.output
+    result = run_cli(*distill_args(small_root, reference_store, tmp_path / "d", 1, "--batch-size", "0"))
+    assert result.exit_code == 1 and "--batch-size must be at least 1" in result.output
+
+
+def make_red_blue(root, split, per_class, seed):
+    """Two classes anyone can tell apart: reddish and bluish noisy squares."""
+    rng = np.random.default_rng(seed)
+    for label, channel in enumerate((0, 2)):
+        for j in range(per_class):
+            image = rng.integers(0, 120, (40, 40, 3)).astype(np.uint8)
+            image[..., channel] += 130
+            save(image, root / split / f"class_{label}" / f"{j:03d}.jpg")
+
+
+def test_train_learns_a_separable_toy_set(tmp_path):
+    root = tmp_path / "toy"
+    make_red_blue(root, "train", 24, seed=5)
+    make_red_blue(root, "val", 10, seed=6)
+    out = tmp_path / "train"
+    result = run_cli("train", "--data", root, "--model", "test_resnet", "--init", "scratch", "--out", out,
+                     "--epochs", "6", "--lr", "0.05", "--batch-size", "8", "--res", "32", "--no-progress")
+    assert result.exit_code == 0, result.output
+    rows = metrics(out)
+    assert rows[-1]["kd_loss"] is None and rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[-1]["val_top1"] >= 90.0
