@@ -230,5 +230,23 @@ def _not_built(name: str, issue: int):
     return command
 
 
-for _name, _issue in [("data", 5), ("demo", 5)]:
+@main.group()
+def data():
+    """Prepare datasets as ImageFolder splits (train/, val/)."""
+
+
+@data.command("fashion-mnist")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="dataset ROOT to write")
+@click.option("--limit-train", type=click.IntRange(min=1), default=None, help="first N training images")
+@click.option("--limit-val", type=click.IntRange(min=1), default=None, help="first N test images")
+@click.option("--source", type=click.Path(file_okay=False), default=None, help="folder of the four IDX files")
+def data_fashion_mnist(out, limit_train, limit_val, source):
+    """Fashion-MNIST (Debian's dataset-fashion-mnist, --source, or torchvision's download) as JPEG folders."""
+    from pipeline.fashion_mnist import write_fashion_mnist
+
+    counts = _fail_cleanly(lambda: write_fashion_mnist(out, limit_train, limit_val, source))
+    click.echo(f"{out}: {counts['train']} training and {counts['val']} validation images")
+
+
+for _name, _issue in [("demo", 5)]:
     _not_built(_name, _issue)
