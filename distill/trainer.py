@@ -110,7 +110,7 @@ class Trainer:
         self.index = load_index(Path(config.data) / "train", skip_bad=config.skip_bad)
         self.store = self._open_store() if config.mode == "distill" else None
         res = config.res or (self.store.attrs["res"] if self.store else 224)
-        if self.store and config.interpolation != self.store.attrs["interpolation"]:
+        if self.store:  # replay the crops as the teachers saw them
             config.interpolation = self.store.attrs["interpolation"]
         self.config.res = res
         torch.manual_seed(config.seed)

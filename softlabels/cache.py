@@ -107,13 +107,12 @@ def run_cache(job: CacheJob, log=print) -> dict:
     todo = sum(store.rows(chunk).stop - store.rows(chunk).start for _, chunk in units)
     log(f"cache-teachers: {len(index)} images, {job.seeds} seed slot(s), {len(units)} unit(s) to do "
         f"on {device} with {loader.decoder_name}")
-    crops = {}
+    crops_slot, boxes, flips = None, None, None
     with tqdm(total=todo, desc="cache-teachers", unit="img", disable=None if job.progress else True,
               dynamic_ncols=True) as bar:
         for slot, chunk in units:
-            if slot not in crops:
-                crops = {slot: slot_crops(store.seeds[slot], index.sizes)}
-            boxes, flips = crops[slot]
+            if slot != crops_slot:  # units come slot by slot: draw each slot's crops once
+                crops_slot, (boxes, flips) = slot, slot_crops(store.seeds[slot], index.sizes)
             store.write_unit(slot, chunk, label_unit(ensemble, loader, store.rows(chunk), boxes, flips,
                                                      job.topk, bar))
     complete = store.finalize()

@@ -43,7 +43,8 @@ def _zarr_store(url: str, read_only: bool, storage_options: dict | None):
     return zarr.storage.LocalStore(url, read_only=read_only)
 
 
-def _teacher_identity(records: list[dict]) -> list[tuple]:
+def teacher_identity(records: list[dict]) -> list[tuple]:
+    """(name, sha256 or pretrained tag) per teacher: what makes two ensembles the same."""
     return [(t["name"], t.get("checkpoint_sha256") or t.get("pretrained")) for t in records]
 
 
@@ -56,8 +57,8 @@ def _differences(stored: dict, wanted: dict) -> list[str]:
     for key in IDENTITY_KEYS:
         if stored.get(key) != wanted.get(key):
             diffs.append(f"{key} {stored.get(key)} vs {wanted.get(key)}")
-    if _teacher_identity(stored["teachers"]) != _teacher_identity(wanted["teachers"]):
-        diffs.append(f"teachers {_teacher_identity(stored['teachers'])} vs {_teacher_identity(wanted['teachers'])}")
+    if teacher_identity(stored["teachers"]) != teacher_identity(wanted["teachers"]):
+        diffs.append(f"teachers {teacher_identity(stored['teachers'])} vs {teacher_identity(wanted['teachers'])}")
     return diffs
 
 

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.dataset import load_index
 from pipeline.loader import ReplayLoader, resolve_device
-from softlabels.store import LabelStore
+from softlabels.store import LabelStore, teacher_identity
 from softlabels.teachers import TeacherEnsemble, TeacherError, TeacherSpec, parse_teachers
 from softlabels.topk import compress, expand
 
@@ -31,8 +31,7 @@ def recompute(store: LabelStore, data: str, count: int, teachers: str | None = N
     index = load_index(Path(data) / "train", skip_bad=bool(attrs.get("skipped")))
     torch_device = resolve_device(device)
     ensemble = TeacherEnsemble(_store_teachers(store, teachers), store.num_classes, torch_device)
-    if [r.get("checkpoint_sha256") or r.get("pretrained") for r in ensemble.records] != \
-            [r.get("checkpoint_sha256") or r.get("pretrained") for r in attrs["teachers"]]:
+    if teacher_identity(ensemble.records) != teacher_identity(attrs["teachers"]):
         raise TeacherError(f"{store.url}: the given teachers are not the ones that made the store")
     labels = store.read_slot(0)
     rows = np.unique(np.linspace(0, store.num_images - 1, min(count, store.num_images)).astype(np.int64))
