@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from timm.utils import accuracy
 from torch import nn
 
+from distill.student import create_student
 from pipeline.crops import center_boxes
-from pipeline.dataset import DatasetIndex
-from pipeline.loader import ReplayLoader, epoch_order
-from softlabels.teachers import autocast
+from pipeline.dataset import DatasetIndex, load_index
+from pipeline.loader import ReplayLoader, epoch_order, resolve_device
+from softlabels.teachers import Normalize, TeacherEnsemble, autocast, normalization, parse_teachers
 
 EVAL_CROP_PCT = 0.875
 
@@ -37,3 +40,30 @@ def evaluate(model: nn.Module, normalize: nn.Module, loader: ReplayLoader, amp: 
     model.train(was_training)
     top1, top5 = (100 * correct / max(seen, 1)).tolist()
     return {"top1": top1, "top5": top5, "images": seen}
+
+
+class _EnsembleScores(nn.Module):
+    """A teacher ensemble as a classifier: its mean softmax are the scores (each teacher normalises itself)."""
+
+    def __init__(self, ensemble: TeacherEnsemble):
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.ensemble(images)[0]
+
+
+def evaluate_saved(data: str, res: int = 224, model: str | None = None, checkpoint: str | None = None,
+                   teachers: str | None = None, batch_size: int = 64, device: str = "auto",
+                   decoder: str = "auto", workers: int = 2) -> dict:
+    """`mealv2 evaluate`: top-1/top-5 on ROOT/val of one saved model, or of a teacher ensemble's mean softmax."""
+    if (teachers is None) == (model is None or checkpoint is None):
+        raise ValueError("evaluate needs either --model NAME --checkpoint PATH or --teachers SPEC[,SPEC...]")
+    torch_device = resolve_device(device)
+    index = load_index(Path(data) / "val")
+    loader = ReplayLoader(index, res, batch_size, torch_device, decoder, "bilinear", workers)
+    if teachers is not None:
+        ensemble = TeacherEnsemble(parse_teachers(teachers, res), index.num_classes, torch_device)
+        return evaluate(_EnsembleScores(ensemble), nn.Identity(), loader)
+    student = create_student(model, index.num_classes, checkpoint).to(torch_device)
+    return evaluate(student, Normalize(*normalization(student)).to(torch_device), loader)

@@ -28,6 +28,7 @@ from softlabels.teachers import Normalize, TeacherEnsemble, autocast, normalizat
 
 MODES = ("distill", "online", "train")
 CHECKPOINT = "checkpoint-last.pth"
+_POSTFIX_EVERY = 20  # steps between progress-bar loss updates (each one waits for the device)
 
 
 @dataclass
@@ -182,7 +183,7 @@ class Trainer:
         self.student.train()
         boxes, flips = self.targets.prepare(epoch)
         order = epoch_order(len(self.index), self.config.seed, epoch, shuffle=True)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         steps = images_seen = 0
         started = time.perf_counter()
         batches = self.loader.epoch(order, boxes, flips, desc=f"epoch {epoch + 1}/{self.config.epochs}",
@@ -192,14 +193,15 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             self.optimizer.step()
-            for key, value in losses.items():
-                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            for key, value in losses.items():  # summed on the device: no host sync per step
+                sums[key] = sums.get(key, 0.0) + value.detach()
             steps += 1
             images_seen += len(indices)
-            batches.bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}", refresh=False)
+            if steps % _POSTFIX_EVERY == 1:
+                batches.bar.set_postfix(loss=f"{float(sums['loss']) / steps:.4f}", refresh=False)
+        means = {key: float(value) / max(steps, 1) for key, value in sums.items()}  # waits for the device
         seconds = time.perf_counter() - started
-        return {key: value / max(steps, 1) for key, value in sums.items()} | {
-            "images_per_sec": images_seen / seconds if seconds else 0.0, "seconds": seconds}
+        return means | {"images_per_sec": images_seen / seconds if seconds else 0.0, "seconds": seconds}
 
     # -- outputs ---------------------------------------------------------------------------------
 
@@ -292,12 +294,3 @@ def _summary_line(metrics: dict, epochs: int) -> str:
     parts.append(f"{metrics['images_per_sec']:.0f} img/s, {metrics['seconds']:.1f} s")
     return " | ".join(parts)
 
-
-def evaluate_checkpoint(data: str, model: str, checkpoint: str, res: int = 224, batch_size: int = 64,
-                        device: str = "auto", decoder: str = "auto", workers: int = 2) -> dict:
-    """`mealv2 evaluate`: top-1/top-5 of a saved model on ROOT/val."""
-    torch_device = resolve_device(device)
-    index = load_index(Path(data) / "val")
-    student = create_student(model, index.num_classes, checkpoint).to(torch_device)
-    loader = ReplayLoader(index, res, batch_size, torch_device, decoder, "bilinear", workers)
-    return evaluate(student, Normalize(*normalization(student)).to(torch_device), loader)

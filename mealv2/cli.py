@@ -206,18 +206,18 @@ def train(**options):
 
 @main.command()
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="dataset ROOT (uses ROOT/val)")
-@click.option("--model", required=True, help="timm model name")
-@click.option("--checkpoint", required=True, help="model.safetensors or checkpoint-last.pth")
+@click.option("--model", default=None, help="timm model name (with --checkpoint)")
+@click.option("--checkpoint", default=None, help="model.safetensors or checkpoint-last.pth")
+@click.option("--teachers", default=None, help="instead of one model: NAME=PATH,... scored by their mean softmax")
 @click.option("--res", type=int, default=224, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @runtime_options
-def evaluate(data, model, checkpoint, res, batch_size, as_json, device, decoder, workers):
+def evaluate(as_json, **options):
     """Top-1 / top-5 on ROOT/val (resize short side to res/0.875, centre crop res)."""
-    from distill.trainer import evaluate_checkpoint
+    from distill.evaluate import evaluate_saved
 
-    result = _fail_cleanly(lambda: evaluate_checkpoint(data, model, checkpoint, res, batch_size, device, decoder,
-                                                       workers))
+    result = _fail_cleanly(lambda: evaluate_saved(**options))
     click.echo(json.dumps(result) if as_json else
                f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images)")
 

@@ -84,6 +84,17 @@ def test_evaluate_reproduces_the_final_validation(full_run, small_root):
     assert scores["top1"] == pytest.approx(metrics(full_run)[-1]["val_top1"])
 
 
+def test_evaluate_an_ensemble_of_one_equals_that_model(full_run, small_root):
+    alone = run_cli("evaluate", "--data", small_root, "--model", "test_resnet", "--checkpoint",
+                    full_run / "model.safetensors", "--res", "32", "--json")
+    ensemble = run_cli("evaluate", "--data", small_root, "--teachers",
+                       f"test_resnet={full_run / 'model.safetensors'}", "--res", "32", "--json")
+    assert ensemble.exit_code == 0, ensemble.output
+    assert json.loads(ensemble.output) == pytest.approx(json.loads(alone.output))
+    neither = run_cli("evaluate", "--data", small_root, "--model", "test_resnet")
+    assert neither.exit_code == 1 and "--teachers" in neither.output
+
+
 def test_online_targets_with_k_equal_c_match_the_cache(small_root, teacher_files, tmp_path):
     store = tmp_path / "full_k.zarr"
     args = cache_args(small_root, store, teacher_files)
