@@ -35,7 +35,7 @@ demo: $(BIN)/.installed fashion-mnist
 		--out $(DEMO)/distilled $(FIT)
 	$(BIN)/mealv2 labels info $(DEMO)/labels.zarr
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed fashion-mnist
 	$(BIN)/python -m pytest
 
 bench: $(BIN)/.installed

@@ -12,7 +12,8 @@ from torch import nn
 from distill.student import create_student
 from pipeline.crops import center_boxes
 from pipeline.dataset import DatasetIndex, load_index
-from pipeline.loader import ReplayLoader, epoch_order, resolve_device
+from pipeline.distributed import World
+from pipeline.loader import ReplayLoader, resolve_device
 from softlabels.teachers import Normalize, TeacherEnsemble, autocast, normalization, parse_teachers
 
 EVAL_CROP_PCT = 0.875
@@ -20,26 +21,25 @@ EVAL_CROP_PCT = 0.875
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, normalize: nn.Module, loader: ReplayLoader, amp: bool = True,
-             crop_pct: float = EVAL_CROP_PCT, rank: int = 0, world_size: int = 1) -> dict:
-    """{"top1", "top5"} in percent over this rank's share of ``loader.index`` (every image once on one rank)."""
+             crop_pct: float = EVAL_CROP_PCT, world: World = World(), progress: bool = True) -> dict:
+    """{"top1", "top5"} in percent over ``loader.index``, each image scored once (ranks share the work)."""
     index: DatasetIndex = loader.index
     boxes = center_boxes(index.sizes, crop_pct)
     flips = np.zeros(len(index), bool)
     labels = torch.from_numpy(index.labels.astype(np.int64))
-    order = epoch_order(len(index), 0, 0, shuffle=False, rank=rank, world_size=world_size)
+    order = np.arange(len(index))[world.rank::world.world_size]  # no padding: nothing is counted twice
     was_training = model.training
     model.eval()
-    correct = torch.zeros(2, dtype=torch.float64)
-    seen = 0
-    for images, indices in loader.epoch(order, boxes, flips, desc="eval"):
+    counts = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, images
+    for images, indices in loader.epoch(order, boxes, flips, desc="eval", progress=progress):
         with autocast(loader.device, amp):
             logits = model(normalize(images))
         top1, top5 = accuracy(logits.float(), labels[indices].to(logits.device), topk=(1, min(5, logits.shape[1])))
-        correct += torch.tensor([top1.item(), top5.item()], dtype=torch.float64) * len(indices) / 100
-        seen += len(indices)
+        counts += torch.tensor([top1.item() * len(indices) / 100, top5.item() * len(indices) / 100, len(indices)],
+                               dtype=torch.float64)
     model.train(was_training)
-    top1, top5 = (100 * correct / max(seen, 1)).tolist()
-    return {"top1": top1, "top5": top5, "images": seen}
+    hits1, hits5, seen = world.sum(counts).tolist()
+    return {"top1": 100 * hits1 / max(seen, 1), "top5": 100 * hits5 / max(seen, 1), "images": int(seen)}
 
 
 class _EnsembleScores(nn.Module):

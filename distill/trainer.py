@@ -16,12 +16,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_model
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from distill.evaluate import evaluate
 from distill.losses import Discriminator, discriminator_loss, soft_cross_entropy
 from distill.student import create_student
 from distill.targets import CachedTargets, HardTargets, OnlineTargets
 from pipeline.dataset import load_index
+from pipeline.distributed import World, join
 from pipeline.loader import ReplayLoader, epoch_order, resolve_device
 from softlabels.store import LabelStore, StoreError
 from softlabels.teachers import Normalize, TeacherEnsemble, autocast, normalization, parse_teachers
@@ -100,14 +103,23 @@ def _atomic(path: Path, write) -> None:
 
 
 class Trainer:
-    """Builds the run from a TrainConfig and trains it epoch by epoch."""
+    """Builds the run from a TrainConfig and trains it epoch by epoch (one process, or one rank under torchrun).
+
+    Under torchrun the student and discriminator are DistributedDataParallel, each rank
+    trains on its share of every epoch's permutation with batch_size / world_size images
+    per step, and rank 0 alone logs and writes outputs.
+    """
 
     def __init__(self, config: TrainConfig, log=print):
         config.validate()
         self.config = config
-        self.log = log
+        self.world = join(resolve_device(config.device).type)
+        if config.batch_size % self.world.world_size:
+            raise ValueError(f"--batch-size {config.batch_size}: must split evenly over {self.world.world_size} ranks")
+        self.log = log if self.world.is_main else (lambda *_: None)
+        self.progress = config.progress and self.world.is_main
         self.out = Path(config.out)
-        self.device = resolve_device(config.device)
+        self.device = resolve_device(config.device, self.world.local_rank)
         self.index = load_index(Path(config.data) / "train", skip_bad=config.skip_bad)
         self.store = self._open_store() if config.mode == "distill" else None
         res = config.res or (self.store.attrs["res"] if self.store else 224)
@@ -118,19 +130,29 @@ class Trainer:
         self.student = create_student(config.model, self.index.num_classes, config.init).to(self.device)
         if self.device.type == "cuda":
             self.student = self.student.to(memory_format=torch.channels_last)
+            if self.world.distributed:  # gloo on the CPU has no SyncBatchNorm: there BN statistics stay per rank
+                self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
         self.normalize = Normalize(*normalization(self.student)).to(self.device)
         use_disc = config.discriminator and config.mode != "train"
         self.discriminator = Discriminator(self.index.num_classes).to(self.device) if use_disc else None
+        self.student_step, self.discriminator_step = self._parallel(self.student), self._parallel(self.discriminator)
         self.targets = self._targets()
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(config.lr_steps), gamma=0.1)
-        self.loader = ReplayLoader(self.index, res, config.batch_size, self.device, config.decoder,
+        rank_batch = config.batch_size // self.world.world_size
+        self.loader = ReplayLoader(self.index, res, rank_batch, self.device, config.decoder,
                                    config.interpolation, config.workers)
         val_dir = Path(config.data) / "val"
-        self.val_loader = ReplayLoader(load_index(val_dir, skip_bad=config.skip_bad), res, config.batch_size,
+        self.val_loader = ReplayLoader(load_index(val_dir, skip_bad=config.skip_bad), res, rank_batch,
                                        self.device, config.decoder, "bilinear", config.workers) \
             if val_dir.is_dir() else None
         self.start_epoch = 0
+
+    def _parallel(self, module: nn.Module | None) -> nn.Module | None:
+        """The module the training step calls: DDP-wrapped under torchrun, else the module itself."""
+        if module is None or not self.world.distributed:
+            return module
+        return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _open_store(self) -> LabelStore:
         store = LabelStore.open(self.config.labels, "r", self.config.storage_options)
@@ -166,7 +188,7 @@ class Trainer:
         x = self.normalize(images).contiguous(
             memory_format=torch.channels_last if self.device.type == "cuda" else torch.contiguous_format)
         with autocast(self.device, self.config.amp):
-            logits = self.student(x).float()
+            logits = self.student_step(x).float()
         if targets.labels is not None:
             loss = F.cross_entropy(logits, targets.labels)
             return {"loss": loss}
@@ -174,7 +196,7 @@ class Trainer:
         losses = {"kd_loss": kd, "loss": self.config.kd_weight * kd}
         if self.discriminator is not None:
             student_side = logits if self.config.disc_input == "logits" else F.log_softmax(logits, -1)
-            disc = discriminator_loss(self.discriminator, student_side, targets.teacher_side)
+            disc = discriminator_loss(self.discriminator_step, student_side, targets.teacher_side)
             losses["disc_loss"] = disc
             losses["loss"] = losses["loss"] + self.config.disc_weight * disc
         return losses
@@ -182,12 +204,13 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict:
         self.student.train()
         boxes, flips = self.targets.prepare(epoch)
-        order = epoch_order(len(self.index), self.config.seed, epoch, shuffle=True)
+        order = epoch_order(len(self.index), self.config.seed, epoch, shuffle=True, rank=self.world.rank,
+                            world_size=self.world.world_size)
         sums: dict[str, torch.Tensor] = {}
         steps = images_seen = 0
         started = time.perf_counter()
         batches = self.loader.epoch(order, boxes, flips, desc=f"epoch {epoch + 1}/{self.config.epochs}",
-                                    progress=self.config.progress)
+                                    progress=self.progress)
         for images, indices in batches:
             losses = self._losses(images, indices)
             self.optimizer.zero_grad(set_to_none=True)
@@ -199,9 +222,13 @@ class Trainer:
             images_seen += len(indices)
             if steps % _POSTFIX_EVERY == 1:
                 batches.bar.set_postfix(loss=f"{float(sums['loss']) / steps:.4f}", refresh=False)
-        means = {key: float(value) / max(steps, 1) for key, value in sums.items()}  # waits for the device
+        keys = sorted(sums)
+        totals = self.world.sum(torch.stack([sums[k].float() for k in keys] + [torch.tensor(
+            float(images_seen), device=self.device)]))  # waits for the device and for every rank
+        means = {k: float(v) / max(steps, 1) / self.world.world_size for k, v in zip(keys, totals)}
         seconds = time.perf_counter() - started
-        return means | {"images_per_sec": images_seen / seconds if seconds else 0.0, "seconds": seconds}
+        images = float(totals[-1])
+        return means | {"images_per_sec": images / seconds if seconds else 0.0, "seconds": seconds}
 
     # -- outputs ---------------------------------------------------------------------------------
 
@@ -251,7 +278,7 @@ class Trainer:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         self.start_epoch = int(state["epoch"])
         metrics = self.out / "metrics.jsonl"
-        if metrics.exists():
+        if metrics.exists() and self.world.is_main:
             kept = [line for line in metrics.read_text().splitlines()
                     if line.strip() and json.loads(line)["epoch"] <= self.start_epoch]
             _atomic(metrics, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
@@ -264,7 +291,9 @@ class Trainer:
             self._resume()
         elif (self.out / CHECKPOINT).exists():
             raise FileExistsError(f"{self.out}: holds a run already; pass --resume or choose another --out")
-        _atomic(self.out / "config.json", lambda tmp: tmp.write_text(json.dumps(self.config.public(), indent=2)))
+        if self.world.is_main:
+            _atomic(self.out / "config.json",
+                    lambda tmp: tmp.write_text(json.dumps(self.config.public(), indent=2)))
         history = []
         for epoch in range(self.start_epoch, self.config.epochs):
             lr = self.optimizer.param_groups[0]["lr"]
@@ -275,11 +304,14 @@ class Trainer:
                        "images_per_sec": stats["images_per_sec"], "seconds": stats["seconds"]}
             last = epoch + 1 == self.config.epochs
             if self.val_loader is not None and ((epoch + 1) % self.config.val_every == 0 or last):
-                result = evaluate(self.student, self.normalize, self.val_loader, self.config.amp)
+                result = evaluate(self.student, self.normalize, self.val_loader, self.config.amp, world=self.world,
+                                  progress=self.progress)
                 metrics["val_top1"], metrics["val_top5"] = result["top1"], result["top5"]
-            self._write_outputs(epoch + 1, metrics)
+            if self.world.is_main:
+                self._write_outputs(epoch + 1, metrics)
             history.append(metrics)
             self.log(_summary_line(metrics, self.config.epochs))
+        self.world.barrier()  # no rank leaves before rank 0 has written the last checkpoint
         return history
 
 

@@ -73,6 +73,8 @@ def cache_teachers(storage_options, shard, **options):
     def run():
         job = CacheJob(**options, shard=parse_shard(shard), storage_options=_storage_options(storage_options))
         summary = run_cache(job, log=click.echo)
+        if summary["rank"] != 0:  # under torchrun rank 0 speaks for the job
+            return
         click.echo(f"{summary['images']} images × {summary['seed_slots']} seed slot(s): "
                    f"{summary['images_labelled']} labelled in {summary['seconds']:.1f} s "
                    f"({summary['images_per_sec']:.1f} img/s); store {summary['bytes'] / 1e6:.2f} MB, "
@@ -82,7 +84,7 @@ def cache_teachers(storage_options, shard, **options):
 
 @main.group()
 def labels():
-    """Inspect and check label stores."""
+    """Inspect, check, finish and pack label stores."""
 
 
 @labels.command("info")
@@ -107,6 +109,34 @@ def labels_info(store, as_json, storage_options):
                        ("bytes", f"{info['bytes']} ({info['bytes_per_crop']:.1f} per crop)"),
                        ("fingerprint", info["fingerprint"]), ("skipped images", info["skipped"])]:
         click.echo(f"{key:>15}: {value}")
+
+
+@labels.command("finalize")
+@click.argument("store")
+@storage_option
+def labels_finalize(store, storage_options):
+    """Mark a store filled by --shard jobs complete (the last job to finish does this too)."""
+    from softlabels.store import LabelStore, StoreError
+
+    def run():
+        opened = LabelStore.open(store, "r+", _storage_options(storage_options))
+        if not opened.finalize():
+            done = opened.done()
+            raise StoreError(f"{store}: {int((~done).sum())} of {done.size} (seed, chunk) units are not written yet")
+    _fail_cleanly(run)
+    click.echo(f"{store}: complete")
+
+
+@labels.command("pack")
+@click.argument("store")
+@click.argument("out", type=click.Path(dir_okay=False))
+@storage_option
+def labels_pack(store, out, storage_options):
+    """Copy a complete store into one read-only zip; consumers open it as zip::OUT."""
+    from softlabels.store import LabelStore
+
+    nbytes = _fail_cleanly(lambda: LabelStore.open(store, "r", _storage_options(storage_options)).pack(out))
+    click.echo(f"{out}: {nbytes / 1e6:.2f} MB; open it as zip::{out}")
 
 
 @labels.command("verify")
@@ -169,12 +199,15 @@ def training_options(epochs: int, lr: float, lr_steps: str, weight_decay: float)
 
 def _fit(mode: str, options: dict, storage_options: tuple[str, ...] = ()) -> None:
     from distill.trainer import TrainConfig, Trainer
+    from pipeline.distributed import leave
 
     def run():
         steps = tuple(int(v) for v in options.pop("lr_steps").split(",") if v.strip())
         config = TrainConfig(mode=mode, lr_steps=steps, storage_options=_storage_options(storage_options),
                              **options)
-        Trainer(config, log=click.echo).fit()
+        trainer = Trainer(config, log=click.echo)
+        trainer.fit()
+        leave(trainer.world)
     _fail_cleanly(run)
 
 
@@ -220,14 +253,7 @@ def evaluate(as_json, **options):
     result = _fail_cleanly(lambda: evaluate_saved(**options))
     click.echo(json.dumps(result) if as_json else
                f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images)")
-
-
-def _not_built(name: str, issue: int):
-    @main.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-                  help=f"(not built yet: issue {issue})")
-    def command():
-        raise click.ClickException(f"`mealv2 {name}` is not built yet (issue {issue})")
-    return command
+    return result
 
 
 @main.group()
@@ -248,5 +274,14 @@ def data_fashion_mnist(out, limit_train, limit_val, source):
     click.echo(f"{out}: {counts['train']} training and {counts['val']} validation images")
 
 
-for _name, _issue in [("demo", 5)]:
-    _not_built(_name, _issue)
+@main.command()
+@click.option("--out", default="mealv2-demo", show_default=True, type=click.Path(file_okay=False),
+              help="folder for the data, every run, summary.json and report.png (must be new or empty)")
+@click.option("--seed", type=int, default=0, show_default=True, help="run seed of every training run")
+@click.option("--quick", is_flag=True, help="a few hundred images, tiny models, one epoch each (about a minute)")
+@click.option("--source", type=click.Path(file_okay=False), default=None, help="folder of the Fashion-MNIST IDX files")
+def demo(out, seed, quick, source):
+    """MEAL V2 in miniature on Fashion-MNIST: teachers, cache, baseline and distilled student, on the CPU."""
+    from mealv2.demo import FULL, QUICK, Demo
+
+    return Demo(out, seed, QUICK if quick else FULL, source).run()

@@ -69,7 +69,7 @@ class DaliDecoder:
         """Run one batch (any size up to batch_size); the crops come back in the order given."""
         boxes = np.ascontiguousarray(boxes, dtype=np.int32)
         feeds = (encoded, boxes[:, :2].copy(), boxes[:, 2:].copy(),
-                 np.asarray(flips, dtype=np.int32), np.asarray(indices, dtype=np.int64))
+                 np.ascontiguousarray(flips, dtype=np.int32), np.ascontiguousarray(indices, dtype=np.int64))
         for name, value in zip(_INPUTS, feeds):
             self._pipe.feed_input(name, value)
         images, index = self._pipe.run()

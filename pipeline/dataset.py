@@ -193,7 +193,7 @@ class DatasetIndex:
         """Write the index as a pickle-free .npz (atomically: temp file, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # ranks may save at once
         np.savez(
             tmp, format=np.int64(_INDEX_FORMAT), root=_pack_strings([self.root]),
             paths=_pack_strings(self.paths), labels=self.labels, sizes=self.sizes,

@@ -41,11 +41,17 @@ def epoch_order(num_images: int, seed: int, epoch: int, shuffle: bool = True, ra
     return order[rank::world_size]
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" → the first CUDA device when there is one, else the CPU; anything else as torch reads it."""
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto" → this process's CUDA device when there is one, else the CPU; "cuda" → cuda:LOCAL_RANK.
+
+    Under torchrun each process on a machine takes the GPU of its local rank; an explicit
+    "cuda:N" is taken as given.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: CUDA is not available on this machine")
     return device

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from pipeline.crops import CROP_ALGORITHM, sample_crops
 from pipeline.dataset import load_index
+from pipeline.distributed import join
 from pipeline.loader import ReplayLoader, resolve_device
 from softlabels.store import CHUNK_ROWS, LabelStore, SlotLabels, label_spec
 from softlabels.teachers import TeacherEnsemble, parse_teachers
@@ -90,34 +92,45 @@ def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, rows: slice, box
 
 
 def run_cache(job: CacheJob, log=print) -> dict:
-    """Fill this job's share of the store (creating or extending it first); returns the summary."""
+    """Fill this job's share of the store (creating or extending it first); returns the summary.
+
+    Under torchrun rank 0 creates or extends the store, every rank labels its share of the
+    (seed, chunk) units (within this job's --shard), and rank 0 finalises after a barrier.
+    """
     job.validate()
+    world = join(resolve_device(job.device).type)
     shard, num_shards = job.shard
+    shard, num_shards = shard * world.world_size + world.rank, num_shards * world.world_size
+    log = log if world.is_main else (lambda *_: None)
     started = time.perf_counter()
     index = load_index(Path(job.data) / "train", skip_bad=job.skip_bad)
     if job.topk > index.num_classes:
         raise ValueError(f"--topk {job.topk}: the data has only {index.num_classes} classes")
-    device = resolve_device(job.device)
+    device = resolve_device(job.device, world.local_rank)
     ensemble = TeacherEnsemble(parse_teachers(job.teachers, job.res), index.num_classes, device)
     spec = label_spec(index, ensemble.records, job.res, job.interpolation, job.topk, job.residual, crop_attrs())
-    store = LabelStore.create_or_extend(job.store, spec, index, list(range(job.seeds)), job.chunk_rows,
-                                        job.storage_options)
+    if world.is_main:
+        LabelStore.create_or_extend(job.store, spec, index, list(range(job.seeds)), job.chunk_rows,
+                                    job.storage_options)
+    world.barrier()
+    store = LabelStore.open(job.store, "r+", job.storage_options)
     loader = ReplayLoader(index, job.res, job.batch_size, device, job.decoder, job.interpolation, job.workers)
     units = [u for u in store.pending_units(shard, num_shards) if u[0] < job.seeds]
     todo = sum(store.rows(chunk).stop - store.rows(chunk).start for _, chunk in units)
     log(f"cache-teachers: {len(index)} images, {job.seeds} seed slot(s), {len(units)} unit(s) to do "
-        f"on {device} with {loader.decoder_name}")
+        f"on {device} with {loader.decoder_name}" + (f" (rank 0 of {world.world_size})" if world.distributed else ""))
     crops_slot, boxes, flips = None, None, None
-    with tqdm(total=todo, desc="cache-teachers", unit="img", disable=None if job.progress else True,
+    with tqdm(total=todo, desc="cache-teachers", unit="img", disable=None if job.progress and world.is_main else True,
               dynamic_ncols=True) as bar:
         for slot, chunk in units:
             if slot != crops_slot:  # units come slot by slot: draw each slot's crops once
                 crops_slot, (boxes, flips) = slot, slot_crops(store.seeds[slot], index.sizes)
             store.write_unit(slot, chunk, label_unit(ensemble, loader, store.rows(chunk), boxes, flips,
                                                      job.topk, bar))
-    complete = store.finalize()
+    todo = int(world.sum(torch.tensor(todo)))  # waits until every rank has written its units
+    complete = store.finalize() if world.is_main else bool(store.done().all())
     seconds = time.perf_counter() - started
     info = store.info()
     return {"store": job.store, "images": len(index), "seed_slots": len(store.seeds), "complete": complete,
-            "images_labelled": todo, "bytes": info["bytes"], "bytes_per_crop": info["bytes_per_crop"],
+            "rank": world.rank, "images_labelled": todo, "bytes": info["bytes"], "bytes_per_crop": info["bytes_per_crop"],
             "seconds": seconds, "images_per_sec": todo / seconds if seconds else 0.0}

@@ -8,7 +8,9 @@ attributes; workers write whole units in one assignment each and then set the un
 from __future__ import annotations
 
 import datetime
+import os
 import warnings
+import zipfile
 from dataclasses import dataclass
 
 import fsspec
@@ -238,6 +240,28 @@ class LabelStore:
             self.group.attrs["mealv2"] = {**self.attrs, "complete": True}
             self._consolidate()
         return complete
+
+    def pack(self, out: str | os.PathLike) -> int:
+        """Copy a complete store into one zip (entries stored: chunks are compressed already); returns bytes.
+
+        Readers open the result as ``zip::OUT.zip``; the zip is written to a temporary name
+        and renamed, so a failed pack leaves nothing behind.
+        """
+        if not self.attrs["complete"]:
+            raise StoreError(f"{self.url}: store is incomplete; finish cache-teachers (or labels finalize) first")
+        fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        root = root.rstrip("/")
+        out = os.fspath(out)
+        tmp = f"{out}.{os.getpid()}.tmp"
+        try:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+                for path in sorted(fs.find(root)):
+                    archive.writestr(path[len(root) + 1:], fs.cat_file(path))
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return os.path.getsize(out)
 
     def _consolidate(self) -> None:
         with warnings.catch_warnings():  # zarr notes consolidation is not in the v3 spec yet; we know

@@ -60,6 +60,20 @@ def cache_args(root, store, teachers, *extra) -> list[str]:
             "--seeds", "2", "--topk", "2", "--batch-size", "4", "--chunk-rows", "8", *extra]
 
 
+def store_files(store: Path) -> dict[str, bytes]:
+    """Every file of a store; the root's attributes without their creation time."""
+    import json
+
+    files = {}
+    for path in sorted(store.rglob("*")):
+        if path.is_file():
+            files[str(path.relative_to(store))] = path.read_bytes()
+    root = json.loads(files.pop("zarr.json"))
+    root["attributes"]["mealv2"].pop("created")
+    files["zarr.json"] = json.dumps(root, sort_keys=True).encode()
+    return files
+
+
 @pytest.fixture(scope="session")
 def reference_store(tmp_path_factory, small_root, teacher_files) -> Path:
     """A store written by one uninterrupted cache-teachers run."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-from conftest import cache_args
+from conftest import cache_args, store_files
 
 from mealv2.cli import main
 from pipeline.dataset import DatasetIndex
@@ -37,18 +37,6 @@ def with_option(args: list[str], name: str, value: str) -> list[str]:
         args[args.index(name) + 1] = value
         return args
     return args + [name, value]
-
-
-def store_files(store: Path) -> dict[str, bytes]:
-    """Every file of a store; the root's attributes without their creation time."""
-    files = {}
-    for path in sorted(store.rglob("*")):
-        if path.is_file():
-            files[str(path.relative_to(store))] = path.read_bytes()
-    root = json.loads(files.pop("zarr.json"))
-    root["attributes"]["mealv2"].pop("created")
-    files["zarr.json"] = json.dumps(root, sort_keys=True).encode()
-    return files
 
 
 def test_schema_read_back_with_plain_zarr(reference_store, small_root):

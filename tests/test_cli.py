@@ -15,11 +15,6 @@ def test_help_lists_every_command():
         assert command in result.output
 
 
-def test_unbuilt_command_says_so_and_fails():
-    result = CliRunner().invoke(main, ["demo"])
-    assert result.exit_code == 1 and "not built yet" in result.output
-
-
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "mealv2", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "mealv2" in result.stdout

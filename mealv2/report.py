@@ -1,0 +1,39 @@
+"""The demo's report.png: validation curves of every run, training losses, and the accuracy bars."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no screen is needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_report(curves: dict[str, list[dict]], summary: dict, path: Path) -> None:
+    """curves: run name → its metrics.jsonl rows; summary: the demo's summary.json."""
+    fig, (val_ax, loss_ax, bar_ax) = plt.subplots(1, 3, figsize=(16, 4.8))
+    for name, rows in curves.items():
+        style = "--" if name.startswith("teacher") else "-"
+        points = [(r["epoch"], r["val_top1"]) for r in rows if r["val_top1"] is not None]
+        val_ax.plot(*zip(*points), style, marker="o", label=name)
+        loss_ax.plot([r["epoch"] for r in rows], [r["kd_loss"] if r["kd_loss"] is not None else r["loss"]
+                                                    for r in rows], style, marker=".", label=name)
+    val_ax.set(title="validation top-1", xlabel="epoch", ylabel="%")
+    loss_ax.set(title="training loss (cross-entropy to its targets)", xlabel="epoch")
+    val_ax.legend(fontsize=8)
+    loss_ax.legend(fontsize=8)
+
+    plan = summary["plan"]
+    names = [*plan["teachers"], "ensemble", "hard labels", "MEAL V2"]
+    values = [*summary["teacher_top1"], summary["ensemble_top1"], summary["baseline_top1"], summary["distilled_top1"]]
+    colours = ["#999999"] * (len(plan["teachers"]) + 1) + ["#d08c3a", "#3a7bd0"]
+    bars = bar_ax.bar(names, values, color=colours)
+    bar_ax.bar_label(bars, fmt="%.2f")
+    low = min(values)
+    bar_ax.set_ylim(max(0.0, low - 10), min(100.0, max(values) + 3))
+    bar_ax.set(title=f"top-1 on {summary['val_images']} test images (student {plan['student']})", ylabel="%")
+    bar_ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,168 @@
+"""Scale-out and sharing: torchrun on two CPU ranks (gloo), --shard jobs with finalize, zip packs, S3 on loopback."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import cache_args, store_files
+
+from mealv2.cli import main
+from softlabels.store import LabelStore
+
+pytestmark = pytest.mark.slow
+
+STUDENT = "test_convnext"  # LayerNorm only: without SyncBatchNorm (CUDA only) BN statistics would be per rank
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def torchrun(*args, ranks=2):
+    """`torchrun --standalone --nproc-per-node RANKS -m mealv2 ARGS` on the CPU."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+               "-m", "mealv2", *[str(a) for a in args]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def distill_args(root, store, out, epochs, *extra):
+    return ["distill", "--data", root, "--labels", store, "--student", STUDENT, "--init", "scratch", "--out", out,
+            "--epochs", epochs, "--lr", "0.05", "--lr-steps", "1", "--batch-size", "10", "--device", "cpu",
+            "--no-progress", *extra]
+
+
+def weights(out):
+    state = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    return state["student"] | {f"discriminator.{k}": v for k, v in state["discriminator"].items()}
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_torchrun_cache_teachers_equals_one_process(reference_store, small_root, teacher_files, tmp_path):
+    store = tmp_path / "two-ranks.zarr"
+    result = torchrun(*cache_args(small_root, store, teacher_files), "--device", "cpu")
+    assert "rank 0 of 2" in result.stdout and "complete" in result.stdout
+    assert LabelStore.open(str(store)).attrs["complete"]
+    assert store_files(store) == store_files(reference_store)
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(small_root, reference_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one-rank") / "run"
+    result = run_cli(*distill_args(small_root, reference_store, out, 2))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_two_rank_distill_equals_one_rank(one_rank_run, small_root, reference_store, tmp_path):
+    out = tmp_path / "two-ranks"
+    result = torchrun(*distill_args(small_root, reference_store, out, 2))
+    assert result.stdout.count("epoch 2/2") == 1  # rank 0 alone reports
+    assert_same_weights(weights(out), weights(one_rank_run))
+    one, two = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+                for run in (one_rank_run, out))
+    assert [r["epoch"] for r in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["val_top1"] == pytest.approx(a["val_top1"])  # every validation image scored once
+
+
+def test_resume_on_another_world_size(one_rank_run, small_root, reference_store, tmp_path):
+    out = tmp_path / "resized"
+    torchrun(*distill_args(small_root, reference_store, out, 1))
+    result = run_cli(*distill_args(small_root, reference_store, out, 2, "--resume"))
+    assert result.exit_code == 0, result.output
+    assert_same_weights(weights(out), weights(one_rank_run))
+
+
+def test_batch_must_split_over_ranks(small_root, reference_store, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mealv2",
+               *map(str, distill_args(small_root, reference_store, tmp_path / "odd", 1, "--batch-size", "9"))]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "must split evenly over 2 ranks" in result.stdout + result.stderr
+
+
+def test_shard_jobs_then_finalize(reference_store, small_root, teacher_files, tmp_path):
+    store = tmp_path / "sharded.zarr"
+    assert run_cli(*cache_args(small_root, store, teacher_files, "--shard", "0/2")).exit_code == 0
+    early = run_cli("labels", "finalize", store)
+    assert early.exit_code == 1 and "units are not written yet" in early.output
+    assert run_cli(*cache_args(small_root, store, teacher_files, "--shard", "1/2")).exit_code == 0
+    assert LabelStore.open(str(store)).attrs["complete"]  # the last job to finish completed it
+    again = run_cli("labels", "finalize", store)
+    assert again.exit_code == 0 and "complete" in again.output
+    assert store_files(store) == store_files(reference_store)
+
+
+def test_pack_to_zip_serves_distill(reference_store, small_root, teacher_files, tmp_path):
+    packed = tmp_path / "labels.zip"
+    result = run_cli("labels", "pack", reference_store, packed)
+    assert result.exit_code == 0, result.output
+    info = run_cli("labels", "info", f"zip::{packed}", "--json")
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.output)["complete"] and json.loads(info.output)["bytes"] == packed.stat().st_size
+    zipped = LabelStore.open(f"zip::{packed}").read_slot(1)
+    plain = LabelStore.open(str(reference_store)).read_slot(1)
+    assert (zipped.probs == plain.probs).all() and (zipped.boxes == plain.boxes).all()
+    run = run_cli(*distill_args(small_root, f"zip::{packed}", tmp_path / "from-zip", 1))
+    assert run.exit_code == 0, run.output
+    incomplete = tmp_path / "partial.zarr"
+    run_cli(*cache_args(small_root, incomplete, teacher_files, "--shard", "0/2"))
+    refused = run_cli("labels", "pack", incomplete, tmp_path / "partial.zip")
+    assert refused.exit_code == 1 and "incomplete" in refused.output
+    assert not (tmp_path / "partial.zip").exists()
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on a free loopback port, with one bucket; stopped after the module."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="team-key", aws_secret_access_key="s3cr3t-value",
+                 region_name="us-east-1").create_bucket(Bucket="labels")
+    yield endpoint
+    server.stop()
+
+
+def test_s3_store_written_by_cache_and_read_by_distill(s3_endpoint, small_root, teacher_files, reference_store,
+                                                       tmp_path):
+    url = "s3://labels/small/teachers-32px.zarr"
+    secret = "s3cr3t-value"
+    options = ["--storage-option", f"endpoint_url={s3_endpoint}", "--storage-option", "key=team-key",
+               "--storage-option", f"secret={secret}"]
+    written = run_cli(*cache_args(small_root, url, teacher_files), *options)
+    assert written.exit_code == 0, written.output
+    remote = LabelStore.open(url, "r", {"endpoint_url": s3_endpoint, "key": "team-key", "secret": secret})
+    local = LabelStore.open(str(reference_store))
+    for slot in range(2):
+        assert (remote.read_slot(slot).probs == local.read_slot(slot).probs).all()
+    assert secret not in json.dumps(remote.attrs) and secret not in written.output
+
+    out = tmp_path / "from-s3"
+    fsspec_env = {"FSSPEC_S3_ENDPOINT_URL": s3_endpoint, "FSSPEC_S3_KEY": "team-key", "FSSPEC_S3_SECRET": secret}
+    read = subprocess.run([sys.executable, "-m", "mealv2", *map(str, distill_args(small_root, url, out, 1))],
+                          capture_output=True, text=True, timeout=600, env=os.environ | fsspec_env)
+    assert read.returncode == 0, read.stderr[-3000:]
+    for path in out.iterdir():
+        assert secret.encode() not in path.read_bytes(), path
+    assert secret not in read.stdout + read.stderr
