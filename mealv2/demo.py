@@ -73,7 +73,7 @@ class Demo:
         self._command(stage, command, "--data", self.data, model_flag, model, "--out", out, "--init", "scratch",
                       "--epochs", epochs, "--lr", self.plan.lr, "--lr-steps", self.plan.lr_steps(epochs),
                       "--batch-size", self.plan.batch_size, "--res", self.plan.res, "--seed", self.seed,
-                      "--val-every", max(1, epochs // 6), "--no-progress", *extra)
+                      "--val-every", max(1, epochs // 4), "--no-progress", *extra)
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
     @property
