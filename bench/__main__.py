@@ -1,110 +1,118 @@
-"""`python -m bench [--quick] [--out DIR]`: stage one and stage two ratios on generated images.
+"""`python -m bench [--quick] [--out DIR]`: the project's speed and size figures, measured in one run.
 
-Prints its figures and, as the last line, one JSON object. Every figure is a ratio or a
-size measured in this one run, so a noisy shared machine moves numerator and denominator
-together.
+Every figure is a ratio or a size measured in this run, so a noisy shared machine moves
+numerator and denominator together. Prints the figures, writes OUT/<name>.json and
+OUT/<name>.png, and prints one JSON object as its last line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from imagegen import make_image_folder  # noqa: E402
 
-from distill.trainer import TrainConfig, Trainer  # noqa: E402
+from bench import measures  # noqa: E402
 from pipeline.crops import sample_crops  # noqa: E402
+from pipeline.dataset import load_index  # noqa: E402
 from softlabels.cache import CacheJob, run_cache  # noqa: E402
-from softlabels.teachers import TeacherEnsemble, parse_teachers  # noqa: E402
 
-TEACHERS = ("resnet10t", "resnet18")
-STUDENT = "mobilenetv3_small_050"
-
-
-def _teachers(folder: Path, classes: int) -> str:
-    specs = []
-    for name in TEACHERS:
-        path = folder / f"{name}.safetensors"
-        save_file(timm.create_model(name, num_classes=classes).state_dict(), str(path))
-        specs.append(f"{name}={path}")
-    return ",".join(specs)
+RES, CLASSES = 64, 10
+# figure → (target, how it compares); figures without a target are informative
+TARGETS = {
+    "stage2_cached_vs_plain": (0.95, ">="),
+    "stage1_efficiency": (0.9, ">="),
+    "store_bytes_per_crop": (28.0, "<="),
+    "loader_dali_vs_torch": (1.3, ">="),
+}
 
 
-def _forward_rate(spec: str, classes: int, res: int, batch: int, images: int) -> float:
-    """Bare ensemble forward on pre-decoded uint8 tensors: images/s."""
-    ensemble = TeacherEnsemble(parse_teachers(spec, res), classes, "cpu")
-    x = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8)
-    ensemble(x)
-    started = time.perf_counter()
-    for _ in range(max(1, images // batch)):
-        ensemble(x)
-    return max(1, images // batch) * batch / (time.perf_counter() - started)
+def _stage_one(root: Path, tmp: Path, spec: str, workers: int, repeats: int) -> dict:
+    index = load_index(root / "train")
+    decode = measures.dali_rate(index, RES, workers)
+    forward = measures.BATCH / measures.forward_seconds(spec, CLASSES, RES, repeats)
+    summary = run_cache(CacheJob(data=str(root), store=str(tmp / "labels.zarr"), res=RES, teachers=spec, seeds=1,
+                                 topk=5, device="cpu", workers=workers, progress=False), log=lambda *_: None)
+    bound = 1 / (1 / decode + 1 / forward)  # CPU: decode and forward share the cores
+    return {"stage1_images_per_sec": summary["images_per_sec"], "stage1_decode_images_per_sec": decode,
+            "stage1_forward_images_per_sec": forward, "stage1_efficiency": summary["images_per_sec"] / bound,
+            "store_bytes_per_crop": summary["bytes_per_crop"],
+            "loader_dali_vs_torch": decode / measures.torchvision_rate(index, RES, workers)}
 
 
-def _stage2_rates(root: Path, out: Path, epochs: int, **modes: dict) -> dict[str, float]:
-    """Median images/s per training mode, epochs interleaved across modes so load drifts hit all alike.
+def _stage_two(root: Path, tmp: Path, spec: str, epochs: int, repeats: int) -> dict:
+    rates = measures.training_rates(root, tmp / "runs", epochs,
+                                    cached={"mode": "distill", "labels": str(tmp / "labels.zarr")},
+                                    plain={"mode": "train", "res": RES},
+                                    online={"teachers": spec, "res": RES, "seeds": 1})
+    student = measures.student_step_seconds(CLASSES, RES, repeats)
+    teachers = measures.forward_seconds(spec, CLASSES, RES, repeats)
+    return {"stage2_cached_vs_plain": rates["cached"] / rates["plain"],
+            "stage2_cached_vs_online": rates["cached"] / rates["online"],
+            "stage2_online_ideal": (teachers + student) / student}
 
-    The first epoch of each mode warms caches and is left out of the median.
-    """
-    trainers = {}
-    for mode, options in modes.items():
-        config = TrainConfig(mode=options.pop("mode", mode), data=str(root), out=str(out / mode), model=STUDENT,
-                             init="scratch", epochs=epochs, batch_size=64, progress=False, **options)
-        trainers[mode] = Trainer(config, log=lambda *_: None)
-    rates: dict[str, list[float]] = {mode: [] for mode in trainers}
-    for epoch in range(epochs):
-        for mode, trainer in trainers.items():
-            rates[mode].append(trainer.train_epoch(epoch)["images_per_sec"])
-    return {mode: float(np.median(values[1:])) for mode, values in rates.items()}
+
+def _slot_loads(tmp: Path, sizes: list[int]) -> dict:
+    return {f"label_slot_load_ms_per_million_{n // 1000}k": 1000 * measures.slot_load_seconds(tmp, n) / (n / 1e6)
+            for n in sizes}
+
+
+def _verdicts(results: dict) -> dict[str, bool]:
+    verdicts = {key: (results[key] >= target if op == ">=" else results[key] <= target)
+                for key, (target, op) in TARGETS.items()}
+    verdicts["stage2_cached_vs_online"] = results["stage2_cached_vs_online"] >= 0.9 * results["stage2_online_ideal"]
+    loads = [v for k, v in results.items() if k.startswith("label_slot_load")]
+    verdicts["label_slot_load_linear"] = loads[-1] <= 1.2 * loads[0]  # per-million cost must not grow with size
+    return verdicts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("--quick", action="store_true", help="a smaller run (about a minute on 2 cores)")
-    parser.add_argument("--out", default=None, help="folder for <name>.json results")
+    parser.add_argument("--quick", action="store_true", help="a smaller run (under 5 minutes on 2 cores)")
+    parser.add_argument("--out", default="runs/bench", help="folder for <name>.json and <name>.png")
+    parser.add_argument("--name", default=None, help="file name stem [default: quick or full]")
+    parser.add_argument("--workers", type=int, default=2, help="decoder threads / DataLoader workers")
     args = parser.parse_args()
-    per_class = 100 if args.quick else 400
-    res, classes = 64, 10
-    results = {}
+    per_class, epochs, repeats = (100, 3, 5) if args.quick else (400, 5, 15)
+    slot_sizes = [100_000, 1_000_000]
+    started = time.perf_counter()
+    results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = tmp / "data"
-        make_image_folder(root, "train", classes=classes, per_class=per_class, size=(96, 128), mixed=False)
-        spec = _teachers(tmp, classes)
-        n = classes * per_class
+        make_image_folder(root, "train", classes=CLASSES, per_class=per_class, size=(96, 128), mixed=False)
+        spec = measures.save_teachers(tmp, CLASSES)
 
-        started = time.perf_counter()
+        clock = time.perf_counter()
         sample_crops(0, np.tile([375, 500], (1_000_000, 1)))
-        results["sample_crops_s_per_million"] = time.perf_counter() - started
-
-        forward = _forward_rate(spec, classes, res, 64, n)
-        summary = run_cache(CacheJob(data=str(root), store=str(tmp / "labels.zarr"), res=res, teachers=spec,
-                                     seeds=1, topk=5, device="cpu", progress=False), log=lambda *_: None)
-        results["stage1_images_per_sec"] = summary["images_per_sec"]
-        results["stage1_vs_bare_forward"] = summary["images_per_sec"] / forward
-        results["store_bytes_per_crop"] = summary["bytes_per_crop"]
-
-        rates = _stage2_rates(root, tmp / "runs", 3 if args.quick else 5,
-                              cached={"mode": "distill", "labels": str(tmp / "labels.zarr")},
-                              plain={"mode": "train", "res": res},
-                              online={"teachers": spec, "res": res, "seeds": 1})
-        results["stage2_cached_vs_plain"] = rates["cached"] / rates["plain"]
-        results["stage2_cached_vs_online"] = rates["cached"] / rates["online"]
+        results["sample_crops_s_per_million"] = time.perf_counter() - clock
+        results |= _stage_one(root, tmp, spec, args.workers, repeats)
+        results |= _stage_two(root, tmp, spec, epochs, repeats)
+        results |= _slot_loads(tmp, slot_sizes)
+    verdicts = _verdicts(results)
     for key, value in results.items():
-        print(f"{key:>28}: {value:.3f}")
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "bench.json").write_text(json.dumps(results, indent=2))
+        mark = {True: "  ok", False: "  MISSED"}.get(verdicts.get(key), "")
+        print(f"{key:>42}: {value:10.3f}{mark}")
+    name = args.name or ("quick" if args.quick else "full")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"results": results, "targets_met": verdicts, "seconds": time.perf_counter() - started,
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                          "cuda": torch.cuda.is_available()}, "images": CLASSES * per_class, "res": RES}
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+    from bench.plots import plot_bench
+
+    plot_bench(results, verdicts, out / f"{name}.png")
     print(json.dumps(results))
 
 

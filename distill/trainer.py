@@ -98,8 +98,11 @@ class TrainConfig:
 def _atomic(path: Path, write) -> None:
     """Write through a temporary file and rename, so a kill never leaves a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk, say) leaves the old file and no debris
 
 
 class Trainer:
@@ -120,8 +123,13 @@ class Trainer:
         self.progress = config.progress and self.world.is_main
         self.out = Path(config.out)
         self.device = resolve_device(config.device, self.world.local_rank)
-        self.index = load_index(Path(config.data) / "train", skip_bad=config.skip_bad)
         self.store = self._open_store() if config.mode == "distill" else None
+        # files the store left out (cache-teachers --skip-bad) are left out here too
+        skip_bad = config.skip_bad or bool(self.store and self.store.attrs.get("skipped"))
+        self.index = load_index(Path(config.data) / "train", skip_bad=skip_bad)
+        if self.store and self.store.attrs["dataset"]["fingerprint"] != self.index.fingerprint:
+            raise StoreError(f"{config.labels}: labels are for another dataset than "
+                             f"{config.data}/train (fingerprint differs)")
         res = config.res or (self.store.attrs["res"] if self.store else 224)
         if self.store:  # replay the crops as the teachers saw them
             config.interpolation = self.store.attrs["interpolation"]
@@ -156,11 +164,7 @@ class Trainer:
 
     def _open_store(self) -> LabelStore:
         store = LabelStore.open(self.config.labels, "r", self.config.storage_options)
-        attrs = store.attrs
-        if attrs["dataset"]["fingerprint"] != self.index.fingerprint:
-            raise StoreError(f"{self.config.labels}: labels are for another dataset than "
-                             f"{self.config.data}/train (fingerprint differs)")
-        if not (attrs["complete"] and store.done().all()):
+        if not (store.attrs["complete"] and store.done().all()):
             raise StoreError(f"{self.config.labels}: store is incomplete; finish cache-teachers first")
         return store
 

@@ -39,7 +39,9 @@ def _compressors():
 
 
 def _zarr_store(url: str, read_only: bool, storage_options: dict | None):
-    """A zarr store for a path or any fsspec URL (s3://, gs://, zip::..., file://)."""
+    """A zarr store for a path or any fsspec URL (s3://, gs://, zip::..., file://); zip archives only read."""
+    if not read_only and url.startswith("zip:"):
+        raise StoreError(f"{url}: a zip archive is read-only; write to a folder or bucket, then `labels pack` it")
     if "://" in url or "::" in url:
         return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
     return zarr.storage.LocalStore(url, read_only=read_only)

@@ -5,10 +5,10 @@ import os
 
 import pytest
 from click.testing import CliRunner
-from test_fashion_mnist import write_idx
+from test_fashion_mnist import write_idx_source
 
 from mealv2.cli import main
-from pipeline.fashion_mnist import DEBIAN_SOURCE, FILES
+from pipeline.fashion_mnist import DEBIAN_SOURCE
 
 pytestmark = pytest.mark.slow
 
@@ -19,15 +19,7 @@ def fashion_mnist_source(tmp_path_factory):
     if DEBIAN_SOURCE.is_dir():
         return DEBIAN_SOURCE
     assert not os.environ.get("CI"), f"{DEBIAN_SOURCE} missing: .ci/run installs dataset-fashion-mnist"
-    import numpy as np
-
-    folder = tmp_path_factory.mktemp("idx")
-    rng = np.random.default_rng(0)
-    for split, (images, labels) in FILES.items():
-        n = 600 if split == "train" else 300
-        write_idx(folder / f"{images}.gz", rng.integers(0, 255, (n, 28, 28)))
-        write_idx(folder / f"{labels}.gz", np.arange(n) % 10)
-    return folder
+    return write_idx_source(tmp_path_factory.mktemp("idx"), 600, 300)
 
 
 def test_quick_demo_writes_summary_and_report(fashion_mnist_source, tmp_path):

@@ -17,14 +17,19 @@ def write_idx(path, array):
         handle.write(header + array.astype(np.uint8).tobytes())
 
 
-@pytest.fixture
-def idx_source(tmp_path):
+def write_idx_source(folder, train: int, val: int):
+    """The four Fashion-MNIST IDX files with random pixels and labels cycling through the classes."""
     rng = np.random.default_rng(0)
     for split, (images, labels) in FILES.items():
-        n = 40 if split == "train" else 20
-        write_idx(tmp_path / f"{images}.gz", rng.integers(0, 255, (n, 28, 28)))
-        write_idx(tmp_path / f"{labels}.gz", np.arange(n) % 10)
-    return tmp_path
+        n = train if split == "train" else val
+        write_idx(folder / f"{images}.gz", rng.integers(0, 255, (n, 28, 28)))
+        write_idx(folder / f"{labels}.gz", np.arange(n) % 10)
+    return folder
+
+
+@pytest.fixture
+def idx_source(tmp_path):
+    return write_idx_source(tmp_path, 40, 20)
 
 
 def test_writes_image_folders_with_subsets(idx_source, tmp_path):

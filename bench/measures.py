@@ -1,0 +1,157 @@
+"""The bench's measurements: each returns rates or seconds taken on this machine, in this run."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+from distill.losses import Discriminator, discriminator_loss, soft_cross_entropy
+from distill.trainer import TrainConfig, Trainer
+from pipeline.dataset import DatasetIndex
+from pipeline.loader import ReplayLoader, epoch_order
+from softlabels.cache import slot_crops
+from softlabels.store import LabelStore, SlotLabels, label_spec
+from softlabels.teachers import TeacherEnsemble, parse_teachers
+
+TEACHERS = ("resnet10t", "resnet18")
+STUDENT = "mobilenetv3_small_050"
+BATCH = 64
+
+
+def save_teachers(folder: Path, classes: int) -> str:
+    """Random-weight teachers (speed does not depend on the weights) saved locally: a --teachers spec."""
+    specs = []
+    for name in TEACHERS:
+        path = folder / f"{name}.safetensors"
+        save_file(timm.create_model(name, num_classes=classes).state_dict(), str(path))
+        specs.append(f"{name}={path}")
+    return ",".join(specs)
+
+
+def _median_seconds(step, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def forward_seconds(spec: str, classes: int, res: int, repeats: int) -> float:
+    """Seconds per batch of the teacher ensemble on pre-decoded uint8 tensors."""
+    ensemble = TeacherEnsemble(parse_teachers(spec, res), classes, "cpu")
+    images = torch.randint(0, 256, (BATCH, 3, res, res), dtype=torch.uint8)
+    return _median_seconds(lambda: ensemble(images), repeats)
+
+
+def student_step_seconds(classes: int, res: int, repeats: int) -> float:
+    """Seconds per distillation step of the student alone: forward, soft CE + discriminator, backward, SGD."""
+    torch.manual_seed(0)
+    student, disc = timm.create_model(STUDENT, num_classes=classes), Discriminator(classes)
+    optimizer = torch.optim.SGD([*student.parameters(), *disc.parameters()], lr=0.01, momentum=0.9)
+    images = torch.randn(BATCH, 3, res, res)
+    target = torch.softmax(torch.randn(BATCH, classes), -1)
+
+    def step():
+        logits = student(images)
+        loss = soft_cross_entropy(logits, target) + discriminator_loss(disc, F.log_softmax(logits, -1),
+                                                                        target.log())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return _median_seconds(step, repeats)
+
+
+def dali_rate(index: DatasetIndex, res: int, workers: int, seed: int = 0) -> float:
+    """Images/s of the replay pipeline alone (read, ROI decode, resize, flip) over one seed's crops."""
+    boxes, flips = slot_crops(seed, index.sizes)
+    loader = ReplayLoader(index, res, BATCH, "cpu", "dali", "bilinear", workers)
+    order = epoch_order(len(index), 0, 0)
+    for _ in loader.epoch(order[:BATCH * 2], boxes, flips, progress=False):  # builds the graph
+        pass
+    started = time.perf_counter()
+    for _ in loader.epoch(order, boxes, flips, progress=False):
+        pass
+    return len(order) / (time.perf_counter() - started)
+
+
+class _TorchvisionCrops(Dataset):
+    """The same stored crops through torchvision: decode, resized_crop (antialiased), flip."""
+
+    def __init__(self, index: DatasetIndex, boxes: np.ndarray, flips: np.ndarray, res: int):
+        self.index, self.boxes, self.flips, self.res = index, boxes, flips, res
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        with open(self.index.file(i), "rb") as handle:
+            data = torch.frombuffer(bytearray(handle.read()), dtype=torch.uint8)
+        image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        top, left, height, width = (int(v) for v in self.boxes[i])
+        crop = TF.resized_crop(image, top, left, height, width, [self.res, self.res], antialias=True)
+        return (TF.horizontal_flip(crop) if self.flips[i] else crop), i
+
+
+def torchvision_rate(index: DatasetIndex, res: int, workers: int, seed: int = 0) -> float:
+    """Images/s of a torch DataLoader with ``workers`` processes doing the same crops."""
+    boxes, flips = slot_crops(seed, index.sizes)
+    loader = DataLoader(_TorchvisionCrops(index, boxes, flips, res), batch_size=BATCH, num_workers=workers,
+                        sampler=epoch_order(len(index), 0, 0).tolist(), persistent_workers=False)
+    started = time.perf_counter()
+    for _ in loader:
+        pass
+    return len(index) / (time.perf_counter() - started)
+
+
+def training_rates(root: Path, out: Path, epochs: int, **modes: dict) -> dict[str, float]:
+    """Median images/s per training mode, epochs interleaved across modes so load drifts hit all alike.
+
+    The first epoch of each mode warms caches and is left out of the median.
+    """
+    trainers = {}
+    for mode, options in modes.items():
+        config = TrainConfig(mode=options.pop("mode", mode), data=str(root), out=str(out / mode), model=STUDENT,
+                             init="scratch", epochs=epochs, batch_size=BATCH, progress=False, **options)
+        trainers[mode] = Trainer(config, log=lambda *_: None)
+    rates: dict[str, list[float]] = {mode: [] for mode in trainers}
+    for epoch in range(epochs):
+        for mode, trainer in trainers.items():
+            rates[mode].append(trainer.train_epoch(epoch)["images_per_sec"])
+    return {mode: float(np.median(values[1:])) for mode, values in rates.items()}
+
+
+def slot_load_seconds(folder: Path, num_images: int, topk: int = 5, classes: int = 1000) -> float:
+    """Seconds to read one seed slot whole from a synthetic store of ``num_images`` rows (median of 3)."""
+    rng = np.random.default_rng(0)
+    index = DatasetIndex(root=str(folder), paths=[f"c/{i:08d}.jpg" for i in range(num_images)],
+                         labels=rng.integers(0, classes, num_images).astype(np.int32),
+                         sizes=np.tile(np.array([[375, 500]], np.int32), (num_images, 1)),
+                         byte_sizes=rng.integers(50_000, 150_000, num_images),
+                         classes=[f"{c:04d}" for c in range(classes)])
+    spec = label_spec(index, [{"name": "synthetic", "pretrained": "synthetic", "mean": [0.5] * 3,
+                               "std": [0.5] * 3}], 224, "bilinear", topk, "uniform",
+                      {"scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "algorithm": "synthetic"})
+    store = LabelStore.create_or_extend(str(folder / f"slot-{num_images}.zarr"), spec, index, [0])
+    boxes, flips = slot_crops(0, index.sizes)
+    for chunk in range(store.num_chunks):
+        rows = store.rows(chunk)
+        n = rows.stop - rows.start
+        probs = np.ascontiguousarray(np.sort(rng.dirichlet(np.ones(topk), n), axis=1)[:, ::-1], np.float16)
+        top = rng.integers(0, classes, (n, topk)).astype(np.uint16)
+        store.write_unit(0, chunk, SlotLabels(probs, top, boxes[rows], flips[rows]))
+    store.finalize()
+    reader = LabelStore.open(str(folder / f"slot-{num_images}.zarr"))
+    return _median_seconds(lambda: reader.read_slot(0), repeats=3, warmup=1)
