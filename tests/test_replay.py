@@ -43,7 +43,9 @@ def test_flip_mirrors_the_crop(index):
     order = np.arange(len(index))
     plain, _ = run_epoch(loader, order, boxes, np.zeros(len(index), bool))
     flipped, _ = run_epoch(loader, order, boxes, np.ones(len(index), bool))
-    torch.testing.assert_close(flipped, plain.flip(-1))
+    # the flip is a mirrored resampling region, so rounding may move a pixel by one grey level
+    diff = (flipped.int() - plain.flip(-1).int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
 
 
 @pytest.mark.parametrize("decoder", ["dali", "pil"])
