@@ -76,8 +76,8 @@ def cache_teachers(storage_options, shard, **options):
         if summary["rank"] != 0:  # under torchrun rank 0 speaks for the job
             return
         click.echo(f"{summary['images']} images × {summary['seed_slots']} seed slot(s): "
-                   f"{summary['images_labelled']} labelled in {summary['seconds']:.1f} s "
-                   f"({summary['images_per_sec']:.1f} img/s); store {summary['bytes'] / 1e6:.2f} MB, "
+                   f"{summary['images_labelled']} labelled in {summary['labelling_seconds']:.1f} s "
+                   f"({summary['images_per_sec']:.1f} img/s; {summary['seconds']:.1f} s in all); store {summary['bytes'] / 1e6:.2f} MB, "
                    f"{summary['bytes_per_crop']:.1f} B/crop, {'complete' if summary['complete'] else 'incomplete'}")
     _fail_cleanly(run)
 
