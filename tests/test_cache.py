@@ -3,6 +3,7 @@ resume after SIGKILL and sharded jobs give the same bytes, mismatches refused, v
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -118,6 +119,17 @@ def test_two_shards_fill_the_same_store(reference_store, small_root, teacher_fil
     second = run_cli(*cache_args(small_root, store, teacher_files, "--shard", "1/2"))
     assert second.exit_code == 0, second.output
     assert store_files(store) == store_files(reference_store)
+
+
+def test_rate_is_over_the_labelling_and_total_time_is_kept(small_root, teacher_files, tmp_path):
+    result = run_cli(*cache_args(small_root, tmp_path / "timed.zarr", teacher_files))
+    assert result.exit_code == 0, result.output
+    found = re.search(r"(\d+) labelled in ([\d.]+) s \(([\d.]+) img/s; ([\d.]+) s in all\)", result.output)
+    assert found, result.output
+    labelled, labelling, rate, total = (float(v) for v in found.groups())
+    assert 0 < labelling <= total
+    # the printed seconds are rounded to 0.1 s
+    assert labelled / (labelling + 0.05) <= rate <= labelled / max(labelling - 0.05, 1e-3)
 
 
 def test_more_seeds_extend_without_touching_existing_slots(reference_store, small_root, teacher_files, tmp_path):
