@@ -74,19 +74,6 @@ def student_step_seconds(classes: int, res: int, repeats: int) -> float:
     return _median_seconds(step, repeats)
 
 
-def dali_rate(index: DatasetIndex, res: int, workers: int, seed: int = 0) -> float:
-    """Images/s of the replay pipeline alone (read, ROI decode, resize, flip) over one seed's crops."""
-    boxes, flips = slot_crops(seed, index.sizes)
-    loader = ReplayLoader(index, res, BATCH, "cpu", "dali", "bilinear", workers)
-    order = epoch_order(len(index), 0, 0)
-    for _ in loader.epoch(order[:BATCH * 2], boxes, flips, progress=False):  # builds the graph
-        pass
-    started = time.perf_counter()
-    for _ in loader.epoch(order, boxes, flips, progress=False):
-        pass
-    return len(order) / (time.perf_counter() - started)
-
-
 class _TorchvisionCrops(Dataset):
     """The same stored crops through torchvision: decode, resized_crop (antialiased), flip."""
 
@@ -105,15 +92,33 @@ class _TorchvisionCrops(Dataset):
         return (TF.horizontal_flip(crop) if self.flips[i] else crop), i
 
 
-def torchvision_rate(index: DatasetIndex, res: int, workers: int, seed: int = 0) -> float:
-    """Images/s of a torch DataLoader with ``workers`` processes doing the same crops."""
-    boxes, flips = slot_crops(seed, index.sizes)
-    loader = DataLoader(_TorchvisionCrops(index, boxes, flips, res), batch_size=BATCH, num_workers=workers,
-                        sampler=epoch_order(len(index), 0, 0).tolist(), persistent_workers=False)
+def _images_per_sec(batches, count: int) -> float:
     started = time.perf_counter()
-    for _ in loader:
+    for _ in batches:
         pass
-    return len(index) / (time.perf_counter() - started)
+    return count / (time.perf_counter() - started)
+
+
+def loader_rates(index: DatasetIndex, res: int, workers: int, rounds: int, seed: int = 0) -> tuple[float, float]:
+    """Median images/s of the DALI replay loader and of a torchvision DataLoader doing the same crops.
+
+    Both are warm (graph built, worker processes started) and take turns, pass by pass, so a
+    change in the machine's load hits both alike. ``workers`` is DALI's thread count and the
+    DataLoader's process count.
+    """
+    boxes, flips = slot_crops(seed, index.sizes)
+    order = epoch_order(len(index), 0, 0)
+    dali = ReplayLoader(index, res, BATCH, "cpu", "dali", "bilinear", workers)
+    torchvision = DataLoader(_TorchvisionCrops(index, boxes, flips, res), batch_size=BATCH, num_workers=workers,
+                             sampler=order.tolist(), persistent_workers=workers > 0)
+    passes = {"dali": lambda: dali.epoch(order, boxes, flips, progress=False), "torchvision": lambda: torchvision}
+    rates: dict[str, list[float]] = {name: [] for name in passes}
+    for round_ in range(rounds + 1):  # the first round warms both and is left out
+        for name, batches in passes.items():
+            rate = _images_per_sec(batches(), len(order))
+            if round_:
+                rates[name].append(rate)
+    return statistics.median(rates["dali"]), statistics.median(rates["torchvision"])
 
 
 def training_rates(root: Path, out: Path, epochs: int, **modes: dict) -> dict[str, float]:

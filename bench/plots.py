@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_bench(results: dict, verdicts: dict, path: Path) -> None:
     ratios = {key: value for key, value in results.items()
-              if key.startswith(("stage1_efficiency", "stage2_", "loader_"))}
+              if key.startswith(("stage1_efficiency", "stage2_cached_vs", "stage2_online_ideal", "loader_"))}
     loads = {key.rsplit("_", 1)[-1]: value for key, value in results.items() if key.startswith("label_slot_load")}
     fig, (ratio_ax, load_ax) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2.2, 1]})
     colours = ["#3a7bd0" if verdicts.get(key, True) else "#d0453a" for key in ratios]
