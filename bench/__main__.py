@@ -98,6 +98,12 @@ def _verdicts(results: dict) -> dict[str, bool]:
     return verdicts
 
 
+def _target_values(results: dict) -> dict[str, float]:
+    """Each ratio's target as a number (the online one: 0.9 × the ideal as the issue defines it)."""
+    return {key: target for key, (target, _) in TARGETS.items()} | {
+        "stage2_cached_vs_online": 0.9 * results["stage2_online_ideal"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="a smaller run (under 5 minutes on 2 cores)")
@@ -138,7 +144,7 @@ def main() -> None:
     (out / f"{name}.json").write_text(json.dumps(record, indent=2))
     from bench.plots import plot_bench
 
-    plot_bench(results, verdicts, out / f"{name}.png")
+    plot_bench(results, verdicts, _target_values(results), out / f"{name}.png")
     print(json.dumps(results))
 
 
