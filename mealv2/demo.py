@@ -29,7 +29,10 @@ class DemoPlan:
     teacher_epochs: int
     student_epochs: int
     batch_size: int
-    lr: float
+    teacher_lr: float
+    student_lr: float
+    student_weight_decay: float  # both students: from scratch, the paper's zero weight decay does not apply
+    discriminator: bool
     seeds: int  # crop seed slots cached: the student sees a new crop of each image for this many epochs
 
     def lr_steps(self, epochs: int) -> str:
@@ -37,13 +40,15 @@ class DemoPlan:
         return ",".join(str(e) for e in sorted({max(1, 2 * epochs // 3), epochs - 1}) if 0 < e < epochs)
 
 
-# Calibrated on 2 CPU cores (docs/demo.md): about 13 minutes, distilled student ahead of its baseline.
+# Calibrated on 2 CPU cores (docs/demo.md): about 13 minutes. The student's lr, weight decay and the
+# discriminator left out were chosen there by measurement at this scale (from scratch, 32 px, 12 epochs).
 FULL = DemoPlan(limit_train=10_000, limit_val=None, res=32, teachers=("resnet18", "resnet10t"),
-                student="mobilenetv3_small_050", teacher_epochs=12, student_epochs=12, batch_size=128, lr=0.1,
-                seeds=12)
+                student="mobilenetv3_small_050", teacher_epochs=12, student_epochs=12, batch_size=128,
+                teacher_lr=0.1, student_lr=0.03, student_weight_decay=1e-4, discriminator=False, seeds=12)
 # The test suite's run: a few hundred images, timm's tiny test models, one epoch each.
 QUICK = DemoPlan(limit_train=300, limit_val=200, res=32, teachers=("test_resnet", "test_efficientnet"),
-                 student="test_convnext", teacher_epochs=1, student_epochs=1, batch_size=32, lr=0.05, seeds=1)
+                 student="test_convnext", teacher_epochs=1, student_epochs=1, batch_size=32, teacher_lr=0.05,
+                 student_lr=0.05, student_weight_decay=1e-4, discriminator=False, seeds=1)
 
 
 class Demo:
@@ -67,11 +72,12 @@ class Demo:
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - started, 1)
         return result
 
-    def _fit(self, stage: str, command: str, model_flag: str, model: str, epochs: int, *extra) -> list[dict]:
+    def _fit(self, stage: str, command: str, model_flag: str, model: str, epochs: int, lr: float,
+             *extra) -> list[dict]:
         """`mealv2 train|distill` with the plan's schedule; returns its metrics.jsonl rows."""
         out = self.out / stage
         self._command(stage, command, "--data", self.data, model_flag, model, "--out", out, "--init", "scratch",
-                      "--epochs", epochs, "--lr", self.plan.lr, "--lr-steps", self.plan.lr_steps(epochs),
+                      "--epochs", epochs, "--lr", lr, "--lr-steps", self.plan.lr_steps(epochs),
                       "--batch-size", self.plan.batch_size, "--res", self.plan.res, "--seed", self.seed,
                       "--val-every", max(1, epochs // 4), "--no-progress", *extra)
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -90,17 +96,21 @@ class Demo:
                       *[part for flag, value in options.items() if value is not None for part in (flag, value)])
         curves = {}
         for name in plan.teachers:
-            curves[f"teacher {name}"] = self._fit(f"teacher-{name}", "train", "--model", name, plan.teacher_epochs)
+            curves[f"teacher {name}"] = self._fit(f"teacher-{name}", "train", "--model", name, plan.teacher_epochs,
+                                                  plan.teacher_lr)
         spec = ",".join(f"{name}={self.out / f'teacher-{name}' / 'model.safetensors'}" for name in plan.teachers)
         ensemble = self._command("ensemble", "evaluate", "--data", self.data, "--teachers", spec,
                                  "--res", plan.res, "--json")
         store = self.out / "labels.zarr"
         self._command("cache", "cache-teachers", "--data", self.data, "--store", store, "--res", plan.res,
                       "--teachers", spec, "--seeds", plan.seeds, "--batch-size", 256)
+        decay = ("--weight-decay", plan.student_weight_decay)
         curves["baseline (hard labels)"] = self._fit("baseline", "train", "--model", plan.student,
-                                                     plan.student_epochs, "--seeds", plan.seeds)
-        curves["MEAL V2 (cached soft labels)"] = self._fit("distilled", "distill", "--student", plan.student,
-                                                           plan.student_epochs, "--labels", store)
+                                                     plan.student_epochs, plan.student_lr, *decay,
+                                                     "--seeds", plan.seeds)
+        curves["MEAL V2 (cached soft labels)"] = self._fit(
+            "distilled", "distill", "--student", plan.student, plan.student_epochs, plan.student_lr, *decay,
+            "--labels", store, "--discriminator" if plan.discriminator else "--no-discriminator")
         summary = {
             "teacher_top1": [curves[f"teacher {name}"][-1]["val_top1"] for name in plan.teachers],
             "ensemble_top1": ensemble["top1"],
