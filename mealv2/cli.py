@@ -77,7 +77,8 @@ def cache_teachers(storage_options, shard, **options):
             return
         click.echo(f"{summary['images']} images × {summary['seed_slots']} seed slot(s): "
                    f"{summary['images_labelled']} labelled in {summary['labelling_seconds']:.1f} s "
-                   f"({summary['images_per_sec']:.1f} img/s; {summary['seconds']:.1f} s in all); store {summary['bytes'] / 1e6:.2f} MB, "
+                   f"({summary['images_per_sec']:.1f} img/s; {summary['seconds']:.1f} s in all); "
+                   f"store {summary['bytes'] / 1e6:.2f} MB, "
                    f"{summary['bytes_per_crop']:.1f} B/crop, {'complete' if summary['complete'] else 'incomplete'}")
     _fail_cleanly(run)
 
