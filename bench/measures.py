@@ -17,9 +17,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from distill.losses import Discriminator, discriminator_loss, soft_cross_entropy
 from distill.trainer import TrainConfig, Trainer
+from pipeline.crops import CropSpec
 from pipeline.dataset import DatasetIndex
 from pipeline.loader import ReplayLoader, epoch_order
-from softlabels.cache import slot_crops
 from softlabels.store import LabelStore, SlotLabels, label_spec
 from softlabels.teachers import TeacherEnsemble, parse_teachers
 
@@ -106,7 +106,7 @@ def loader_rates(index: DatasetIndex, res: int, workers: int, rounds: int, seed:
     change in the machine's load hits both alike. ``workers`` is DALI's thread count and the
     DataLoader's process count.
     """
-    boxes, flips = slot_crops(seed, index.sizes)
+    boxes, flips = CropSpec().draw(seed, index.sizes)
     order = epoch_order(len(index), 0, 0)
     dali = ReplayLoader(index, res, BATCH, "cpu", "dali", "bilinear", workers)
     torchvision = DataLoader(_TorchvisionCrops(index, boxes, flips, res), batch_size=BATCH, num_workers=workers,
@@ -148,9 +148,9 @@ def slot_load_seconds(folder: Path, num_images: int, topk: int = 5, classes: int
                          classes=[f"{c:04d}" for c in range(classes)])
     spec = label_spec(index, [{"name": "synthetic", "pretrained": "synthetic", "mean": [0.5] * 3,
                                "std": [0.5] * 3}], 224, "bilinear", topk, "uniform",
-                      {"scale": [0.08, 1.0], "ratio": [0.75, 4 / 3], "algorithm": "synthetic"})
+                      CropSpec().attrs())
     store = LabelStore.create_or_extend(str(folder / f"slot-{num_images}.zarr"), spec, index, [0])
-    boxes, flips = slot_crops(0, index.sizes)
+    boxes, flips = CropSpec().draw(0, index.sizes)
     for chunk in range(store.num_chunks):
         rows = store.rows(chunk)
         n = rows.stop - rows.start

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.crops import CropSpec
 from pipeline.dataset import DatasetIndex
-from softlabels.cache import slot_crops
 from softlabels.store import LabelStore, SlotLabels
 from softlabels.teachers import TeacherEnsemble
 from softlabels.topk import expand
@@ -69,19 +69,21 @@ class CachedTargets:
 class _SampledCrops:
     """Crops drawn per epoch: seed e mod ``seeds`` (like a store of that many slots), or seed e when None."""
 
-    def __init__(self, index: DatasetIndex, seeds: int | None):
+    def __init__(self, index: DatasetIndex, seeds: int | None, crop: CropSpec):
         self.sizes = index.sizes
         self.seeds = seeds
+        self.crop = crop
 
     def prepare(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        return slot_crops(epoch % self.seeds if self.seeds else epoch, self.sizes)
+        return self.crop.draw(epoch % self.seeds if self.seeds else epoch, self.sizes)
 
 
 class OnlineTargets(_SampledCrops):
     """Teachers in the loop on the same replayed crops: dense mean softmax, and mean logits if asked."""
 
-    def __init__(self, ensemble: TeacherEnsemble, index: DatasetIndex, seeds: int | None, disc_input: str):
-        super().__init__(index, seeds)
+    def __init__(self, ensemble: TeacherEnsemble, index: DatasetIndex, seeds: int | None, crop: CropSpec,
+                 disc_input: str):
+        super().__init__(index, seeds, crop)
         self.ensemble = ensemble
         self.disc_input = disc_input
 
@@ -94,8 +96,8 @@ class OnlineTargets(_SampledCrops):
 class HardTargets(_SampledCrops):
     """Ground-truth classes for plain supervised training (`mealv2 train`)."""
 
-    def __init__(self, index: DatasetIndex, seeds: int | None, device: torch.device):
-        super().__init__(index, seeds)
+    def __init__(self, index: DatasetIndex, seeds: int | None, crop: CropSpec, device: torch.device):
+        super().__init__(index, seeds, crop)
         self.labels = torch.from_numpy(index.labels.astype(np.int64)).to(device)
 
     def __call__(self, images: torch.Tensor, indices: torch.Tensor) -> BatchTargets:

@@ -23,6 +23,7 @@ from distill.evaluate import evaluate
 from distill.losses import Discriminator, discriminator_loss, soft_cross_entropy
 from distill.student import create_student
 from distill.targets import CachedTargets, HardTargets, OnlineTargets
+from pipeline.crops import CropSpec
 from pipeline.dataset import load_index
 from pipeline.distributed import World, join
 from pipeline.loader import ReplayLoader, epoch_order, resolve_device
@@ -58,6 +59,8 @@ class TrainConfig:
     disc_weight: float = 1.0
     init: str = "pretrained"
     seeds: int | None = None
+    scale: tuple[float, float] | None = None  # RandomResizedCrop ranges: None is the store's, or CropSpec's default
+    ratio: tuple[float, float] | None = None
     interpolation: str = "bilinear"
     device: str = "auto"
     decoder: str = "auto"
@@ -133,6 +136,7 @@ class Trainer:
         res = config.res or (self.store.attrs["res"] if self.store else 224)
         if self.store:  # replay the crops as the teachers saw them
             config.interpolation = self.store.attrs["interpolation"]
+        self.crop = self._crop_spec()
         self.config.res = res
         torch.manual_seed(config.seed)
         self.student = create_student(config.model, self.index.num_classes, config.init).to(self.device)
@@ -168,14 +172,26 @@ class Trainer:
             raise StoreError(f"{self.config.labels}: store is incomplete; finish cache-teachers first")
         return store
 
+    def _crop_spec(self) -> CropSpec:
+        """The options' crop ranges, or the store's when distilling from one (asking for others is an error)."""
+        asked = {name: tuple(float(v) for v in value) for name in ("scale", "ratio")
+                 if (value := getattr(self.config, name)) is not None}
+        crop = CropSpec.from_attrs(self.store.attrs["crop"]) if self.store else CropSpec(**asked)
+        for name, value in asked.items():
+            if value != getattr(crop, name):
+                raise StoreError(f"--{name} {' '.join(map(str, value))}: {self.config.labels} holds crops drawn with "
+                                 f"{name} {' '.join(map(str, getattr(crop, name)))}, and distill replays those")
+        self.config.scale, self.config.ratio = crop.scale, crop.ratio
+        return crop
+
     def _targets(self):
         if self.config.mode == "distill":
             return CachedTargets(self.store, self.device)
         if self.config.mode == "online":
             ensemble = TeacherEnsemble(parse_teachers(self.config.teachers, self.config.res),
                                        self.index.num_classes, self.device)
-            return OnlineTargets(ensemble, self.index, self.config.seeds, self.config.disc_input)
-        return HardTargets(self.index, self.config.seeds, self.device)
+            return OnlineTargets(ensemble, self.index, self.config.seeds, self.crop, self.config.disc_input)
+        return HardTargets(self.index, self.config.seeds, self.crop, self.device)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         """One SGD over the student and the discriminator (its own lr, by default the student's)."""

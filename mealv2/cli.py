@@ -46,6 +46,16 @@ def runtime_options(command):
     return command
 
 
+def crop_options(note: str = ""):
+    """--scale and --ratio: the RandomResizedCrop ranges, spelled as in timm's train.py."""
+    def decorate(command):
+        for name, bounds in reversed([("scale", "0.08 1"), ("ratio", "0.75 1.333")]):
+            command = click.option(f"--{name}", type=float, nargs=2, default=None, metavar="MIN MAX",
+                                   help=f"RandomResizedCrop {name} range [default: {bounds}{note}]")(command)
+        return command
+    return decorate
+
+
 def storage_option(command):
     return click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
                         help="fsspec option for the store's filesystem (repeatable)")(command)
@@ -64,14 +74,18 @@ def storage_option(command):
 @click.option("--shard", default="0/1", show_default=True, help="I/N: do only units u with u % N == I")
 @click.option("--skip-bad", is_flag=True, help="leave unreadable images out (recorded in the store)")
 @click.option("--chunk-rows", type=int, default=65536, show_default=True, help="images per store chunk")
+@crop_options()
 @runtime_options
 @storage_option
-def cache_teachers(storage_options, shard, **options):
+def cache_teachers(storage_options, shard, scale, ratio, **options):
     """Stage one: run the teachers once per seed slot and store their top-k mean softmax."""
+    from pipeline.crops import CropSpec
     from softlabels.cache import CacheJob, parse_shard, run_cache
 
     def run():
-        job = CacheJob(**options, shard=parse_shard(shard), storage_options=_storage_options(storage_options))
+        crop = CropSpec(**{name: value for name, value in (("scale", scale), ("ratio", ratio)) if value})
+        job = CacheJob(**options, shard=parse_shard(shard), crop=crop,
+                       storage_options=_storage_options(storage_options))
         summary = run_cache(job, log=click.echo)
         if summary["rank"] != 0:  # under torchrun rank 0 speaks for the job
             return
@@ -104,7 +118,10 @@ def labels_info(store, as_json, storage_options):
                          for t in info["teachers"])
     for key, value in [("store", info["url"]), ("teachers", teachers), ("res", info["res"]),
                        ("interpolation", info["interpolation"]), ("top-k", info["topk"]),
-                       ("residual", info["residual"]), ("seed slots", info["seeds"]), ("images", info["images"]),
+                       ("residual", info["residual"]),
+                       ("crop", "scale {:.4g} {:.4g}, ratio {:.4g} {:.4g}".format(
+                           *info["crop"]["scale"], *info["crop"]["ratio"])),
+                       ("seed slots", info["seeds"]), ("images", info["images"]),
                        ("classes", info["classes"]),
                        ("complete", f"{info['complete']} ({info['units_done']}/{info['units']} units)"),
                        ("bytes", f"{info['bytes']} ({info['bytes_per_crop']:.1f} per crop)"),
@@ -224,6 +241,7 @@ def _fit(mode: str, options: dict, storage_options: tuple[str, ...] = ()) -> Non
 @click.option("--kd-weight", type=float, default=1.0, show_default=True)
 @click.option("--disc-weight", type=float, default=1.0, show_default=True)
 @training_options(epochs=180, lr=0.01, lr_steps="100", weight_decay=0.0)
+@crop_options(note="; from a store: its crops")
 @storage_option
 def distill(online, storage_options, **options):
     """Stage two: train a student on the cached soft labels (MEAL V2), or online with --online."""
@@ -233,6 +251,7 @@ def distill(online, storage_options, **options):
 @main.command()
 @click.option("--model", required=True, help="timm model name")
 @training_options(epochs=90, lr=0.1, lr_steps="30,60", weight_decay=1e-4)
+@crop_options()
 def train(**options):
     """Plain supervised training with hard labels: the vanilla baseline, or teachers for custom data."""
     _fit("train", options)

@@ -33,6 +33,7 @@ class DemoPlan:
     student_lr: float
     student_weight_decay: float  # both students: from scratch, the paper's zero weight decay does not apply
     discriminator: bool
+    crop_scale: tuple[float, float]  # RandomResizedCrop area range of the teachers, the cache and the baseline
     seeds: int  # crop seed slots cached: the student sees a new crop of each image for this many epochs
 
     def lr_steps(self, epochs: int) -> str:
@@ -44,11 +45,13 @@ class DemoPlan:
 # discriminator left out were chosen there by measurement at this scale (from scratch, 32 px, 12 epochs).
 FULL = DemoPlan(limit_train=10_000, limit_val=None, res=32, teachers=("resnet18", "resnet10t"),
                 student="mobilenetv3_small_050", teacher_epochs=12, student_epochs=12, batch_size=128,
-                teacher_lr=0.1, student_lr=0.03, student_weight_decay=1e-4, discriminator=False, seeds=12)
+                teacher_lr=0.1, student_lr=0.03, student_weight_decay=1e-4, discriminator=False,
+                crop_scale=(0.08, 1.0), seeds=12)
 # The test suite's run: a few hundred images, timm's tiny test models, one epoch each.
 QUICK = DemoPlan(limit_train=300, limit_val=200, res=32, teachers=("test_resnet", "test_efficientnet"),
                  student="test_convnext", teacher_epochs=1, student_epochs=1, batch_size=32, teacher_lr=0.05,
-                 student_lr=0.05, student_weight_decay=1e-4, discriminator=False, seeds=1)
+                 student_lr=0.05, student_weight_decay=1e-4, discriminator=False, crop_scale=(0.08, 1.0),
+                 seeds=1)
 
 
 class Demo:
@@ -94,19 +97,20 @@ class Demo:
         options = {"--limit-train": plan.limit_train, "--limit-val": plan.limit_val, "--source": self.source}
         self._command("data", "data", "fashion-mnist", "--out", self.data,
                       *[part for flag, value in options.items() if value is not None for part in (flag, value)])
+        crop = ("--scale", *plan.crop_scale)  # the distilled student replays the store's crops
         curves = {}
         for name in plan.teachers:
             curves[f"teacher {name}"] = self._fit(f"teacher-{name}", "train", "--model", name, plan.teacher_epochs,
-                                                  plan.teacher_lr)
+                                                  plan.teacher_lr, *crop)
         spec = ",".join(f"{name}={self.out / f'teacher-{name}' / 'model.safetensors'}" for name in plan.teachers)
         ensemble = self._command("ensemble", "evaluate", "--data", self.data, "--teachers", spec,
                                  "--res", plan.res, "--json")
         store = self.out / "labels.zarr"
         self._command("cache", "cache-teachers", "--data", self.data, "--store", store, "--res", plan.res,
-                      "--teachers", spec, "--seeds", plan.seeds, "--batch-size", 256)
+                      "--teachers", spec, "--seeds", plan.seeds, "--batch-size", 256, *crop)
         decay = ("--weight-decay", plan.student_weight_decay)
         curves["baseline (hard labels)"] = self._fit("baseline", "train", "--model", plan.student,
-                                                     plan.student_epochs, plan.student_lr, *decay,
+                                                     plan.student_epochs, plan.student_lr, *decay, *crop,
                                                      "--seeds", plan.seeds)
         curves["MEAL V2 (cached soft labels)"] = self._fit(
             "distilled", "distill", "--student", plan.student, plan.student_epochs, plan.student_lr, *decay,

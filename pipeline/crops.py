@@ -7,6 +7,7 @@ shard or process asks for an image and gets the same box: the label store depend
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -91,6 +92,37 @@ def sample_crops(
     left = np.where(any_fit, np.floor(u_left * (w_img - w + 1)), (w_img - w) // 2).astype(np.int64)
     boxes = np.stack([top, left, h, w], axis=1).astype(np.int32)
     return boxes, u_flip < 0.5
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """A run's RandomResizedCrop ranges: stage one records them in the store, stage two replays them."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __post_init__(self):
+        for name in ("scale", "ratio"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high or (name == "scale" and high > 1):
+                limit = " <= 1" if name == "scale" else ""
+                raise ValueError(f"--{name} {low} {high}: expected 0 < MIN <= MAX{limit}")
+            object.__setattr__(self, name, (float(low), float(high)))
+
+    @classmethod
+    def from_attrs(cls, crop: dict) -> "CropSpec":
+        """The spec a store's ``crop`` attribute records."""
+        if crop.get("algorithm") != CROP_ALGORITHM:
+            raise ValueError(f"crop algorithm {crop.get('algorithm')!r}: this version replays {CROP_ALGORITHM!r}")
+        return cls(tuple(crop["scale"]), tuple(crop["ratio"]))
+
+    def attrs(self) -> dict:
+        """The store's ``crop`` attribute (DESIGN.md)."""
+        return {"scale": list(self.scale), "ratio": list(self.ratio), "algorithm": CROP_ALGORITHM}
+
+    def draw(self, seed: int, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes and flips of every image for one seed: the single source of stored and replayed crops."""
+        return sample_crops(seed, sizes, scale=self.scale, ratio=self.ratio)
 
 
 def center_boxes(sizes: np.ndarray, crop_pct: float) -> np.ndarray:

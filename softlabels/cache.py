@@ -10,17 +10,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.crops import CROP_ALGORITHM, sample_crops
+from pipeline.crops import CropSpec
 from pipeline.dataset import load_index
 from pipeline.distributed import join
 from pipeline.loader import ReplayLoader, resolve_device
 from softlabels.store import CHUNK_ROWS, LabelStore, SlotLabels, label_spec
 from softlabels.teachers import TeacherEnsemble, parse_teachers
 from softlabels.topk import RESIDUALS, compress
-
-CROP_SCALE = (0.08, 1.0)
-CROP_RATIO = (3 / 4, 4 / 3)
-
 
 def parse_shard(text: str) -> tuple[int, int]:
     """"I/N" → (I, N) with 0 <= I < N."""
@@ -52,6 +48,7 @@ class CacheJob:
     shard: tuple[int, int] = (0, 1)
     skip_bad: bool = False
     chunk_rows: int = CHUNK_ROWS
+    crop: CropSpec = CropSpec()
     storage_options: dict = field(default_factory=dict)
     progress: bool = True
 
@@ -61,15 +58,6 @@ class CacheJob:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.residual not in RESIDUALS:
             raise ValueError(f"--residual {self.residual!r}: expected one of {RESIDUALS}")
-
-
-def crop_attrs() -> dict:
-    return {"scale": list(CROP_SCALE), "ratio": list(CROP_RATIO), "algorithm": CROP_ALGORITHM}
-
-
-def slot_crops(seed: int, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes and flips of every image for one seed: the single source of stored and replayed crops."""
-    return sample_crops(seed, sizes, scale=CROP_SCALE, ratio=CROP_RATIO)
 
 
 def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, rows: slice, boxes: np.ndarray,
@@ -108,7 +96,7 @@ def run_cache(job: CacheJob, log=print) -> dict:
         raise ValueError(f"--topk {job.topk}: the data has only {index.num_classes} classes")
     device = resolve_device(job.device, world.local_rank)
     ensemble = TeacherEnsemble(parse_teachers(job.teachers, job.res), index.num_classes, device)
-    spec = label_spec(index, ensemble.records, job.res, job.interpolation, job.topk, job.residual, crop_attrs())
+    spec = label_spec(index, ensemble.records, job.res, job.interpolation, job.topk, job.residual, job.crop.attrs())
     if world.is_main:
         LabelStore.create_or_extend(job.store, spec, index, list(range(job.seeds)), job.chunk_rows,
                                     job.storage_options)
@@ -125,7 +113,7 @@ def run_cache(job: CacheJob, log=print) -> dict:
               dynamic_ncols=True) as bar:
         for slot, chunk in units:
             if slot != crops_slot:  # units come slot by slot: draw each slot's crops once
-                crops_slot, (boxes, flips) = slot, slot_crops(store.seeds[slot], index.sizes)
+                crops_slot, (boxes, flips) = slot, job.crop.draw(store.seeds[slot], index.sizes)
             store.write_unit(slot, chunk, label_unit(ensemble, loader, store.rows(chunk), boxes, flips,
                                                      job.topk, bar))
     todo = int(world.sum(torch.tensor(todo)))  # waits until every rank has written its units

@@ -74,14 +74,25 @@ def store_files(store: Path) -> dict[str, bytes]:
     return files
 
 
-@pytest.fixture(scope="session")
-def reference_store(tmp_path_factory, small_root, teacher_files) -> Path:
-    """A store written by one uninterrupted cache-teachers run."""
+def _cached_store(tmp_path_factory, root: Path, teachers: str, name: str, *extra: str) -> Path:
+    """A new store in its own folder, written by one uninterrupted cache-teachers run."""
     from click.testing import CliRunner
 
     from mealv2.cli import main
 
-    store = tmp_path_factory.mktemp("stores") / "reference.zarr"
-    result = CliRunner().invoke(main, cache_args(small_root, store, teacher_files), catch_exceptions=False)
+    store = tmp_path_factory.mktemp("stores") / name
+    result = CliRunner().invoke(main, cache_args(root, store, teachers, *extra), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return store
+
+
+@pytest.fixture(scope="session")
+def reference_store(tmp_path_factory, small_root, teacher_files) -> Path:
+    """A store written by one uninterrupted cache-teachers run."""
+    return _cached_store(tmp_path_factory, small_root, teacher_files, "reference.zarr")
+
+
+@pytest.fixture(scope="session")
+def mild_store(tmp_path_factory, small_root, teacher_files) -> Path:
+    """The reference run with milder crops: --scale 0.5 1."""
+    return _cached_store(tmp_path_factory, small_root, teacher_files, "mild.zarr", "--scale", "0.5", "1")

@@ -85,11 +85,11 @@ def test_labels_equal_teachers_on_reference_crops(reference_store, small_root, t
 
 
 def test_stored_boxes_are_the_seed_crops(reference_store, small_root):
-    from softlabels.cache import slot_crops
+    from pipeline.crops import CropSpec
     store = LabelStore.open(str(reference_store))
     index = DatasetIndex.scan(small_root / "train")
     for slot, seed in enumerate(store.seeds):
-        boxes, flips = slot_crops(seed, index.sizes)
+        boxes, flips = CropSpec().draw(seed, index.sizes)
         labels = store.read_slot(slot)
         np.testing.assert_array_equal(labels.boxes, boxes)
         np.testing.assert_array_equal(labels.flips, flips)
@@ -155,6 +155,23 @@ def test_mismatched_jobs_are_refused(reference_store, small_root, teacher_files,
     result = run_cli(*with_option(cache_args(small_root, store, teacher_files), *change))
     assert result.exit_code == 1 and message in result.output
     assert store_files(store) == store_files(reference_store)
+
+
+def test_crop_ranges_are_recorded_and_guarded(mild_store, reference_store, small_root, teacher_files, tmp_path):
+    from pipeline.crops import CropSpec
+    store = LabelStore.open(str(mild_store))
+    assert store.attrs["crop"] == CropSpec(scale=(0.5, 1)).attrs()
+    index = DatasetIndex.scan(small_root / "train")
+    for slot, seed in enumerate(store.seeds):
+        np.testing.assert_array_equal(store.read_slot(slot).boxes, CropSpec(scale=(0.5, 1)).draw(seed, index.sizes)[0])
+    assert "scale 0.5 1, ratio 0.75 1.333" in run_cli("labels", "info", mild_store).output
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(reference_store, copy)
+    result = run_cli(*cache_args(small_root, copy, teacher_files, "--scale", "0.5", "1"))
+    assert result.exit_code == 1 and "crop {'scale': [0.08, 1.0]" in result.output, result.output
+    assert store_files(copy) == store_files(reference_store)
+    result = run_cli(*cache_args(small_root, tmp_path / "bad.zarr", teacher_files, "--scale", "0.5", "0.2"))
+    assert result.exit_code == 1 and "--scale 0.5 0.2: expected 0 < MIN <= MAX <= 1" in result.output
 
 
 def test_other_teachers_and_other_data_are_refused(reference_store, small_root, teacher_files, tmp_path):

@@ -1,4 +1,5 @@
-"""sample_crops: torchvision's RandomResizedCrop distribution, counter-based determinism, edge sizes."""
+"""sample_crops: torchvision's RandomResizedCrop distribution, counter-based determinism, edge sizes;
+CropSpec: a run's ranges reach the boxes and round-trip through a store's attributes."""
 
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torchvision.transforms import RandomResizedCrop
 
-from pipeline.crops import center_boxes, sample_crops
+from pipeline.crops import CROP_ALGORITHM, CropSpec, center_boxes, sample_crops
 
 
 def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
@@ -106,3 +107,27 @@ def test_bad_arguments_are_refused():
 def test_center_boxes_select_the_eval_square():
     boxes = center_boxes(np.array([[100, 200], [64, 64]]), 0.875)
     np.testing.assert_array_equal(boxes, [[6, 56, 88, 88], [4, 4, 56, 56]])
+
+
+def test_crop_spec_ranges_reach_the_boxes():
+    sizes = np.full((2000, 2), 100)
+    areas = {}
+    for scale in ((0.08, 1.0), (0.5, 1.0)):
+        boxes, _ = CropSpec(scale=scale).draw(3, sizes)
+        areas[scale] = boxes[:, 2] * boxes[:, 3] / 100 ** 2
+        np.testing.assert_array_equal(boxes, sample_crops(3, sizes, scale=scale)[0])
+    assert areas[(0.08, 1.0)].min() < 0.1 and areas[(0.5, 1.0)].min() > 0.48  # rounding of w and h: ±2%
+    wide, _ = CropSpec(ratio=(2.0, 2.0)).draw(0, sizes)
+    assert np.allclose(wide[:, 3] / wide[:, 2], 2.0, atol=0.15)
+
+
+def test_crop_spec_round_trips_through_store_attrs():
+    spec = CropSpec(scale=(0.25, 1), ratio=(0.5, 2))
+    assert spec.attrs() == {"scale": [0.25, 1.0], "ratio": [0.5, 2.0], "algorithm": CROP_ALGORITHM}
+    assert CropSpec.from_attrs(spec.attrs()) == spec
+    with pytest.raises(ValueError, match="crop algorithm 'other'"):
+        CropSpec.from_attrs({**spec.attrs(), "algorithm": "other"})
+    for bad, message in [({"scale": (0.5, 0.2)}, "--scale 0.5 0.2: expected 0 < MIN <= MAX <= 1"),
+                         ({"scale": (0.5, 1.5)}, "<= 1"), ({"ratio": (0.0, 1.0)}, "--ratio 0.0 1.0")]:
+        with pytest.raises(ValueError, match=message):
+            CropSpec(**bad)

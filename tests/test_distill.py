@@ -1,4 +1,4 @@
-"""Stage two end to end: distill from a store, exact resume, outputs, online parity, evaluate, train."""
+"""Stage two end to end: distill from a store, exact resume, outputs, online parity, crop ranges, evaluate, train."""
 
 import json
 import shutil
@@ -10,9 +10,10 @@ import torch
 from click.testing import CliRunner
 from conftest import cache_args
 
-from distill.targets import CachedTargets, OnlineTargets
+from distill.targets import CachedTargets, HardTargets, OnlineTargets
 from imagegen import save
 from mealv2.cli import main
+from pipeline.crops import CropSpec
 from pipeline.dataset import DatasetIndex
 from pipeline.loader import ReplayLoader
 from softlabels.store import LabelStore
@@ -103,7 +104,7 @@ def test_online_targets_with_k_equal_c_match_the_cache(small_root, teacher_files
     index = DatasetIndex.scan(small_root / "train")
     cached = CachedTargets(LabelStore.open(str(store)), torch.device("cpu"))
     ensemble = TeacherEnsemble(parse_teachers(teacher_files, 32), 3, "cpu")
-    online = OnlineTargets(ensemble, index, seeds=2, disc_input="logprobs")
+    online = OnlineTargets(ensemble, index, seeds=2, crop=CropSpec(), disc_input="logprobs")
     loader = ReplayLoader(index, 32, 8, "cpu", "dali")
     for epoch in (0, 1, 2):
         boxes, flips = cached.prepare(epoch)
@@ -140,6 +141,26 @@ def test_refusals(small_root, reference_store, tmp_path):
     assert result.exit_code == 1 and "needs --online" in result.output
     result = run_cli(*distill_args(small_root, reference_store, tmp_path / "d", 1, "--batch-size", "0"))
     assert result.exit_code == 1 and "--batch-size must be at least 1" in result.output
+
+
+def test_crops_follow_the_store_and_the_options(mild_store, small_root, tmp_path):
+    result = run_cli(*distill_args(small_root, mild_store, tmp_path / "replayed", 1))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "replayed" / "config.json").read_text())["scale"] == [0.5, 1.0]
+    result = run_cli(*distill_args(small_root, mild_store, tmp_path / "other", 1, "--scale", "0.08", "1"))
+    assert result.exit_code == 1 and "holds crops drawn with scale 0.5 1.0" in result.output
+    # hard-label training with the store's ranges and seed count sees the store's very crops
+    index = DatasetIndex.scan(small_root / "train")
+    cached = CachedTargets(LabelStore.open(str(mild_store)), torch.device("cpu"))
+    hard = HardTargets(index, 2, CropSpec(scale=(0.5, 1)), torch.device("cpu"))
+    for epoch in (0, 1, 2):
+        for stored, drawn in zip(cached.prepare(epoch), hard.prepare(epoch)):
+            np.testing.assert_array_equal(stored, drawn)
+    result = run_cli("train", "--data", small_root, "--model", "test_resnet", "--init", "scratch", "--out",
+                     tmp_path / "train", "--epochs", "1", "--batch-size", "8", "--res", "32", "--scale", "0.5", "1",
+                     "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "train" / "config.json").read_text())["scale"] == [0.5, 1.0]
 
 
 def make_red_blue(root, split, per_class, seed):
