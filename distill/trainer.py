@@ -285,9 +285,10 @@ class Trainer:
             raise FileNotFoundError(f"{path}: no checkpoint to resume from")
         state = torch.load(path, map_location=self.device, weights_only=True)
         saved = json.loads(state["options"])
-        for key in ("mode", "model", "labels", "teachers"):
-            if saved[key] != getattr(self.config, key):
-                raise ValueError(f"{path}: was written with --{key} {saved[key]}, not {getattr(self.config, key)}")
+        for key in ("mode", "model", "labels", "teachers", "scale", "ratio"):
+            current = json.loads(json.dumps(getattr(self.config, key)))  # tuples as the lists JSON saved
+            if key in saved and saved[key] != current:  # checkpoints older than --scale lack it
+                raise ValueError(f"{path}: was written with --{key} {saved[key]}, not {current}")
         self.student.load_state_dict(state["student"])
         if self.discriminator is not None:
             self.discriminator.load_state_dict(state["discriminator"])

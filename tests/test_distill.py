@@ -156,11 +156,14 @@ def test_crops_follow_the_store_and_the_options(mild_store, small_root, tmp_path
     for epoch in (0, 1, 2):
         for stored, drawn in zip(cached.prepare(epoch), hard.prepare(epoch)):
             np.testing.assert_array_equal(stored, drawn)
-    result = run_cli("train", "--data", small_root, "--model", "test_resnet", "--init", "scratch", "--out",
-                     tmp_path / "train", "--epochs", "1", "--batch-size", "8", "--res", "32", "--scale", "0.5", "1",
-                     "--no-progress")
+    train = ["train", "--data", small_root, "--model", "test_resnet", "--init", "scratch", "--out",
+             tmp_path / "train", "--batch-size", "8", "--res", "32", "--no-progress"]
+    result = run_cli(*train, "--epochs", "1", "--scale", "0.5", "1")
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "train" / "config.json").read_text())["scale"] == [0.5, 1.0]
+    result = run_cli(*train, "--epochs", "2", "--resume")  # the default range is not the checkpoint's
+    assert result.exit_code == 1 and "was written with --scale [0.5, 1.0], not [0.08, 1.0]" in result.output
+    assert run_cli(*train, "--epochs", "2", "--resume", "--scale", "0.5", "1").exit_code == 0
 
 
 def make_red_blue(root, split, per_class, seed):
