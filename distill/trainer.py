@@ -174,13 +174,13 @@ class Trainer:
 
     def _crop_spec(self) -> CropSpec:
         """The options' crop ranges, or the store's when distilling from one (asking for others is an error)."""
-        asked = {name: tuple(float(v) for v in value) for name in ("scale", "ratio")
-                 if (value := getattr(self.config, name)) is not None}
-        crop = CropSpec.from_attrs(self.store.attrs["crop"]) if self.store else CropSpec(**asked)
-        for name, value in asked.items():
-            if value != getattr(crop, name):
-                raise StoreError(f"--{name} {' '.join(map(str, value))}: {self.config.labels} holds crops drawn with "
-                                 f"{name} {' '.join(map(str, getattr(crop, name)))}, and distill replays those")
+        asked = CropSpec.from_options(self.config.scale, self.config.ratio)
+        crop = CropSpec.from_attrs(self.store.attrs["crop"]) if self.store else asked
+        for name in ("scale", "ratio"):
+            wanted, stored = getattr(asked, name), getattr(crop, name)
+            if getattr(self.config, name) is not None and wanted != stored:
+                raise StoreError(f"--{name} {' '.join(map(str, wanted))}: {self.config.labels} holds crops drawn with "
+                                 f"{name} {' '.join(map(str, stored))}, and distill replays those")
         self.config.scale, self.config.ratio = crop.scale, crop.ratio
         return crop
 

@@ -83,8 +83,7 @@ def cache_teachers(storage_options, shard, scale, ratio, **options):
     from softlabels.cache import CacheJob, parse_shard, run_cache
 
     def run():
-        crop = CropSpec(**{name: value for name, value in (("scale", scale), ("ratio", ratio)) if value})
-        job = CacheJob(**options, shard=parse_shard(shard), crop=crop,
+        job = CacheJob(**options, shard=parse_shard(shard), crop=CropSpec.from_options(scale, ratio),
                        storage_options=_storage_options(storage_options))
         summary = run_cache(job, log=click.echo)
         if summary["rank"] != 0:  # under torchrun rank 0 speaks for the job

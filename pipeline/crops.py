@@ -110,6 +110,11 @@ class CropSpec:
             object.__setattr__(self, name, (float(low), float(high)))
 
     @classmethod
+    def from_options(cls, scale: tuple[float, float] | None, ratio: tuple[float, float] | None) -> "CropSpec":
+        """--scale and --ratio as given, each left unset (None) taking the default."""
+        return cls(**{name: value for name, value in (("scale", scale), ("ratio", ratio)) if value is not None})
+
+    @classmethod
     def from_attrs(cls, crop: dict) -> "CropSpec":
         """The spec a store's ``crop`` attribute records."""
         if crop.get("algorithm") != CROP_ALGORITHM:

@@ -18,6 +18,7 @@ from softlabels.store import CHUNK_ROWS, LabelStore, SlotLabels, label_spec
 from softlabels.teachers import TeacherEnsemble, parse_teachers
 from softlabels.topk import RESIDUALS, compress
 
+
 def parse_shard(text: str) -> tuple[int, int]:
     """"I/N" → (I, N) with 0 <= I < N."""
     try:

@@ -288,7 +288,8 @@ class LabelStore:
         return {
             "url": self.url, "teachers": attrs["teachers"], "res": attrs["res"],
             "interpolation": attrs["interpolation"], "topk": attrs["topk"], "residual": attrs["residual"],
-            "crop": attrs["crop"], "seeds": attrs["seeds"], "images": self.num_images, "classes": attrs["dataset"]["num_classes"],
+            "crop": attrs["crop"], "seeds": attrs["seeds"], "images": self.num_images,
+            "classes": attrs["dataset"]["num_classes"],
             "complete": attrs["complete"], "units_done": int(done.sum()), "units": int(done.size),
             "bytes": nbytes, "bytes_per_crop": nbytes / crops if crops else 0.0,
             "fingerprint": attrs["dataset"]["fingerprint"], "created": attrs["created"],
