@@ -8,6 +8,8 @@ attributes; workers write whole units in one assignment each and then set the un
 from __future__ import annotations
 
 import datetime
+import errno
+import importlib.metadata
 import os
 import warnings
 import zipfile
@@ -18,8 +20,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from mealv2 import __version__
 from pipeline.dataset import DatasetIndex
+from softlabels.site import CREATE_WAIT_SECONDS, StoreSite
 
 FORMAT = 1
 CHUNK_ROWS = 65536
@@ -45,6 +47,28 @@ def _zarr_store(url: str, read_only: bool, storage_options: dict | None):
     if "://" in url or "::" in url:
         return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
     return zarr.storage.LocalStore(url, read_only=read_only)
+
+
+def _tool_version() -> str:
+    """The installed mealv2's version, recorded in each store it creates."""
+    try:
+        return importlib.metadata.version("mealv2")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def _place_without_replacing(tmp: str, out: str) -> None:
+    """Give ``tmp`` the name ``out`` unless ``out`` exists (a hard link fails then; a rename would replace it)."""
+    try:
+        os.link(tmp, out)
+    except FileExistsError:
+        raise StoreError(f"{out}: appeared while packing; nothing was changed: pack into a new file") from None
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        if os.path.lexists(out):  # a filesystem without hard links: check, then rename
+            raise StoreError(f"{out}: appeared while packing; nothing was changed") from None
+        os.rename(tmp, out)
 
 
 def teacher_identity(records: list[dict]) -> list[tuple]:
@@ -124,21 +148,40 @@ class LabelStore:
 
     @classmethod
     def create_or_extend(cls, url: str, spec: dict, index: DatasetIndex, seeds: list[int],
-                         chunk_rows: int = CHUNK_ROWS, storage_options: dict | None = None) -> LabelStore:
-        """Coordinator: create the store, or check an existing one matches ``spec`` and add seed slots."""
-        if cls.exists(url, storage_options):
-            store = cls.open(url, "r+", storage_options)
-            diffs = _differences(store.attrs, spec)
-            if diffs:
-                raise StoreError(f"{url}: store was made for other labels: " + "; ".join(diffs))
-            store._add_seeds(seeds)
+                         chunk_rows: int = CHUNK_ROWS, storage_options: dict | None = None,
+                         wait_seconds: float = CREATE_WAIT_SECONDS) -> LabelStore:
+        """Coordinator: create the store, or check an existing one matches ``spec`` and add seed slots.
+
+        A store is created only where nothing is (or in an empty folder): anything else at
+        ``url`` is refused and left untouched. When several jobs start at once (--shard jobs
+        from a scheduler), one claims the creation and the others wait for it, then extend.
+        """
+        _zarr_store(url, False, storage_options)  # refuses read-only kinds (zip) before anything is looked at
+        site = StoreSite(url, storage_options)
+        if not cls.exists(url, storage_options) and site.claim():
+            try:
+                store = cls._create(url, spec, index, seeds, chunk_rows, storage_options)
+            finally:
+                site.release()
             return store
-        group = zarr.open_group(_zarr_store(url, False, storage_options), mode="w", zarr_format=3)
+        site.wait_for_store(lambda: cls.exists(url, storage_options), wait_seconds)
+        store = cls.open(url, "r+", storage_options)
+        diffs = _differences(store.attrs, spec)
+        if diffs:
+            raise StoreError(f"{url}: store was made for other labels: " + "; ".join(diffs))
+        store._add_seeds(seeds)
+        return store
+
+    @classmethod
+    def _create(cls, url: str, spec: dict, index: DatasetIndex, seeds: list[int], chunk_rows: int,
+                storage_options: dict | None) -> LabelStore:
+        """Write a new store into a location this job has claimed; the attributes come last (the ready mark)."""
+        group = zarr.open_group(_zarr_store(url, False, storage_options), mode="a", zarr_format=3)
         store = cls(url, group, writable=True, storage_options=storage_options)
         store._create_arrays(spec, index, len(seeds), chunk_rows)
         group.attrs["mealv2"] = {
             "format": FORMAT, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "tool_version": __version__, **spec, "seeds": list(seeds), "complete": False,
+            "tool_version": _tool_version(), **spec, "seeds": list(seeds), "complete": False,
             "skipped": list(index.skipped),
         }
         return store
@@ -247,19 +290,22 @@ class LabelStore:
         """Copy a complete store into one zip (entries stored: chunks are compressed already); returns bytes.
 
         Readers open the result as ``zip::OUT.zip``; the zip is written to a temporary name
-        and renamed, so a failed pack leaves nothing behind.
+        and linked into place, so a failed pack leaves nothing behind and an existing OUT is
+        never replaced.
         """
         if not self.attrs["complete"]:
             raise StoreError(f"{self.url}: store is incomplete; finish cache-teachers (or labels finalize) first")
         fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         root = root.rstrip("/")
         out = os.fspath(out)
+        if os.path.lexists(out):
+            raise StoreError(f"{out}: exists already; nothing was changed: pack into a new file")
         tmp = f"{out}.{os.getpid()}.tmp"
         try:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
                 for path in sorted(fs.find(root)):
                     archive.writestr(path[len(root) + 1:], fs.cat_file(path))
-            os.replace(tmp, out)
+            _place_without_replacing(tmp, out)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

@@ -61,12 +61,13 @@ def cache_args(root, store, teachers, *extra) -> list[str]:
 
 
 def store_files(store: Path) -> dict[str, bytes]:
-    """Every file of a store; the root's attributes without their creation time."""
+    """Every file of a store readers see; the root's attributes without their creation time."""
     import json
 
     files = {}
     for path in sorted(store.rglob("*")):
-        if path.is_file():
+        if path.is_file() and not path.name.endswith(".partial"):  # zarr's write-then-rename temporaries: a
+            # process killed mid-write leaves one behind, which no reader ever opens
             files[str(path.relative_to(store))] = path.read_bytes()
     root = json.loads(files.pop("zarr.json"))
     root["attributes"]["mealv2"].pop("created")

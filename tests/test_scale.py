@@ -166,3 +166,18 @@ def test_s3_store_written_by_cache_and_read_by_distill(s3_endpoint, small_root, 
     for path in out.iterdir():
         assert secret.encode() not in path.read_bytes(), path
     assert secret not in read.stdout + read.stderr
+
+
+def test_s3_prefix_holding_objects_is_refused_and_claims_are_exclusive(s3_endpoint, small_root, teacher_files):
+    from softlabels.site import StoreSite
+
+    options = {"endpoint_url": s3_endpoint, "key": "team-key", "secret": "s3cr3t-value"}
+    fs = StoreSite("s3://labels/papers/x.zarr", options).fs
+    fs.pipe_file("labels/papers/draft.pdf", b"%PDF")
+    flags = [part for key, value in options.items() for part in ("--storage-option", f"{key}={value}")]
+    refused = run_cli(*cache_args(small_root, "s3://labels/papers", teacher_files), *flags)
+    assert refused.exit_code == 1 and "holds draft.pdf" in refused.output
+    assert fs.cat_file("labels/papers/draft.pdf") == b"%PDF" and fs.ls("labels/papers") == ["labels/papers/draft.pdf"]
+    first, second = StoreSite("s3://labels/claimed.zarr", options), StoreSite("s3://labels/claimed.zarr", options)
+    assert first._write_claim("first") and not second._write_claim("second")  # a conditional put, not a listing
+    assert json.loads(fs.cat_file(first.claim_path))["token"] == "first"
