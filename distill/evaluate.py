@@ -1,45 +1,89 @@
-"""Top-1 / top-5 on a validation split through the same replay pipeline (centre boxes, no flip)."""
+"""Top-1 / top-5 on a validation split through the same replay pipeline, with each model's own eval transform.
+
+timm models differ in how they are meant to be evaluated (``resnet50.tv_in1k``: crop 0.875,
+bilinear; ``resnet50.a1_in1k``: 0.95, bicubic; some squash instead of cropping), so the
+crop fraction, interpolation and crop mode come from the model's timm data config unless
+overridden; the paper's "resize to res/0.875 bilinear, centre crop" is
+``crop_pct=0.875, interpolation="bilinear"``.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 from timm.utils import accuracy
 from torch import nn
 
 from distill.student import create_student
-from pipeline.crops import center_boxes
+from pipeline.crops import CROP_MODES, center_boxes
 from pipeline.dataset import DatasetIndex, load_index
-from pipeline.distributed import World
-from pipeline.loader import ReplayLoader, resolve_device
-from softlabels.teachers import Normalize, TeacherEnsemble, autocast, normalization, parse_teachers
+from pipeline.distributed import World, resolve_device
+from pipeline.loader import ReplayLoader
+from pipeline.pil_replay import PIL_INTERPOLATION
+from softlabels.models import Normalize, autocast, normalization
+from softlabels.teachers import TeacherEnsemble, parse_teachers
 
-EVAL_CROP_PCT = 0.875
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """How validation images become the model's input: centre box, then resize to res."""
+
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+    crop_mode: str = "center"
+
+    def __post_init__(self):
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"--crop-pct {self.crop_pct}: expected a fraction in (0, 1]")
+        if self.interpolation not in PIL_INTERPOLATION:
+            raise ValueError(f"interpolation {self.interpolation!r}: the replay resizes with "
+                             f"{sorted(PIL_INTERPOLATION)}; pass --eval-interpolation")
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop mode {self.crop_mode!r}: the replay evaluates {CROP_MODES}")
+
+    @classmethod
+    def of(cls, models: list[nn.Module], crop_pct: float | None = None,
+           interpolation: str | None = None) -> EvalTransform:
+        """The models' own timm eval settings (the paper's where models disagree), each override taking over."""
+        configs = {(c["crop_pct"], c["interpolation"], c.get("crop_mode", "center"))
+                   for c in (timm.data.resolve_data_config({}, model=model) for model in models)}
+        own = cls(*configs.pop()) if len(configs) == 1 else cls()
+        return cls(crop_pct if crop_pct is not None else own.crop_pct,
+                   interpolation if interpolation is not None else own.interpolation, own.crop_mode)
+
+    def record(self) -> dict:
+        """What metrics and results say was used."""
+        return {"crop_pct": self.crop_pct, "interpolation": self.interpolation, "crop_mode": self.crop_mode}
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, normalize: nn.Module, loader: ReplayLoader, amp: bool = True,
-             crop_pct: float = EVAL_CROP_PCT, world: World = World(), progress: bool = True) -> dict:
-    """{"top1", "top5"} in percent over ``loader.index``, each image scored once (ranks share the work)."""
+def evaluate(model: nn.Module, normalize: nn.Module, loader: ReplayLoader, transform: EvalTransform,
+             amp: str = "bf16", world: World = World(), progress: bool = True) -> dict:
+    """{"top1", "top5", "images", eval transform} over ``loader.index``, each image scored once (ranks share)."""
+    if loader.interpolation != transform.interpolation:
+        raise ValueError(f"loader resizes {loader.interpolation}, the eval transform asks {transform.interpolation}")
     index: DatasetIndex = loader.index
-    boxes = center_boxes(index.sizes, crop_pct)
+    boxes = center_boxes(index.sizes, transform.crop_pct, transform.crop_mode)
     flips = np.zeros(len(index), bool)
-    labels = torch.from_numpy(index.labels.astype(np.int64))
+    labels = torch.from_numpy(index.labels.astype(np.int64)).to(loader.device)
     order = np.arange(len(index))[world.rank::world.world_size]  # no padding: nothing is counted twice
     was_training = model.training
     model.eval()
-    counts = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, images
+    counts = torch.zeros(3, dtype=torch.float64, device=loader.device)  # top-1 hits, top-5 hits, images
     for images, indices in loader.epoch(order, boxes, flips, desc="eval", progress=progress):
         with autocast(loader.device, amp):
             logits = model(normalize(images))
-        top1, top5 = accuracy(logits.float(), labels[indices].to(logits.device), topk=(1, min(5, logits.shape[1])))
-        counts += torch.tensor([top1.item() * len(indices) / 100, top5.item() * len(indices) / 100, len(indices)],
-                               dtype=torch.float64)
+        top1, top5 = accuracy(logits.float(), labels[indices], topk=(1, min(5, logits.shape[1])))
+        counts += torch.stack([top1 * len(indices) / 100, top5 * len(indices) / 100,
+                               torch.tensor(float(len(indices)), device=counts.device)]).to(counts.dtype)
     model.train(was_training)
-    hits1, hits5, seen = world.sum(counts).tolist()
-    return {"top1": 100 * hits1 / max(seen, 1), "top5": 100 * hits5 / max(seen, 1), "images": int(seen)}
+    hits1, hits5, seen = world.sum(counts).tolist()  # the one host sync of an evaluation
+    return {"top1": 100 * hits1 / max(seen, 1), "top5": 100 * hits5 / max(seen, 1), "images": int(seen),
+            **transform.record()}
 
 
 class _EnsembleScores(nn.Module):
@@ -55,15 +99,20 @@ class _EnsembleScores(nn.Module):
 
 def evaluate_saved(data: str, res: int = 224, model: str | None = None, checkpoint: str | None = None,
                    teachers: str | None = None, batch_size: int = 64, device: str = "auto",
-                   decoder: str = "auto", workers: int = 2) -> dict:
+                   decoder: str = "auto", workers: int = 2, crop_pct: float | None = None,
+                   eval_interpolation: str | None = None) -> dict:
     """`mealv2 evaluate`: top-1/top-5 on ROOT/val of one saved model, or of a teacher ensemble's mean softmax."""
     if (teachers is None) == (model is None or checkpoint is None):
         raise ValueError("evaluate needs either --model NAME --checkpoint PATH or --teachers SPEC[,SPEC...]")
     torch_device = resolve_device(device)
     index = load_index(Path(data) / "val")
-    loader = ReplayLoader(index, res, batch_size, torch_device, decoder, "bilinear", workers)
     if teachers is not None:
         ensemble = TeacherEnsemble(parse_teachers(teachers, res), index.num_classes, torch_device)
-        return evaluate(_EnsembleScores(ensemble), nn.Identity(), loader)
-    student = create_student(model, index.num_classes, checkpoint).to(torch_device)
-    return evaluate(student, Normalize(*normalization(student)).to(torch_device), loader)
+        scored, normalize = _EnsembleScores(ensemble), nn.Identity()
+        transform = EvalTransform.of(list(ensemble.models), crop_pct, eval_interpolation)
+    else:
+        scored = create_student(model, index.num_classes, checkpoint).to(torch_device)
+        normalize = Normalize(*normalization(scored)).to(torch_device)
+        transform = EvalTransform.of([scored], crop_pct, eval_interpolation)
+    loader = ReplayLoader(index, res, batch_size, torch_device, decoder, transform.interpolation, workers)
+    return evaluate(scored, normalize, loader, transform)

@@ -31,37 +31,47 @@ class BatchTargets:
 
 
 class CachedTargets:
-    """Epoch e reads seed slot e mod S whole (the next one prefetched in a thread) and expands on the device."""
+    """Epoch e reads seed slot e mod ``slots`` whole (the next one prefetched in a thread) and expands on the device.
 
-    def __init__(self, store: LabelStore, device: torch.device):
+    ``slots`` is fixed for a run: a store extended meanwhile does not change which slot an epoch reads.
+    """
+
+    def __init__(self, store: LabelStore, device: torch.device, slots: int | None = None):
         self.store = store
         self.device = device
-        self.residual = store.attrs["residual"]
+        self.slots = slots or len(store.seeds)
+        self.residual = store.residual
         self.num_classes = store.num_classes
+        self.trainable = np.arange(store.num_images)  # until a slot is loaded
         self._pool = ThreadPoolExecutor(1)
         self._pending: dict[int, Future] = {}
         self._probs = self._classes = None
 
     def _slot(self, epoch: int) -> int:
-        return epoch % len(self.store.seeds)
+        return epoch % self.slots
 
     def _load(self, slot: int) -> SlotLabels:
         future = self._pending.pop(slot, None)
         return future.result() if future is not None else self.store.read_slot(slot)
 
-    def prepare(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Load this epoch's slot, start reading the next; return its stored boxes and flips."""
+    def crops(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Load this epoch's slot, start reading the next; return its stored boxes and flips.
+
+        ``trainable`` then holds the dataset positions of the slot's labelled rows.
+        """
         slot = self._slot(epoch)
         labels = self._load(slot)
         following = self._slot(epoch + 1)
         if following != slot and following not in self._pending:
             self._pending[following] = self._pool.submit(self.store.read_slot, following)
+        # rows never labelled (images cache-teachers --skip-bad could not decode) hold zeros: train on the rest
+        self.trainable = np.flatnonzero(labels.probs[:, 0] > 0)
         self._probs = torch.from_numpy(labels.probs).to(self.device)
         self._classes = torch.from_numpy(labels.classes.astype(np.int64)).to(self.device)
         return labels.boxes, labels.flips
 
     def __call__(self, images: torch.Tensor, indices: torch.Tensor) -> BatchTargets:
-        at = indices.to(self.device)
+        at = indices.to(self.device, non_blocking=True)
         probs = expand(self._probs[at], self._classes[at], self.num_classes, self.residual)
         return BatchTargets(probs=probs, teacher_side=probs.clamp_min(_LOG_FLOOR).log())
 
@@ -73,8 +83,9 @@ class _SampledCrops:
         self.sizes = index.sizes
         self.seeds = seeds
         self.crop = crop
+        self.trainable = np.arange(len(index))
 
-    def prepare(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def crops(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         return self.crop.draw(epoch % self.seeds if self.seeds else epoch, self.sizes)
 
 
@@ -101,4 +112,4 @@ class HardTargets(_SampledCrops):
         self.labels = torch.from_numpy(index.labels.astype(np.int64)).to(device)
 
     def __call__(self, images: torch.Tensor, indices: torch.Tensor) -> BatchTargets:
-        return BatchTargets(labels=self.labels[indices.to(self.labels.device)])
+        return BatchTargets(labels=self.labels[indices.to(self.labels.device, non_blocking=True)])

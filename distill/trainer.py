@@ -1,7 +1,9 @@
 """The training loop behind `distill` (cached or online MEAL V2) and `train` (hard labels).
 
 One loop, one code path for CPU and GPU: SGD with a step schedule (×0.1 at each listed epoch),
-bf16 autocast on CUDA, per-epoch metrics, atomic checkpoints and an exact resume.
+mixed precision on CUDA, per-epoch metrics, atomic checkpoints and an exact resume. The
+options are resolved first (from the store, the checkpoint and the defaults) into a new
+TrainConfig, and the run is built from that.
 """
 
 from __future__ import annotations
@@ -19,25 +21,29 @@ from safetensors.torch import save_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distill.evaluate import evaluate
+from distill.checkpoint import (CHECKPOINT, check_same_run, check_same_store, load_checkpoint, restore_rng_state,
+                                rng_state, save_checkpoint)
+from distill.evaluate import EvalTransform, evaluate
 from distill.losses import Discriminator, discriminator_loss, soft_cross_entropy
-from distill.student import create_student
+from distill.student import create_student, synchronize_batchnorm
 from distill.targets import CachedTargets, HardTargets, OnlineTargets
 from pipeline.crops import CropSpec
 from pipeline.dataset import load_index
-from pipeline.distributed import World, join
-from pipeline.loader import ReplayLoader, epoch_order, resolve_device
+from pipeline.distributed import setup
+from pipeline.files import atomic_write
+from pipeline.loader import ReplayLoader, epoch_order
+from softlabels.models import AMP_DTYPES, Normalize, autocast, normalization
 from softlabels.store import LabelStore, StoreError
-from softlabels.teachers import Normalize, TeacherEnsemble, autocast, normalization, parse_teachers
+from softlabels.teachers import TeacherEnsemble, parse_teachers
 
 MODES = ("distill", "online", "train")
-CHECKPOINT = "checkpoint-last.pth"
+OUTPUTS = ("config.json", "metrics.jsonl", "model.safetensors", CHECKPOINT)
 _POSTFIX_EVERY = 20  # steps between progress-bar loss updates (each one waits for the device)
 
 
 @dataclass
 class TrainConfig:
-    """Resolved options of one run (written to OUT/config.json); defaults are the paper's distill setting."""
+    """Options of one run (resolved, written to OUT/config.json); defaults are the paper's distill setting."""
 
     mode: str
     data: str
@@ -58,16 +64,21 @@ class TrainConfig:
     kd_weight: float = 1.0
     disc_weight: float = 1.0
     init: str = "pretrained"
-    seeds: int | None = None
+    drop: float | None = None  # timm's drop_rate and drop_path_rate; None keeps the model's own
+    drop_path: float | None = None
+    sync_bn: bool = False
+    seeds: int | None = None  # distill: seed slots read (epoch e reads slot e mod seeds); else crop seeds cycled
     scale: tuple[float, float] | None = None  # RandomResizedCrop ranges: None is the store's, or CropSpec's default
     ratio: tuple[float, float] | None = None
     interpolation: str = "bilinear"
+    crop_pct: float | None = None  # evaluation: None takes the model's timm data config
+    eval_interpolation: str | None = None
     device: str = "auto"
     decoder: str = "auto"
     workers: int = 2
     seed: int = 0
     resume: bool = False
-    amp: bool = True
+    amp: str = "bf16"
     val_every: int = 1
     skip_bad: bool = False
     storage_options: dict = field(default_factory=dict)
@@ -79,8 +90,12 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "val_every", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.seeds is not None and self.seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"--amp {self.amp!r}: expected one of {sorted(AMP_DTYPES)}")
         if self.mode == "distill" and not self.labels:
             raise ValueError("distill needs --labels STORE (or --online --teachers SPEC,...)")
         if self.mode == "online" and not self.teachers:
@@ -90,7 +105,7 @@ class TrainConfig:
         if self.disc_input == "logits" and self.mode != "online":
             raise ValueError("--disc-input logits needs --online: a label store holds probabilities, not logits")
 
-    def public(self) -> dict:
+    def without_credentials(self) -> dict:
         """The options as JSON, without storage options (they may carry credentials)."""
         options = dataclasses.asdict(self)
         options.pop("storage_options")
@@ -98,14 +113,42 @@ class TrainConfig:
         return options
 
 
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file and rename, so a kill never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write (a full disk, say) leaves the old file and no debris
+def _store_slots(store: LabelStore, asked: int | None, url: str) -> int:
+    """How many seed slots a run reads: those asked for, or every slot written whole so far."""
+    stored, ready = len(store.seeds), store.complete_slots()
+    if asked is not None:
+        if asked > stored:
+            raise StoreError(f"--seeds {asked}: {url} holds {stored} seed slot(s)")
+        if asked > ready:
+            raise StoreError(f"--seeds {asked}: {url} is incomplete from slot {ready} on; "
+                             "finish cache-teachers first, or read fewer slots")
+        return asked
+    if ready < stored and store.attrs["complete"]:
+        raise StoreError(f"{url}: marked complete but slot {ready} is incomplete: run labels verify")
+    if ready == 0:
+        raise StoreError(f"{url}: store is incomplete (no seed slot is written whole yet); "
+                         "finish cache-teachers first")
+    return ready
+
+
+def resolve_config(config: TrainConfig, store: LabelStore | None, saved: dict | None) -> TrainConfig:
+    """A complete config: resolution, interpolation, crop ranges and slots from the store, the resumed run
+    (its slot count stays fixed even when the store has grown since) or the defaults."""
+    asked = CropSpec.from_options(config.scale, config.ratio)
+    crop = store.crop if store else asked
+    for name in ("scale", "ratio"):
+        wanted, stored = getattr(asked, name), getattr(crop, name)
+        if getattr(config, name) is not None and wanted != stored:
+            raise StoreError(f"--{name} {' '.join(map(str, wanted))}: {config.labels} holds crops drawn with "
+                             f"{name} {' '.join(map(str, stored))}, and distill replays those")
+    seeds = config.seeds
+    if store is not None:
+        if seeds is None and saved is not None:
+            seeds = saved.get("seeds")
+        seeds = _store_slots(store, seeds, config.labels)
+    return dataclasses.replace(config, res=config.res or (store.res if store else 224),
+                               interpolation=store.interpolation if store else config.interpolation,
+                               scale=crop.scale, ratio=crop.ratio, seeds=seeds)
 
 
 class Trainer:
@@ -118,47 +161,65 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, log=print):
         config.validate()
-        self.config = config
-        self.world = join(resolve_device(config.device).type)
+        self.world = setup(config.device)
+        self.device = self.world.device
         if config.batch_size % self.world.world_size:
             raise ValueError(f"--batch-size {config.batch_size}: must split evenly over {self.world.world_size} ranks")
         self.log = log if self.world.is_main else (lambda *_: None)
         self.progress = config.progress and self.world.is_main
         self.out = Path(config.out)
-        self.device = resolve_device(config.device, self.world.local_rank)
-        self.store = self._open_store() if config.mode == "distill" else None
+        self.resumed = load_checkpoint(self.out / CHECKPOINT, self.device) if config.resume else None
+        self.store = LabelStore.open(config.labels, "r", config.storage_options) if config.mode == "distill" else None
         # files the store left out (cache-teachers --skip-bad) are left out here too
-        skip_bad = config.skip_bad or bool(self.store and self.store.attrs.get("skipped"))
-        self.index = load_index(Path(config.data) / "train", skip_bad=skip_bad)
-        if self.store and self.store.attrs["dataset"]["fingerprint"] != self.index.fingerprint:
+        skip_bad = config.skip_bad or bool(self.store and self.store.skipped)
+        self.index = load_index(Path(config.data) / "train", skip_bad=skip_bad, world=self.world)
+        if self.store and self.store.fingerprint != self.index.fingerprint:
             raise StoreError(f"{config.labels}: labels are for another dataset than "
                              f"{config.data}/train (fingerprint differs)")
-        res = config.res or (self.store.attrs["res"] if self.store else 224)
-        if self.store:  # replay the crops as the teachers saw them
-            config.interpolation = self.store.attrs["interpolation"]
-        self.crop = self._crop_spec()
-        self.config.res = res
-        torch.manual_seed(config.seed)
-        self.student = create_student(config.model, self.index.num_classes, config.init).to(self.device)
-        if self.device.type == "cuda":
+        self.config = resolve_config(config, self.store, self.resumed["options"] if self.resumed else None)
+        if self.resumed:
+            check_same_run(self.out / CHECKPOINT, self.resumed["options"], self.config.without_credentials())
+            check_same_store(self.out / CHECKPOINT, self.resumed["store"], self._store_identity(), config.labels)
+        if self.store and self.config.seeds < len(self.store.seeds):
+            self.log(f"reading seed slots 0-{self.config.seeds - 1} of the store's {len(self.store.seeds)}")
+        self._build()
+
+    def _build(self) -> None:
+        config, device = self.config, self.device
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        drops = {key: value for key, value in (("drop_rate", config.drop), ("drop_path_rate", config.drop_path))
+                 if value is not None}
+        self.student = create_student(config.model, self.index.num_classes, config.init, **drops).to(device)
+        if device.type == "cuda":
             self.student = self.student.to(memory_format=torch.channels_last)
-            if self.world.distributed:  # gloo on the CPU has no SyncBatchNorm: there BN statistics stay per rank
-                self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
-        self.normalize = Normalize(*normalization(self.student)).to(self.device)
+        if config.sync_bn and self.world.distributed:
+            if device.type != "cuda":
+                raise ValueError("--sync-bn: batch norm statistics are synchronised over GPUs (NCCL); "
+                                 "on the CPU each rank keeps its own")
+            self.student = synchronize_batchnorm(self.student)
+        self.normalize = Normalize(*normalization(self.student)).to(device)
+        self.eval_transform = EvalTransform.of([self.student], config.crop_pct, config.eval_interpolation)
         use_disc = config.discriminator and config.mode != "train"
-        self.discriminator = Discriminator(self.index.num_classes).to(self.device) if use_disc else None
-        self.student_step, self.discriminator_step = self._parallel(self.student), self._parallel(self.discriminator)
+        self.discriminator = Discriminator(self.index.num_classes).to(device) if use_disc else None
+        torch.manual_seed(config.seed + self.world.rank)  # each rank draws its own dropout masks, as timm does
+        self.student_parallel = self._parallel(self.student)
+        self.discriminator_parallel = self._parallel(self.discriminator)
         self.targets = self._targets()
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(config.lr_steps), gamma=0.1)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16" and device.type == "cuda")
         rank_batch = config.batch_size // self.world.world_size
-        self.loader = ReplayLoader(self.index, res, rank_batch, self.device, config.decoder,
-                                   config.interpolation, config.workers)
+        self.loader = ReplayLoader(self.index, config.res, rank_batch, device, config.decoder, config.interpolation,
+                                   config.workers, on_bad=self._left_out if config.skip_bad else None)
         val_dir = Path(config.data) / "val"
-        self.val_loader = ReplayLoader(load_index(val_dir, skip_bad=config.skip_bad), res, rank_batch,
-                                       self.device, config.decoder, "bilinear", config.workers) \
-            if val_dir.is_dir() else None
+        self.val_loader = ReplayLoader(load_index(val_dir, skip_bad=config.skip_bad, world=self.world), config.res,
+                                       rank_batch, device, config.decoder, self.eval_transform.interpolation,
+                                       config.workers) if val_dir.is_dir() else None
         self.start_epoch = 0
+
+    def _left_out(self, position: int, reason: str) -> None:
+        """--skip-bad: an image the decoder fails on is dropped from its batch, and said so."""
+        self.log(f"left out {self.index.file(position)}: cannot decode image ({reason})")
 
     def _parallel(self, module: nn.Module | None) -> nn.Module | None:
         """The module the training step calls: DDP-wrapped under torchrun, else the module itself."""
@@ -166,40 +227,29 @@ class Trainer:
             return module
         return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-    def _open_store(self) -> LabelStore:
-        store = LabelStore.open(self.config.labels, "r", self.config.storage_options)
-        if not (store.attrs["complete"] and store.done().all()):
-            raise StoreError(f"{self.config.labels}: store is incomplete; finish cache-teachers first")
-        return store
-
-    def _crop_spec(self) -> CropSpec:
-        """The options' crop ranges, or the store's when distilling from one (asking for others is an error)."""
-        asked = CropSpec.from_options(self.config.scale, self.config.ratio)
-        crop = CropSpec.from_attrs(self.store.attrs["crop"]) if self.store else asked
-        for name in ("scale", "ratio"):
-            wanted, stored = getattr(asked, name), getattr(crop, name)
-            if getattr(self.config, name) is not None and wanted != stored:
-                raise StoreError(f"--{name} {' '.join(map(str, wanted))}: {self.config.labels} holds crops drawn with "
-                                 f"{name} {' '.join(map(str, stored))}, and distill replays those")
-        self.config.scale, self.config.ratio = crop.scale, crop.ratio
-        return crop
+    def _store_identity(self) -> dict:
+        """The store this run reads, as its checkpoint records it (none for train and online runs)."""
+        if self.store is None:
+            return {}
+        return {"url": self.config.labels, **self.store.identity(), "seeds": self.store.seeds[:self.config.seeds]}
 
     def _targets(self):
         if self.config.mode == "distill":
-            return CachedTargets(self.store, self.device)
+            return CachedTargets(self.store, self.device, self.config.seeds)
+        crop = CropSpec(self.config.scale, self.config.ratio)
         if self.config.mode == "online":
             ensemble = TeacherEnsemble(parse_teachers(self.config.teachers, self.config.res),
                                        self.index.num_classes, self.device)
-            return OnlineTargets(ensemble, self.index, self.config.seeds, self.crop, self.config.disc_input)
-        return HardTargets(self.index, self.config.seeds, self.crop, self.device)
+            return OnlineTargets(ensemble, self.index, self.config.seeds, crop, self.config.disc_input)
+        return HardTargets(self.index, self.config.seeds, crop, self.device)
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        """One SGD over the student and the discriminator (its own lr, by default the student's)."""
+        """One SGD over the student and the discriminator (its own lr, by default the student's); fused on CUDA."""
         groups = [{"params": self.student.parameters(), "lr": self.config.lr}]
         if self.discriminator is not None:
             groups.append({"params": self.discriminator.parameters(), "lr": self.config.d_lr or self.config.lr})
         return torch.optim.SGD(groups, lr=self.config.lr, momentum=self.config.momentum,
-                               weight_decay=self.config.weight_decay)
+                               weight_decay=self.config.weight_decay, fused=self.device.type == "cuda" or None)
 
     # -- one step, one epoch -------------------------------------------------------------------
 
@@ -208,7 +258,7 @@ class Trainer:
         x = self.normalize(images).contiguous(
             memory_format=torch.channels_last if self.device.type == "cuda" else torch.contiguous_format)
         with autocast(self.device, self.config.amp):
-            logits = self.student_step(x).float()
+            logits = self.student_parallel(x).float()
         if targets.labels is not None:
             loss = F.cross_entropy(logits, targets.labels)
             return {"loss": loss}
@@ -216,15 +266,15 @@ class Trainer:
         losses = {"kd_loss": kd, "loss": self.config.kd_weight * kd}
         if self.discriminator is not None:
             student_side = logits if self.config.disc_input == "logits" else F.log_softmax(logits, -1)
-            disc = discriminator_loss(self.discriminator_step, student_side, targets.teacher_side)
+            disc = discriminator_loss(self.discriminator_parallel, student_side, targets.teacher_side)
             losses["disc_loss"] = disc
             losses["loss"] = losses["loss"] + self.config.disc_weight * disc
         return losses
 
     def train_epoch(self, epoch: int) -> dict:
         self.student.train()
-        boxes, flips = self.targets.prepare(epoch)
-        order = epoch_order(len(self.index), self.config.seed, epoch, shuffle=True, rank=self.world.rank,
+        boxes, flips = self.targets.crops(epoch)
+        order = epoch_order(self.targets.trainable, self.config.seed, epoch, shuffle=True, rank=self.world.rank,
                             world_size=self.world.world_size)
         sums: dict[str, torch.Tensor] = {}
         steps = images_seen = 0
@@ -234,13 +284,14 @@ class Trainer:
         for images, indices in batches:
             losses = self._losses(images, indices)
             self.optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            self.optimizer.step()
+            self.scaler.scale(losses["loss"]).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             for key, value in losses.items():  # summed on the device: no host sync per step
                 sums[key] = sums.get(key, 0.0) + value.detach()
             steps += 1
             images_seen += len(indices)
-            if steps % _POSTFIX_EVERY == 1:
+            if steps % _POSTFIX_EVERY == 1 and self.progress:  # the one figure printed mid-epoch
                 batches.bar.set_postfix(loss=f"{float(sums['loss']) / steps:.4f}", refresh=False)
         keys = sorted(sums)
         totals = self.world.sum(torch.stack([sums[k].float() for k in keys] + [torch.tensor(
@@ -252,69 +303,68 @@ class Trainer:
 
     # -- outputs ---------------------------------------------------------------------------------
 
-    def _checkpoint(self, epoch: int) -> dict:
-        store = {}
-        if self.store is not None:
-            attrs = self.store.attrs
-            store = {"url": self.config.labels, "fingerprint": attrs["dataset"]["fingerprint"],
-                     "created": attrs["created"], "seeds": list(attrs["seeds"])}
-        return {
-            "student": self.student.state_dict(),
-            "discriminator": self.discriminator.state_dict() if self.discriminator is not None else {},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "epoch": epoch,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
-            "options": json.dumps(self.config.public()),
-            "store": store,
-        }
+    def _save(self, epoch: int, metrics: dict) -> None:
+        """Every rank hands over its random state; rank 0 writes the metrics line, then weights and checkpoint.
 
-    def _write_outputs(self, epoch: int, metrics: dict) -> None:
-        """metrics line first, then the checkpoint: a resume drops metrics past the checkpoint's epoch."""
+        A resume drops metrics past the checkpoint's epoch, so a kill between the two writes loses nothing.
+        """
+        rng_states = self.world.gather_bytes(rng_state(self.device))
+        if not self.world.is_main:
+            return
         with open(self.out / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(metrics) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-        _atomic(self.out / "model.safetensors", lambda tmp: save_model(self.student, str(tmp)))
-        _atomic(self.out / CHECKPOINT, lambda tmp: torch.save(self._checkpoint(epoch), tmp))
+        atomic_write(self.out / "model.safetensors", lambda tmp: save_model(self.student, str(tmp)))
+        save_checkpoint(self.out / CHECKPOINT, modules={"student": self.student, "discriminator": self.discriminator,
+                                                        "scaler": self.scaler},
+                        optimizer=self.optimizer, scheduler=self.scheduler, epoch=epoch, rng_states=rng_states,
+                        options=self.config.without_credentials(), store=self._store_identity())
 
-    def _resume(self) -> None:
-        path = self.out / CHECKPOINT
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        saved = json.loads(state["options"])
-        for key in ("mode", "model", "labels", "teachers", "scale", "ratio"):
-            current = json.loads(json.dumps(getattr(self.config, key)))  # tuples as the lists JSON saved
-            if key in saved and saved[key] != current:  # checkpoints older than --scale lack it
-                raise ValueError(f"{path}: was written with --{key} {saved[key]}, not {current}")
+    def _restore(self) -> None:
+        state = self.resumed
         self.student.load_state_dict(state["student"])
         if self.discriminator is not None:
             self.discriminator.load_state_dict(state["discriminator"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         self.start_epoch = int(state["epoch"])
+        if len(state["rng"]) == self.world.world_size:
+            restore_rng_state(state["rng"][self.world.rank], self.device)
+        else:  # weights, order and crops still continue exactly; only dropout masks come from new seeds
+            torch.manual_seed(self.config.seed + self.world.rank + 7919 * self.start_epoch)
+            self.log(f"resuming on {self.world.world_size} rank(s) a run saved on {len(state['rng'])}: "
+                     "random draws (dropout, drop-path) start from new seeds")
         metrics = self.out / "metrics.jsonl"
         if metrics.exists() and self.world.is_main:
             kept = [line for line in metrics.read_text().splitlines()
                     if line.strip() and json.loads(line)["epoch"] <= self.start_epoch]
-            _atomic(metrics, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
-        self.log(f"resumed from {path} after epoch {self.start_epoch}")
+            atomic_write(metrics, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+        self.log(f"resumed from {self.out / CHECKPOINT} after epoch {self.start_epoch}")
+
+    def _start_fresh(self) -> None:
+        """A new run writes only into a new or empty folder, or over a run of its own killed before a checkpoint."""
+        if (self.out / CHECKPOINT).exists():
+            raise FileExistsError(f"{self.out}: holds a run already; pass --resume or choose another --out")
+        present = [name for name in OUTPUTS if (self.out / name).exists()]
+        if present and not _is_run_config(self.out / "config.json"):
+            raise FileExistsError(f"{self.out}: holds {', '.join(present)} of something else; nothing was "
+                                  "changed: choose another --out")
+        if self.world.is_main:
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)  # a killed first epoch's line, never checkpointed
 
     def fit(self) -> list[dict]:
         """Train from the start (or the checkpoint with resume) to the last epoch; returns the new metrics."""
         self.out.mkdir(parents=True, exist_ok=True)
-        if self.config.resume:
-            self._resume()
-        elif (self.out / CHECKPOINT).exists():
-            raise FileExistsError(f"{self.out}: holds a run already; pass --resume or choose another --out")
+        if self.resumed:
+            self._restore()
+        else:
+            self._start_fresh()
         if self.world.is_main:
-            _atomic(self.out / "config.json",
-                    lambda tmp: tmp.write_text(json.dumps(self.config.public(), indent=2)))
+            atomic_write(self.out / "config.json",
+                         lambda tmp: tmp.write_text(json.dumps(self.config.without_credentials(), indent=2)))
         history = []
         for epoch in range(self.start_epoch, self.config.epochs):
             lr = self.optimizer.param_groups[0]["lr"]
@@ -325,15 +375,24 @@ class Trainer:
                        "images_per_sec": stats["images_per_sec"], "seconds": stats["seconds"]}
             last = epoch + 1 == self.config.epochs
             if self.val_loader is not None and ((epoch + 1) % self.config.val_every == 0 or last):
-                result = evaluate(self.student, self.normalize, self.val_loader, self.config.amp, world=self.world,
-                                  progress=self.progress)
+                result = evaluate(self.student, self.normalize, self.val_loader, self.eval_transform,
+                                  self.config.amp, world=self.world, progress=self.progress)
                 metrics["val_top1"], metrics["val_top5"] = result["top1"], result["top5"]
-            if self.world.is_main:
-                self._write_outputs(epoch + 1, metrics)
+                metrics |= {f"val_{key}": value for key, value in self.eval_transform.record().items()}
+            self._save(epoch + 1, metrics)
             history.append(metrics)
             self.log(_summary_line(metrics, self.config.epochs))
         self.world.barrier()  # no rank leaves before rank 0 has written the last checkpoint
         return history
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is the config.json of a mealv2 run (then its folder's outputs are ours to replace)."""
+    try:
+        options = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(options, dict) and {"mode", "model", "data", "out"} <= options.keys()
 
 
 def _summary_line(metrics: dict, epochs: int) -> str:
@@ -346,4 +405,3 @@ def _summary_line(metrics: dict, epochs: int) -> str:
         parts.append(f"val top-1 {metrics['val_top1']:.2f}% top-5 {metrics['val_top5']:.2f}%")
     parts.append(f"{metrics['images_per_sec']:.0f} img/s, {metrics['seconds']:.1f} s")
     return " | ".join(parts)
-

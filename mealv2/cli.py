@@ -33,17 +33,22 @@ def _storage_options(pairs: tuple[str, ...]) -> dict:
     return options
 
 
-def runtime_options(command):
-    """--device, --decoder, --workers: how and where crops are decoded and models run."""
-    for option in reversed([
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N"),
-        click.option("--decoder", type=click.Choice(["auto", "dali", "pil"]), default="auto", show_default=True,
-                     help="DALI replay (auto when installed) or the PIL reference"),
-        click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
-                     help="decoder threads (file reads use twice as many)"),
-    ]):
-        command = option(command)
-    return command
+def _apply(options: list):
+    """Decorate a command with ``options`` in the order listed."""
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
+
+
+runtime_options = _apply([
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N"),
+    click.option("--decoder", type=click.Choice(["auto", "dali", "pil"]), default="auto", show_default=True,
+                 help="DALI replay (auto when installed) or the PIL reference"),
+    click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+                 help="decoder threads (file reads use twice as many)"),
+])  # how and where crops are decoded and models run
 
 
 def crop_options(note: str = ""):
@@ -159,7 +164,8 @@ def labels_pack(store, out, storage_options):
 @labels.command("verify")
 @click.argument("store")
 @click.option("--data", type=click.Path(file_okay=False), help="dataset ROOT whose train/ must match")
-@click.option("--recompute", type=click.IntRange(min=0), default=0, help="re-run the teachers on N stored crops")
+@click.option("--recompute", type=click.IntRange(min=0), default=0,
+              help="re-run the teachers on N stored crops, spread over every seed slot")
 @click.option("--teachers", default=None, help="NAME=PATH specs when the store's teachers are local checkpoints")
 @click.option("--max-dp", type=float, default=0.02, show_default=True, help="tolerance on max |Δp|")
 @click.option("--max-kl", type=float, default=1e-3, show_default=True, help="tolerance on the mean KL")
@@ -175,7 +181,9 @@ def labels_verify(store, data, recompute, teachers, max_dp, max_kl, device, deco
                                           _storage_options(storage_options)))
     if "recompute" in report:
         r = report["recompute"]
-        click.echo(f"recomputed {r['crops']} crops: max |dp| {r['max_abs_dp']:.5f}, mean KL {r['mean_kl']:.2e}")
+        worst = f" (slot {r['worst_slot']})" if r["worst_slot"] is not None else ""
+        click.echo(f"recomputed {r['crops']} crops over {r['slots']} seed slot(s): max |dp| {r['max_abs_dp']:.5f}"
+                   f"{worst}, mean KL {r['mean_kl']:.2e}")
     for problem in report["problems"]:
         click.echo(f"FAIL {problem}", err=True)
     if report["problems"]:
@@ -183,35 +191,49 @@ def labels_verify(store, data, recompute, teachers, max_dp, max_kl, device, deco
     click.echo(f"{store}: ok")
 
 
+def eval_transform_options() -> list:
+    """--crop-pct and --eval-interpolation: override the evaluated model's own timm eval transform."""
+    return [
+        click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="evaluation centre crop fraction [default: the model's timm data config; the paper's: 0.875]"),
+        click.option("--eval-interpolation", type=click.Choice(["bilinear", "bicubic"]), default=None,
+                     help="evaluation resize [default: the model's timm data config; the paper's: bilinear]"),
+    ]
+
+
 def training_options(epochs: int, lr: float, lr_steps: str, weight_decay: float):
     """Options distill and train share; defaults differ (the paper's distill recipe vs a supervised one)."""
-    def decorate(command):
-        for option in reversed([
-            click.option("--data", required=True, type=click.Path(file_okay=False), help="dataset ROOT (train/, val/)"),
-            click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder"),
-            click.option("--epochs", type=int, default=epochs, show_default=True),
-            click.option("--lr", type=float, default=lr, show_default=True),
-            click.option("--lr-steps", default=lr_steps, show_default=True,
-                         help="comma-separated epochs where the lr is multiplied by 0.1"),
-            click.option("--batch-size", type=int, default=512 if lr < 0.05 else 256, show_default=True,
-                         help="global batch size"),
-            click.option("--res", type=int, default=None, help="training resolution [default: the store's, or 224]"),
-            click.option("--momentum", type=float, default=0.9, show_default=True),
-            click.option("--weight-decay", type=float, default=weight_decay, show_default=True),
-            click.option("--init", default="pretrained", show_default=True,
-                         help="pretrained (timm hub weights), scratch, or a weights PATH"),
-            click.option("--seeds", type=int, default=None,
-                         help="crop seeds cycle e mod N when the crops are drawn per epoch [default: a new one each epoch]"),
-            click.option("--seed", type=int, default=0, show_default=True, help="run seed (init and shuffling)"),
-            click.option("--resume", is_flag=True, help="continue from OUT/checkpoint-last.pth"),
-            click.option("--amp/--no-amp", default=True, show_default=True, help="bf16 autocast on CUDA"),
-            click.option("--val-every", type=int, default=1, show_default=True, help="validate every N epochs"),
-            click.option("--skip-bad", is_flag=True, help="leave unreadable images out"),
-            click.option("--progress/--no-progress", default=True, show_default=True),
-        ]):
-            command = option(command)
-        return runtime_options(command)
-    return decorate
+    return _apply([
+        click.option("--data", required=True, type=click.Path(file_okay=False), help="dataset ROOT (train/, val/)"),
+        click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder"),
+        click.option("--epochs", type=int, default=epochs, show_default=True),
+        click.option("--lr", type=float, default=lr, show_default=True),
+        click.option("--lr-steps", default=lr_steps, show_default=True,
+                     help="comma-separated epochs where the lr is multiplied by 0.1"),
+        click.option("--batch-size", type=int, default=512 if lr < 0.05 else 256, show_default=True,
+                     help="global batch size"),
+        click.option("--res", type=int, default=None, help="training resolution [default: the store's, or 224]"),
+        click.option("--momentum", type=float, default=0.9, show_default=True),
+        click.option("--weight-decay", type=float, default=weight_decay, show_default=True),
+        click.option("--init", default="pretrained", show_default=True,
+                     help="pretrained (timm hub weights), scratch, or a weights PATH"),
+        click.option("--seeds", type=click.IntRange(min=1), default=None,
+                     help="distill: read seed slots 0..N-1 [default: every complete slot]; train, --online: "
+                          "crop seeds cycle e mod N [default: new crops each epoch]"),
+        click.option("--drop", type=float, default=None, help="timm drop_rate [default: the model's]"),
+        click.option("--drop-path", type=float, default=None, help="timm drop_path_rate [default: the model's]"),
+        click.option("--sync-bn", is_flag=True,
+                     help="synchronise batch norm statistics over GPUs (off, as in the official code)"),
+        click.option("--seed", type=int, default=0, show_default=True, help="run seed (init and shuffling)"),
+        click.option("--resume", is_flag=True, help="continue from OUT/checkpoint-last.pth"),
+        click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16", show_default=True,
+                     help="mixed precision on CUDA (fp16 with a gradient scaler, for GPUs without bf16)"),
+        click.option("--val-every", type=int, default=1, show_default=True, help="validate every N epochs"),
+        *eval_transform_options(),
+        click.option("--skip-bad", is_flag=True, help="leave unreadable images out"),
+        click.option("--progress/--no-progress", default=True, show_default=True),
+        runtime_options,
+    ])
 
 
 def _fit(mode: str, options: dict, storage_options: tuple[str, ...] = ()) -> None:
@@ -265,13 +287,15 @@ def train(**options):
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @runtime_options
+@_apply(eval_transform_options())
 def evaluate(as_json, **options):
-    """Top-1 / top-5 on ROOT/val (resize short side to res/0.875, centre crop res)."""
+    """Top-1 / top-5 on ROOT/val with the model's own eval transform (crop fraction, interpolation)."""
     from distill.evaluate import evaluate_saved
 
     result = _fail_cleanly(lambda: evaluate_saved(**options))
     click.echo(json.dumps(result) if as_json else
-               f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images)")
+               f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images; "
+               f"crop {result['crop_pct']:g} {result['crop_mode']}, {result['interpolation']})")
     return result
 
 
@@ -291,6 +315,31 @@ def data_fashion_mnist(out, limit_train, limit_val, source):
 
     counts = _fail_cleanly(lambda: write_fashion_mnist(out, limit_train, limit_val, source))
     click.echo(f"{out}: {counts['train']} training and {counts['val']} validation images")
+
+
+@data.command("check")
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+@click.option("--decoder", type=click.Choice(["auto", "dali", "pil"]), default="auto", show_default=True,
+              help="the decoder the jobs will use")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="decoder threads")
+def data_check(root, decoder, workers):
+    """Decode every image of ROOT/train and ROOT/val; list those that fail (exit status 1 if any)."""
+    from pathlib import Path
+
+    from pipeline.check import check_split
+
+    splits = [Path(root) / name for name in ("train", "val") if (Path(root) / name).is_dir()]
+    if not splits:
+        raise click.ClickException(f"{root}: expected train/ or val/ split folders")
+    failed = 0
+    for split in splits:
+        images, bad = _fail_cleanly(lambda: check_split(split, decoder, workers))
+        for line in bad:
+            click.echo(f"BAD {line}")
+        click.echo(f"{split}: {images} images, {len(bad)} cannot be decoded")
+        failed += len(bad)
+    if failed:
+        raise SystemExit(1)
 
 
 @main.command()

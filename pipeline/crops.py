@@ -122,7 +122,7 @@ class CropSpec:
         return cls(tuple(crop["scale"]), tuple(crop["ratio"]))
 
     def attrs(self) -> dict:
-        """The store's ``crop`` attribute (DESIGN.md)."""
+        """The store's ``crop`` attribute (docs/store-format.md)."""
         return {"scale": list(self.scale), "ratio": list(self.ratio), "algorithm": CROP_ALGORITHM}
 
     def draw(self, seed: int, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -130,12 +130,24 @@ class CropSpec:
         return sample_crops(seed, sizes, scale=self.scale, ratio=self.ratio)
 
 
-def center_boxes(sizes: np.ndarray, crop_pct: float) -> np.ndarray:
-    """Evaluation boxes: the centre square that "resize short side to res/crop_pct, centre crop res" keeps."""
+CROP_MODES = ("center", "squash")
+
+
+def center_boxes(sizes: np.ndarray, crop_pct: float, mode: str = "center") -> np.ndarray:
+    """Evaluation boxes of timm's eval transform, as a box the replay decodes and resizes to res.
+
+    "center": the centre square that "resize the short side to res/crop_pct, centre crop res"
+    keeps; "squash": the centre crop_pct of each side (resize to a square, then centre crop).
+    """
     if not 0 < crop_pct <= 1:
         raise ValueError(f"center_boxes: crop_pct must be in (0, 1], got {crop_pct}")
+    if mode not in CROP_MODES:
+        raise ValueError(f"crop mode {mode!r}: the replay evaluates {CROP_MODES}")
     sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
-    side = np.maximum(1, np.rint(sizes.min(axis=1) * crop_pct)).astype(np.int64)
-    top = (sizes[:, 0] - side) // 2
-    left = (sizes[:, 1] - side) // 2
-    return np.stack([top, left, side, side], axis=1).astype(np.int32)
+    if mode == "center":
+        side = np.maximum(1, np.rint(sizes.min(axis=1) * crop_pct)).astype(np.int64)
+        extent = np.stack([side, side], axis=1)
+    else:
+        extent = np.maximum(1, np.rint(sizes * crop_pct)).astype(np.int64)
+    corner = (sizes - extent) // 2
+    return np.concatenate([corner, extent], axis=1).astype(np.int32)

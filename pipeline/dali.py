@@ -19,10 +19,10 @@ try:
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     DALI_AVAILABLE = True
-except ImportError:  # not on this platform: reference.PilDecoder serves
+except ImportError:  # not on this platform: pil_replay.PilDecoder serves
     DALI_AVAILABLE = False
 
-_INPUTS = ("encoded", "anchor", "shape", "roi_start", "roi_end", "index")
+_INPUTS = ("encoded", "anchor", "shape", "roi_start", "roi_end")
 
 
 def _interp(interpolation: str):
@@ -34,7 +34,7 @@ def _interp(interpolation: str):
 
 def _replay_graph(res: int, interpolation: str, on_gpu: bool):
     """Graph body; inputs are fed per batch in batch mode, so a last partial batch is delivered whole."""
-    encoded, anchor, shape, roi_start, roi_end, index = (
+    encoded, anchor, shape, roi_start, roi_end = (
         fn.external_source(name=name, batch=True, no_copy=False) for name in _INPUTS)
     images = fn.decoders.image_slice(
         encoded, anchor, shape,
@@ -46,11 +46,11 @@ def _replay_graph(res: int, interpolation: str, on_gpu: bool):
     # a relative region from x = 1 to x = 0 samples the crop mirrored: the flip costs nothing
     images = fn.resize(images, size=(res, res), interp_type=_interp(interpolation), antialias=True,
                        roi_start=roi_start, roi_end=roi_end, roi_relative=True)
-    return images, index
+    return images
 
 
 class DaliDecoder:
-    """Replays a batch of crops with DALI; returns torch uint8 (B, 3, res, res) on ``device`` and the indices.
+    """Replays a batch of crops with DALI; returns torch uint8 (B, 3, res, res) on ``device``.
 
     The images are a channels_last view of DALI's HWC output.
     """
@@ -68,28 +68,37 @@ class DaliDecoder:
         build = pipeline_def(_replay_graph, batch_size=batch_size, num_threads=max(1, threads),
                              device_id=device_id, exec_pipelined=False, exec_async=False,
                              prefetch_queue_depth=1)
-        self._pipe = build(res=res, interpolation=interpolation, on_gpu=on_gpu)
+        self._build = lambda: build(res=res, interpolation=interpolation, on_gpu=on_gpu)
+        self._pipe = self._build()
         self._pipe.build()
-        self._stream = torch.cuda.Stream(self.device) if on_gpu else None
 
-    def decode(self, encoded: list[np.ndarray], boxes: np.ndarray, flips: np.ndarray,
-               indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run one batch (any size up to batch_size); the crops come back in the order given."""
+    def decode(self, encoded: list[np.ndarray], boxes: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+        """Run one batch (any size up to batch_size); the crops come back in the order given.
+
+        On a GPU the copy out of DALI is queued on the current stream (the loader's copy
+        stream), into memory allocated on that stream. ``feed_ndarray`` given a stream copies
+        asynchronously, and this executor reuses its output buffer at the next ``run()``, so
+        the stream is synchronised before returning: only this copy waits, not the training step.
+        """
         boxes = np.ascontiguousarray(boxes, dtype=np.int32)
         mirrored = np.asarray(flips, dtype=np.float32)
         roi_start = np.stack([np.zeros_like(mirrored), mirrored], axis=1)  # (y, x), relative to the crop
         roi_end = np.stack([np.ones_like(mirrored), 1 - mirrored], axis=1)
-        feeds = (encoded, boxes[:, :2].copy(), boxes[:, 2:].copy(), roi_start, roi_end,
-                 np.ascontiguousarray(indices, dtype=np.int64))
-        for name, value in zip(_INPUTS, feeds):
-            self._pipe.feed_input(name, value)
-        images, index = self._pipe.run()
+        feeds = (encoded, boxes[:, :2].copy(), boxes[:, 2:].copy(), roi_start, roi_end)
+        try:
+            for name, value in zip(_INPUTS, feeds):
+                self._pipe.feed_input(name, value)
+            (images,) = self._pipe.run()  # complete on return: this executor synchronises outputs with the host
+        except Exception:
+            self._pipe = self._build()  # a DALI pipeline that raised fails every later batch too: start anew
+            self._pipe.build()
+            raise
         images = images.as_tensor()
         out = torch.empty(images.shape(), dtype=torch.uint8, device=self.device)
-        if self._stream is None:
+        if self.device.type != "cuda":
             feed_ndarray(images, out)
-        else:  # copy on our own stream, then make the consumer's stream wait for it
-            with torch.cuda.stream(self._stream):
-                feed_ndarray(images, out, cuda_stream=self._stream)
-            torch.cuda.current_stream(self.device).wait_stream(self._stream)
-        return out.permute(0, 3, 1, 2), torch.from_numpy(index.as_array().reshape(-1).copy())
+        else:
+            stream = torch.cuda.current_stream(self.device)
+            feed_ndarray(images, out, cuda_stream=stream)
+            stream.synchronize()
+        return out.permute(0, 3, 1, 2)

@@ -8,6 +8,7 @@ both decoders produce.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
+
+from pipeline.files import atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 IMAGE_FORMATS = ("JPEG", "PNG")
@@ -189,31 +192,39 @@ class DatasetIndex:
                 raise DatasetError(f"{split_dir / name}: class folder holds no usable images")
         return index
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the index as a pickle-free .npz (atomically: temp file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # ranks may save at once
+    def to_bytes(self) -> bytes:
+        """The index as a pickle-free .npz, in memory (what ``save`` writes and ranks receive)."""
+        buffer = io.BytesIO()
         np.savez(
-            tmp, format=np.int64(_INDEX_FORMAT), root=_pack_strings([self.root]),
+            buffer, format=np.int64(_INDEX_FORMAT), root=_pack_strings([self.root]),
             paths=_pack_strings(self.paths), labels=self.labels, sizes=self.sizes,
             byte_sizes=self.byte_sizes, classes=_pack_strings(self.classes),
             skipped=_pack_strings(self.skipped),
             mtimes=self.mtimes if self.mtimes is not None else np.zeros(len(self), np.int64),
         )
-        os.replace(tmp, path)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "index") -> DatasetIndex:
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            if int(arrays["format"]) != _INDEX_FORMAT:
+                raise DatasetError(f"{name}: index format {int(arrays['format'])}, expected {_INDEX_FORMAT}")
+            return cls(
+                root=_unpack_strings(arrays["root"])[0], paths=_unpack_strings(arrays["paths"]),
+                labels=arrays["labels"], sizes=arrays["sizes"], byte_sizes=arrays["byte_sizes"],
+                classes=_unpack_strings(arrays["classes"]), skipped=_unpack_strings(arrays["skipped"]),
+                mtimes=arrays["mtimes"],
+            )
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the index as a pickle-free .npz (atomically: temp file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: tmp.write_bytes(self.to_bytes()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DatasetIndex:
-        with np.load(path, allow_pickle=False) as data:
-            if int(data["format"]) != _INDEX_FORMAT:
-                raise DatasetError(f"{path}: index format {int(data['format'])}, expected {_INDEX_FORMAT}")
-            return cls(
-                root=_unpack_strings(data["root"])[0], paths=_unpack_strings(data["paths"]),
-                labels=data["labels"], sizes=data["sizes"], byte_sizes=data["byte_sizes"],
-                classes=_unpack_strings(data["classes"]), skipped=_unpack_strings(data["skipped"]),
-                mtimes=data["mtimes"],
-            )
+        return cls.from_bytes(Path(path).read_bytes(), str(path))
 
 
 def default_cache_path(split_dir: str | os.PathLike) -> Path:
@@ -223,8 +234,7 @@ def default_cache_path(split_dir: str | os.PathLike) -> Path:
     return base / f"index-{Path(split_dir).name}-{key}.npz"
 
 
-def load_index(split_dir: str | os.PathLike, skip_bad: bool = False, cache: bool = True,
-               workers: int = 8) -> DatasetIndex:
+def _scan_cached(split_dir: str | os.PathLike, skip_bad: bool, cache: bool, workers: int) -> DatasetIndex:
     """Scan a split, reusing the headers of unchanged files from its cached index, and save it."""
     cache_path = default_cache_path(split_dir)
     previous = None
@@ -240,3 +250,15 @@ def load_index(split_dir: str | os.PathLike, skip_bad: bool = False, cache: bool
         except OSError:
             pass  # a read-only home only costs a rescan next time
     return index
+
+
+def load_index(split_dir: str | os.PathLike, skip_bad: bool = False, cache: bool = True, workers: int = 8,
+               world=None) -> DatasetIndex:
+    """The split's index, scanned once per job: under torchrun rank 0 scans and the other ranks receive it.
+
+    ``world`` is a pipeline.distributed.World; without one (or with one rank) this process scans.
+    """
+    if world is None or not world.distributed:
+        return _scan_cached(split_dir, skip_bad, cache, workers)
+    data = world.on_main(lambda: _scan_cached(split_dir, skip_bad, cache, workers).to_bytes())
+    return DatasetIndex.from_bytes(data, f"{split_dir} (from rank 0)")

@@ -1,15 +1,20 @@
 """Epoch iteration shared by both stages: order → file reads (threads) → replay decode → device batches.
 
 A background thread reads and decodes ahead of the consumer, so the model waits on
-neither disk nor decoder while the queue holds batches.
+neither disk nor decoder while the queue holds batches. On a GPU the producer puts each
+batch on the device on a copy stream of its own and records an event; the consumer's
+stream waits for that event and the tensors are marked as used on it (``record_stream``),
+so the allocator never hands their memory to the next copy while the step still reads it.
 """
 
 from __future__ import annotations
 
 import queue
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -17,14 +22,14 @@ from tqdm import tqdm
 
 from pipeline.dali import DALI_AVAILABLE, DaliDecoder
 from pipeline.dataset import DatasetError, DatasetIndex
-from pipeline.reference import PilDecoder, replay_pil
+from pipeline.pil_replay import PilDecoder
 
 DECODERS = ("auto", "dali", "pil")
 
 
-def epoch_order(num_images: int, seed: int, epoch: int, shuffle: bool = True, rank: int = 0,
+def epoch_order(images: int | np.ndarray, seed: int, epoch: int, shuffle: bool = True, rank: int = 0,
                 world_size: int = 1) -> np.ndarray:
-    """This rank's dataset indices for one epoch.
+    """This rank's dataset indices for one epoch, of ``images`` (a count, or the positions to train on).
 
     Shuffled by (seed, epoch) when asked; split across ranks round-robin. With more than
     one rank the order is padded by wrapping so every rank gets the same count (and thus
@@ -32,29 +37,13 @@ def epoch_order(num_images: int, seed: int, epoch: int, shuffle: bool = True, ra
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside a world of {world_size}")
-    order = np.arange(num_images, dtype=np.int64)
+    order = np.arange(images, dtype=np.int64) if np.ndim(images) == 0 else np.asarray(images, np.int64)
     if shuffle:
         order = np.random.default_rng([seed & 0xFFFFFFFF, epoch]).permutation(order)
-    per_rank = -(-num_images // world_size)
-    if per_rank * world_size > num_images:
+    per_rank = -(-len(order) // world_size)
+    if per_rank * world_size > len(order):
         order = np.resize(order, per_rank * world_size)  # wraps around, like DistributedSampler
     return order[rank::world_size]
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" → this process's CUDA device when there is one, else the CPU; "cuda" → cuda:LOCAL_RANK.
-
-    Under torchrun each process on a machine takes the GPU of its local rank; an explicit
-    "cuda:N" is taken as given.
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r}: CUDA is not available on this machine")
-    return device
 
 
 def make_decoder(kind: str, res: int, interpolation: str, batch_size: int, device: torch.device,
@@ -64,7 +53,14 @@ def make_decoder(kind: str, res: int, interpolation: str, batch_size: int, devic
         raise ValueError(f"decoder {kind!r}: expected one of {DECODERS}")
     if kind == "dali" or (kind == "auto" and DALI_AVAILABLE):
         return DaliDecoder(res, interpolation, batch_size, device, threads)
-    return PilDecoder(res, interpolation, threads)
+    return PilDecoder(res, interpolation, device, threads)
+
+
+def _first_line(err: Exception) -> str:
+    """The gist of a decoder's error: DALI's run over several lines and carry terminal colours."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    meaningful = [line for line in lines if line and not line.startswith(("Critical error", "Current pipeline"))]
+    return (meaningful or ["unknown decoder error"])[0][:200]
 
 
 def _read_bytes(path: str) -> np.ndarray:
@@ -73,16 +69,6 @@ def _read_bytes(path: str) -> np.ndarray:
             return np.frombuffer(handle.read(), dtype=np.uint8)
     except OSError as err:
         raise DatasetError(f"{path}: cannot read ({err.strerror or err})") from None
-
-
-def _name_bad_file(index: DatasetIndex, encoded, boxes, flips, positions, error: Exception):
-    """A decoder failed on a batch: find the file PIL cannot decode either and name it."""
-    for data, box, flip, i in zip(encoded, boxes, flips, positions):
-        try:
-            replay_pil(data, box, bool(flip), 8)
-        except Exception as err:  # noqa: BLE001 - any decoder failure is reported against the file
-            return DatasetError(f"{index.file(int(i))}: cannot decode image ({err})")
-    return RuntimeError(f"decoder failed on a batch no single file explains: {error}")
 
 
 @dataclass
@@ -97,6 +83,7 @@ class ReplayLoader:
     interpolation: str = "bilinear"
     workers: int = 2
     prefetch: int = 2
+    on_bad: Callable[[int, str], None] | None = None  # set: undecodable images are dropped and reported here
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -107,24 +94,57 @@ class ReplayLoader:
         self._decoder = make_decoder(self.decoder, self.res, self.interpolation, self.batch_size,
                                      self.device, self.workers)
         self._readers = ThreadPoolExecutor(max(2, 2 * self.workers))
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @property
     def decoder_name(self) -> str:
         return self._decoder.name
 
     def _decode(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray, encoded: list[np.ndarray]):
-        box, flip = boxes[order], flips[order]
+        """(images, indices, ready): the batch on the device and, on a GPU, the event its copies end with.
+
+        A batch the decoder fails on is decoded again without its undecodable images when
+        ``on_bad`` is set (None when none is left); otherwise the error names the first one.
+        """
         try:
-            if isinstance(self._decoder, PilDecoder):
-                images = torch.from_numpy(self._decoder.decode(encoded, box, flip))
-                pin = self.device.type == "cuda"
-                images = (images.pin_memory() if pin else images).to(self.device, non_blocking=pin)
-                return images, torch.from_numpy(order.copy())
-            return self._decoder.decode(encoded, box, flip, order)
+            return self._to_device(order, boxes, flips, encoded)
         except DatasetError:
             raise
         except Exception as err:  # noqa: BLE001 - turned into an error naming the culprit file
-            raise _name_bad_file(self.index, encoded, box, flip, order, err) from err
+            bad = self._undecodable(order, boxes, flips, encoded)
+            if not bad:
+                raise RuntimeError(f"decoder failed on a batch no single file explains: {err}") from err
+            if self.on_bad is None:
+                first = next(iter(bad))
+                raise DatasetError(f"{self.index.file(int(order[first]))}: cannot decode image ({bad[first]}); "
+                                   "--skip-bad leaves such files out") from None
+            for j, reason in bad.items():
+                self.on_bad(int(order[j]), reason)
+            keep = [j for j in range(len(order)) if j not in bad]
+            return self._to_device(order[keep], boxes, flips, [encoded[j] for j in keep]) if keep else None
+
+    def _to_device(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray, encoded: list[np.ndarray]):
+        box, flip = boxes[order], flips[order]
+        indices = torch.from_numpy(order.copy())
+        if self._copy_stream is None:
+            return self._decoder.decode(encoded, box, flip), indices, None
+        with torch.cuda.stream(self._copy_stream):
+            images = self._decoder.decode(encoded, box, flip)
+            indices = indices.pin_memory().to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self._copy_stream)
+        return images, indices, ready
+
+    def _undecodable(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
+                     encoded: list[np.ndarray]) -> dict[int, str]:
+        """{position in the batch: reason} of the images this very decoder fails on, one at a time."""
+        bad = {}
+        for j, i in enumerate(order):
+            try:
+                self._decoder.decode([encoded[j]], boxes[[i]], flips[[i]])
+            except Exception as err:  # noqa: BLE001 - any failure on a lone image is that image's
+                bad[j] = _first_line(err)
+        return bad
 
     def _batches(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray):
         """Yield decoded batches; the reads of batch b+1 run while batch b decodes."""
@@ -137,11 +157,13 @@ class ReplayLoader:
         for b, span in enumerate(spans):
             encoded = [f.result() for f in pending]
             pending = read(spans[b + 1]) if b + 1 < len(spans) else []
-            yield self._decode(span, boxes, flips, encoded)
+            batch = self._decode(span, boxes, flips, encoded)
+            if batch is not None:
+                yield batch
 
     def epoch(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray, desc: str = "epoch",
               progress: bool = True) -> Epoch:
-        """Iterate (images uint8 (B,3,res,res) on device, indices int64) over ``order``.
+        """Iterate (images uint8 (B,3,res,res), indices int64), both on the device, over ``order``.
 
         ``boxes`` (N, 4) and ``flips`` (N,) are indexed by dataset position.
         """
@@ -187,8 +209,14 @@ class Epoch:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                self.bar.update(len(item[1]))
-                yield item
+                images, indices, ready = item
+                if ready is not None:  # on the consumer's thread: its current stream is the step's
+                    stream = torch.cuda.current_stream(images.device)
+                    stream.wait_event(ready)
+                    images.record_stream(stream)
+                    indices.record_stream(stream)
+                self.bar.update(len(indices))
+                yield images, indices
         finally:
             self.close()
 

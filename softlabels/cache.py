@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -12,11 +15,11 @@ from tqdm import tqdm
 
 from pipeline.crops import CropSpec
 from pipeline.dataset import load_index
-from pipeline.distributed import join
-from pipeline.loader import ReplayLoader, resolve_device
+from pipeline.distributed import setup
+from pipeline.loader import ReplayLoader
 from softlabels.store import CHUNK_ROWS, LabelStore, SlotLabels, label_spec
 from softlabels.teachers import TeacherEnsemble, parse_teachers
-from softlabels.topk import RESIDUALS, compress
+from softlabels.topk import RESIDUALS, class_dtype, compress
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -62,22 +65,54 @@ class CacheJob:
 
 
 def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, rows: slice, boxes: np.ndarray,
-               flips: np.ndarray, topk: int, bar: tqdm) -> SlotLabels:
-    """Teacher labels of one unit's rows, in row order."""
+               flips: np.ndarray, topk: int, bar: tqdm) -> Callable[[], SlotLabels]:
+    """Queue the teachers on one unit's rows; returns a call that waits for the device and gives the labels.
+
+    The top-k gather on the device and come back in one copy per unit, so the loop over
+    batches never waits for the device (the next unit is queued while this one is written).
+    """
     n = rows.stop - rows.start
-    probs = np.zeros((n, topk), np.float16)
-    classes = None
+    probs = torch.zeros((n, topk), dtype=torch.float16, device=ensemble.device)
+    classes = torch.zeros((n, topk), dtype=torch.int32, device=ensemble.device)
     for images, indices in loader.epoch(np.arange(rows.start, rows.stop), boxes, flips, progress=False):
         mean_probs, _ = ensemble(images)
         values, top = compress(mean_probs, topk)
-        at = indices.numpy() - rows.start
-        probs[at] = values.cpu().numpy()
-        top = top.cpu().numpy()
-        if classes is None:
-            classes = np.zeros((n, topk), top.dtype)
-        classes[at] = top
-        bar.update(len(at))
-    return SlotLabels(probs, classes, boxes[rows], flips[rows])
+        at = indices.to(ensemble.device) - rows.start
+        probs[at] = values
+        classes[at] = top.to(torch.int32)
+        bar.update(len(indices))
+    pinned = ensemble.device.type == "cuda"
+    host_probs, host_classes = (t.to("cpu", non_blocking=pinned) for t in (probs, classes))
+    copied = torch.cuda.Event() if pinned else None
+    if copied is not None:
+        copied.record()
+    dtype = class_dtype(ensemble.num_classes)
+
+    def labels() -> SlotLabels:
+        if copied is not None:
+            copied.synchronize()
+        return SlotLabels(host_probs.numpy(), host_classes.numpy().astype(dtype), boxes[rows], flips[rows])
+    return labels
+
+
+class UnitWriter:
+    """Writes labelled units to the store on a thread of its own, one behind the labelling."""
+
+    def __init__(self, store: LabelStore):
+        self.store = store
+        self._pool = ThreadPoolExecutor(1)
+        self._pending: Future | None = None
+
+    def submit(self, slot: int, chunk: int, labels: Callable[[], SlotLabels]) -> None:
+        """Write a unit once its labels are on the host; waits for the previous write first."""
+        self.wait()
+        self._pending = self._pool.submit(lambda: self.store.write_unit(slot, chunk, labels()))
+
+    def wait(self) -> None:
+        """Block until every submitted unit is written (re-raising a failed write)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
 
 def run_cache(job: CacheJob, log=print) -> dict:
@@ -87,36 +122,45 @@ def run_cache(job: CacheJob, log=print) -> dict:
     (seed, chunk) units (within this job's --shard), and rank 0 finalises after a barrier.
     """
     job.validate()
-    world = join(resolve_device(job.device).type)
+    world = setup(job.device)
+    device = world.device
     shard, num_shards = job.shard
     shard, num_shards = shard * world.world_size + world.rank, num_shards * world.world_size
     log = log if world.is_main else (lambda *_: None)
     started = time.perf_counter()
-    index = load_index(Path(job.data) / "train", skip_bad=job.skip_bad)
+    index = load_index(Path(job.data) / "train", skip_bad=job.skip_bad, world=world)
     if job.topk > index.num_classes:
         raise ValueError(f"--topk {job.topk}: the data has only {index.num_classes} classes")
-    device = resolve_device(job.device, world.local_rank)
     ensemble = TeacherEnsemble(parse_teachers(job.teachers, job.res), index.num_classes, device)
     spec = label_spec(index, ensemble.records, job.res, job.interpolation, job.topk, job.residual, job.crop.attrs())
-    if world.is_main:
+    def create_or_extend() -> None:
         LabelStore.create_or_extend(job.store, spec, index, list(range(job.seeds)), job.chunk_rows,
                                     job.storage_options)
-    world.barrier()
+
+    world.on_main(create_or_extend)
     store = LabelStore.open(job.store, "r+", job.storage_options)
-    loader = ReplayLoader(index, job.res, job.batch_size, device, job.decoder, job.interpolation, job.workers)
+    undecodable: dict[int, str] = {}  # dataset position → the decoder's reason, with --skip-bad
+    loader = ReplayLoader(index, job.res, job.batch_size, device, job.decoder, job.interpolation, job.workers,
+                          on_bad=undecodable.setdefault if job.skip_bad else None)
     units = [u for u in store.pending_units(shard, num_shards) if u[0] < job.seeds]
     todo = sum(store.rows(chunk).stop - store.rows(chunk).start for _, chunk in units)
     log(f"cache-teachers: {len(index)} images, {job.seeds} seed slot(s), {len(units)} unit(s) to do "
         f"on {device} with {loader.decoder_name}" + (f" (rank 0 of {world.world_size})" if world.distributed else ""))
     crops_slot, boxes, flips = None, None, None
     labelling_started = time.perf_counter()  # the rate leaves out set-up (index, teachers, store), paid once
+    writer = UnitWriter(store)
     with tqdm(total=todo, desc="cache-teachers", unit="img", disable=None if job.progress and world.is_main else True,
               dynamic_ncols=True) as bar:
         for slot, chunk in units:
             if slot != crops_slot:  # units come slot by slot: draw each slot's crops once
                 crops_slot, (boxes, flips) = slot, job.crop.draw(store.seeds[slot], index.sizes)
-            store.write_unit(slot, chunk, label_unit(ensemble, loader, store.rows(chunk), boxes, flips,
-                                                     job.topk, bar))
+            writer.submit(slot, chunk, label_unit(ensemble, loader, store.rows(chunk), boxes, flips, job.topk, bar))
+        writer.wait()
+    found = world.gather_bytes(json.dumps({index.paths[i]: reason for i, reason in undecodable.items()}).encode())
+    left_out = {path: reason for part in found for path, reason in json.loads(part).items()}
+    if left_out and world.is_main:
+        store.add_skipped([f"{path}: cannot decode image ({reason})" for path, reason in sorted(left_out.items())])
+        log(f"left out {len(left_out)} undecodable image(s), listed in the store: " + ", ".join(sorted(left_out)[:5]))
     todo = int(world.sum(torch.tensor(todo)))  # waits until every rank has written its units
     complete = store.finalize() if world.is_main else bool(store.done().all())
     finished = time.perf_counter()

@@ -3,7 +3,9 @@
 A new store is made only where nothing is (or in an empty folder). Jobs that start at
 once (``--shard`` jobs from a scheduler) race for a claim file written with an exclusive
 create (O_EXCL on a filesystem, a conditional put on S3); the winner creates the store,
-the others wait until it opens, and nothing that was there before is ever removed.
+the others wait until it opens. A claim whose process is gone (same machine, no such
+pid) marks a creation that was killed: one job takes it over and creates the store
+again over that partial store's files, which only a creation can have written.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import socket
 import time
 import uuid
+from typing import Callable
 
 import fsspec
 
@@ -43,7 +46,33 @@ class StoreSite:
         self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self.root = self.root.rstrip("/")
         self.claim_path = f"{self.root}/{CLAIM}"
-        self._token: str | None = None
+
+    def create_once(self, ready: Callable[[], bool], create: Callable[[], object],
+                    wait_seconds: float = CREATE_WAIT_SECONDS) -> bool:
+        """Call ``create()`` if this job wins the creation (True), else wait until ``ready()`` (False).
+
+        Refuses, touching nothing, a location that holds anything but a store or a creation.
+        """
+        deadline = time.monotonic() + wait_seconds
+        while not ready():
+            try:
+                token = self._claim()
+            except SiteError:
+                if ready():  # the creator finished between the two looks
+                    return False
+                raise
+            if token is not None:
+                try:
+                    create()
+                finally:
+                    self._release(token)
+                return True
+            if time.monotonic() > deadline:
+                claim = self._read_claim()
+                raise SiteError(f"{self.url}: still being created by another job ({_owner(claim)}) after "
+                                f"{wait_seconds:.0f} s; if no such job runs, remove the partial store and run again")
+            time.sleep(_POLL_SECONDS)
+        return False
 
     def contents(self) -> list[str]:
         """Names directly under the location ([] when nothing is there); a file there counts as itself."""
@@ -59,47 +88,43 @@ class StoreSite:
         return SiteError(f"{self.url}: exists and is not a label store (holds {shown}); nothing was changed: "
                          "choose a new path or an empty folder for --store")
 
-    def claim(self) -> bool:
-        """True when this job now owns the creation; False when another job does. Refuses an occupied site."""
+    def _claim(self) -> str | None:
+        """This job's claim token when it now owns the creation; None while another job's creation stands."""
         names = self.contents()
         if CLAIM in names:
-            return False
-        if names:
+            stale = self._read_claim()
+            if not _abandoned(stale) or not self._exclusive_create(f"{self.claim_path}.takeover-{stale['token']}"):
+                return None
+            self.fs.rm_file(self.claim_path)  # one job alone gets here for this dead claim
+            self.fs.rm_file(f"{self.claim_path}.takeover-{stale['token']}")
+        elif names:
             raise self._refuse(names)
         token = uuid.uuid4().hex
-        if not self._write_claim(token):
-            return False
-        names = self.contents()
-        if set(names) != {CLAIM}:  # something arrived beside our claim: not ours to build on
-            self.release(token)
-            raise self._refuse([n for n in names if n != CLAIM])
-        self._token = token
-        return True
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "token": token,
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if not self._exclusive_create(self.claim_path, json.dumps(record).encode()):
+            return None
+        # where an exclusive create is not atomic (some object stores), the last writer wins: read it back
+        return token if self._read_claim().get("token") == token else None
 
-    def _write_claim(self, token: str) -> bool:
-        """Create the claim file exclusively; False when another job's claim is there first."""
-        record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": token,
-                             "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+    def _exclusive_create(self, path: str, data: bytes = b"") -> bool:
+        """Create ``path`` holding ``data`` unless it exists (False then)."""
         try:
             if "file" in self.fs.protocol:
-                os.makedirs(self.root, exist_ok=True)
-                handle = os.open(self.claim_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                with os.fdopen(handle, "w") as out:
-                    out.write(record)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as out:
+                    out.write(data)
             else:
-                with self.fs.open(self.claim_path, "xb") as out:  # s3fs: a put with If-None-Match
-                    out.write(record.encode())
+                with self.fs.open(path, "xb") as out:  # s3fs: a put with If-None-Match
+                    out.write(data)
         except FileExistsError:
             return False
-        # where an exclusive create is not atomic (some object stores), the last writer wins: read it back
-        return self._read_claim().get("token") == token
+        return True
 
-    def release(self, token: str | None = None) -> None:
-        """Remove this job's claim (after the store's attributes are written, or on failure)."""
-        token = token or self._token
-        if token and self._read_claim().get("token") == token:
+    def _release(self, token: str) -> None:
+        """Remove this job's claim: after the store's attributes are written, or when creating failed."""
+        if self._read_claim().get("token") == token:
             self.fs.rm_file(self.claim_path)
-        self._token = None
 
     def _read_claim(self) -> dict:
         try:
@@ -107,22 +132,12 @@ class StoreSite:
         except (FileNotFoundError, ValueError):
             return {}
 
-    def wait_for_store(self, ready, wait_seconds: float = CREATE_WAIT_SECONDS) -> None:
-        """Wait until ``ready()`` (the store opens) while another job's claim stands; refuse anything else."""
-        deadline = time.monotonic() + wait_seconds
-        while not ready():
-            names = self.contents()
-            if CLAIM not in names:
-                if ready():  # the creator wrote the attributes, then removed its claim
-                    return
-                raise self._refuse(names) if names else SiteError(f"{self.url}: the job creating this store "
-                                                                  "gave up before finishing; run again")
-            claim = self._read_claim()
-            owner = f"pid {claim.get('pid')} on {claim.get('host')} since {claim.get('since')}"
-            if claim.get("host") == socket.gethostname() and not _pid_alive(int(claim.get("pid", 0))):
-                raise SiteError(f"{self.url}: a creation ({owner}) was interrupted and left a partial store; "
-                                "remove it and run again")
-            if time.monotonic() > deadline:
-                raise SiteError(f"{self.url}: still being created by another job ({owner}) after {wait_seconds:.0f} s;"
-                                f" if no such job runs, remove the partial store and run again")
-            time.sleep(_POLL_SECONDS)
+
+def _owner(claim: dict) -> str:
+    return f"pid {claim.get('pid')} on {claim.get('host')} since {claim.get('since')}"
+
+
+def _abandoned(claim: dict) -> bool:
+    """A claim whose process is known to be gone: made on this machine by a pid that no longer runs."""
+    return bool(claim.get("token")) and claim.get("host") == socket.gethostname() and \
+        not _pid_alive(int(claim.get("pid", 0)))

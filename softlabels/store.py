@@ -1,4 +1,4 @@
-"""LabelStore: the Zarr v3 soft-label store of DESIGN.md — schema, writer protocol, reader, verify.
+"""LabelStore: the Zarr v3 soft-label store of docs/store-format.md — schema, writer protocol, reader, verify.
 
 Work is cut into (seed slot, chunk) units. The coordinator creates every array and the
 attributes; workers write whole units in one assignment each and then set the unit's
@@ -20,8 +20,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from pipeline.crops import CropSpec
 from pipeline.dataset import DatasetIndex
 from softlabels.site import CREATE_WAIT_SECONDS, StoreSite
+from softlabels.topk import class_dtype
 
 FORMAT = 1
 CHUNK_ROWS = 65536
@@ -157,15 +159,10 @@ class LabelStore:
         from a scheduler), one claims the creation and the others wait for it, then extend.
         """
         _zarr_store(url, False, storage_options)  # refuses read-only kinds (zip) before anything is looked at
-        site = StoreSite(url, storage_options)
-        if not cls.exists(url, storage_options) and site.claim():
-            try:
-                store = cls._create(url, spec, index, seeds, chunk_rows, storage_options)
-            finally:
-                site.release()
-            return store
-        site.wait_for_store(lambda: cls.exists(url, storage_options), wait_seconds)
-        store = cls.open(url, "r+", storage_options)
+        StoreSite(url, storage_options).create_once(
+            lambda: cls.exists(url, storage_options),
+            lambda: cls._create(url, spec, index, seeds, chunk_rows, storage_options), wait_seconds)
+        store = cls.open(url, "r+", storage_options)  # made by this job or another: either way it must agree
         diffs = _differences(store.attrs, spec)
         if diffs:
             raise StoreError(f"{url}: store was made for other labels: " + "; ".join(diffs))
@@ -175,7 +172,10 @@ class LabelStore:
     @classmethod
     def _create(cls, url: str, spec: dict, index: DatasetIndex, seeds: list[int], chunk_rows: int,
                 storage_options: dict | None) -> LabelStore:
-        """Write a new store into a location this job has claimed; the attributes come last (the ready mark)."""
+        """Write a new store where this job holds the claim; the attributes come last (the ready mark).
+
+        Arrays are written over: the claim proves the place was empty, or held a killed creation's files.
+        """
         group = zarr.open_group(_zarr_store(url, False, storage_options), mode="a", zarr_format=3)
         store = cls(url, group, writable=True, storage_options=storage_options)
         store._create_arrays(spec, index, len(seeds), chunk_rows)
@@ -188,23 +188,22 @@ class LabelStore:
 
     def _create_arrays(self, spec: dict, index: DatasetIndex, num_seeds: int, chunk_rows: int) -> None:
         n, k, num_classes = len(index), spec["topk"], index.num_classes
-        class_dtype = "uint16" if num_classes <= 65536 else "int32"
         rows = min(chunk_rows, max(n, 1))
         units = -(-n // rows)
         for name, shape, chunks, dtype in [
             ("probs", (num_seeds, n, k), (1, rows, k), "float16"),
-            ("classes", (num_seeds, n, k), (1, rows, k), class_dtype),
+            ("classes", (num_seeds, n, k), (1, rows, k), class_dtype(num_classes)),
             ("boxes", (num_seeds, n, 4), (1, rows, 4), "int32"),
             ("flips", (num_seeds, n), (1, rows), "bool"),
             ("done", (num_seeds, units), (1, 1), "bool"),
         ]:
             self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=_compressors(),
-                                    fill_value=0)
+                                    fill_value=0, overwrite=True)
         for name, values in [("index/paths", np.asarray(index.paths, dtype=str)),
                              ("index/sizes", index.sizes.astype(np.int32)),
                              ("index/labels", index.labels.astype(np.int32))]:
             array = self.group.create_array(name, shape=values.shape, dtype=values.dtype if name != "index/paths"
-                                            else str, compressors=_compressors())
+                                            else str, compressors=_compressors(), overwrite=True)
             array[...] = values
 
     def _add_seeds(self, seeds: list[int]) -> None:
@@ -230,6 +229,57 @@ class LabelStore:
     @property
     def seeds(self) -> list[int]:
         return list(self.attrs["seeds"])
+
+    @property
+    def res(self) -> int:
+        return int(self.attrs["res"])
+
+    @property
+    def interpolation(self) -> str:
+        return self.attrs["interpolation"]
+
+    @property
+    def topk(self) -> int:
+        return int(self.attrs["topk"])
+
+    @property
+    def residual(self) -> str:
+        return self.attrs["residual"]
+
+    @property
+    def crop(self) -> CropSpec:
+        """The RandomResizedCrop ranges its boxes were drawn with."""
+        return CropSpec.from_attrs(self.attrs["crop"])
+
+    @property
+    def fingerprint(self) -> str:
+        """The dataset fingerprint its rows belong to (pipeline.dataset.DatasetIndex.fingerprint)."""
+        return self.attrs["dataset"]["fingerprint"]
+
+    @property
+    def skipped(self) -> list[str]:
+        """"path: reason" of the images it holds no labels for."""
+        return list(self.attrs.get("skipped", []))
+
+    @property
+    def teachers(self) -> list[dict]:
+        return list(self.attrs["teachers"])
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self.attrs["complete"]) and bool(self.done().all())
+
+    def identity(self) -> dict:
+        """What tells this store from another at the same or another URL: creation, data, teachers, labels."""
+        attrs = self.attrs
+        return {"created": attrs["created"], "fingerprint": self.fingerprint,
+                "teachers": [list(t) for t in teacher_identity(self.teachers)],
+                **{key: attrs[key] for key in IDENTITY_KEYS}}
+
+    def complete_slots(self) -> int:
+        """How many leading seed slots are written whole: a store being extended serves those already."""
+        done = self.done().all(axis=1)
+        return int(done.size if done.all() else done.argmin())
 
     @property
     def num_images(self) -> int:
@@ -277,6 +327,13 @@ class LabelStore:
     def read_slot(self, slot: int) -> SlotLabels:
         """Seed slot ``slot``'s rows whole (stage two reads one per epoch; never random rows per batch)."""
         return SlotLabels(*(self.group[name][slot] for name in LABEL_ARRAYS))
+
+    def add_skipped(self, entries: list[str]) -> None:
+        """Coordinator: list more images as holding no labels ("path: reason"); their rows stay zero."""
+        attrs = self.attrs
+        known = set(attrs.get("skipped", []))
+        self.group.attrs["mealv2"] = {**attrs, "skipped": list(attrs.get("skipped", [])) +
+                                      [entry for entry in entries if entry not in known]}
 
     def finalize(self) -> bool:
         """Coordinator: mark complete and consolidate metadata once every unit is done; returns completeness."""

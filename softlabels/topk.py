@@ -7,9 +7,14 @@ import torch
 RESIDUALS = ("uniform", "renorm")
 
 
-def index_dtype(num_classes: int) -> torch.dtype:
+def class_dtype(num_classes: int) -> str:
     """The class-index dtype the store uses: uint16 when it fits, int32 beyond."""
-    return torch.uint16 if num_classes <= 65536 else torch.int32
+    return "uint16" if num_classes <= 65536 else "int32"
+
+
+def index_dtype(num_classes: int) -> torch.dtype:
+    """``class_dtype`` as a torch dtype."""
+    return getattr(torch, class_dtype(num_classes))
 
 
 def compress(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ from conftest import cache_args, store_files
 
 from mealv2.cli import main
 from pipeline.dataset import DatasetIndex
-from pipeline.reference import replay_pil
+from pipeline.pil_replay import replay_pil
 from softlabels.store import LabelStore
 from softlabels.teachers import TeacherEnsemble, parse_teachers
 

@@ -49,7 +49,9 @@ def test_distill_writes_every_output(full_run):
     rows = metrics(full_run)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert set(rows[0]) == {"epoch", "lr", "loss", "kd_loss", "disc_loss", "val_top1", "val_top5",
-                            "images_per_sec", "seconds"}
+                            "val_crop_pct", "val_interpolation", "val_crop_mode", "images_per_sec", "seconds"}
+    # test_resnet's own timm eval transform, not a hard-coded 0.875 bilinear
+    assert (rows[0]["val_crop_pct"], rows[0]["val_interpolation"]) == (0.95, "bilinear")
     assert [r["lr"] for r in rows] == pytest.approx([0.05, 0.05, 0.05, 0.005])  # --lr-steps 3: epochs 4+
     assert rows[-1]["kd_loss"] < rows[0]["kd_loss"]
     assert all(r["val_top1"] is not None and 0 <= r["val_top1"] <= r["val_top5"] <= 100 for r in rows)
@@ -107,8 +109,8 @@ def test_online_targets_with_k_equal_c_match_the_cache(small_root, teacher_files
     online = OnlineTargets(ensemble, index, seeds=2, crop=CropSpec(), disc_input="logprobs")
     loader = ReplayLoader(index, 32, 8, "cpu", "dali")
     for epoch in (0, 1, 2):
-        boxes, flips = cached.prepare(epoch)
-        online_boxes, online_flips = online.prepare(epoch)
+        boxes, flips = cached.crops(epoch)
+        online_boxes, online_flips = online.crops(epoch)
         np.testing.assert_array_equal(boxes, online_boxes)
         np.testing.assert_array_equal(flips, online_flips)
         for images, indices in loader.epoch(np.arange(len(index)), boxes, flips, progress=False):
@@ -154,7 +156,7 @@ def test_crops_follow_the_store_and_the_options(mild_store, small_root, tmp_path
     cached = CachedTargets(LabelStore.open(str(mild_store)), torch.device("cpu"))
     hard = HardTargets(index, 2, CropSpec(scale=(0.5, 1)), torch.device("cpu"))
     for epoch in (0, 1, 2):
-        for stored, drawn in zip(cached.prepare(epoch), hard.prepare(epoch)):
+        for stored, drawn in zip(cached.crops(epoch), hard.crops(epoch)):
             np.testing.assert_array_equal(stored, drawn)
     train = ["train", "--data", small_root, "--model", "test_resnet", "--init", "scratch", "--out",
              tmp_path / "train", "--batch-size", "8", "--res", "32", "--no-progress"]
@@ -187,3 +189,48 @@ def test_train_learns_a_separable_toy_set(tmp_path):
     rows = metrics(out)
     assert rows[-1]["kd_loss"] is None and rows[-1]["loss"] < rows[0]["loss"]
     assert rows[-1]["val_top1"] >= 90.0
+
+
+def set_option(args: list, name: str, value) -> list:
+    args = [str(a) for a in args]
+    args[args.index(name) + 1] = str(value)
+    return args
+
+
+def test_a_resumed_run_keeps_its_slots_after_a_teammate_extends_the_store(small_root, reference_store,
+                                                                          teacher_files, tmp_path):
+    whole, resumed, store = tmp_path / "whole", tmp_path / "resumed", tmp_path / "growing.zarr"
+    shutil.copytree(reference_store, store)
+    assert run_cli(*distill_args(small_root, reference_store, whole, 3)).exit_code == 0
+    assert run_cli(*distill_args(small_root, store, resumed, 1)).exit_code == 0
+    grown = run_cli(*set_option(cache_args(small_root, store, teacher_files), "--seeds", 3))
+    assert grown.exit_code == 0, grown.output
+    assert LabelStore.open(str(store)).seeds == [0, 1, 2]
+    result = run_cli(*distill_args(small_root, store, resumed, 3, "--resume"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((resumed / "config.json").read_text())["seeds"] == 2  # epoch 3 read slot 0, not slot 2
+    final, expected = (torch.load(run / "checkpoint-last.pth", weights_only=True)["student"] for run in (resumed, whole))
+    for key in expected:
+        torch.testing.assert_close(final[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_refuses_another_store(small_root, reference_store, teacher_files, tmp_path):
+    out, other = tmp_path / "run", tmp_path / "other.zarr"
+    assert run_cli(*distill_args(small_root, reference_store, out, 1)).exit_code == 0
+    swapped = ",".join(reversed(teacher_files.split(",")))
+    assert run_cli(*cache_args(small_root, other, swapped)).exit_code == 0
+    result = run_cli(*distill_args(small_root, other, out, 2, "--resume"))
+    assert result.exit_code == 1 and f"--labels {other}: is not the store" in result.output
+    assert "teachers" in result.output
+
+
+def test_distill_reads_the_complete_slots_of_a_store_being_extended(small_root, teacher_files, tmp_path):
+    store = tmp_path / "extending.zarr"
+    assert run_cli(*set_option(cache_args(small_root, store, teacher_files), "--seeds", 1)).exit_code == 0
+    half = run_cli(*cache_args(small_root, store, teacher_files, "--shard", "0/2"))  # slot 1: half its units
+    assert half.exit_code == 0 and "incomplete" in half.output
+    result = run_cli(*distill_args(small_root, store, tmp_path / "run", 1))
+    assert result.exit_code == 0, result.output
+    assert "reading seed slots 0-0 of the store's 2" in result.output
+    refused = run_cli(*distill_args(small_root, store, tmp_path / "two", 1, "--seeds", "2"))
+    assert refused.exit_code == 1 and "is incomplete from slot 1 on" in refused.output

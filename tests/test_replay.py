@@ -7,7 +7,7 @@ import torch
 from pipeline.crops import center_boxes, sample_crops
 from pipeline.dataset import DatasetError, DatasetIndex
 from pipeline.loader import ReplayLoader, epoch_order
-from pipeline.reference import replay_pil
+from pipeline.pil_replay import replay_pil
 
 dali = pytest.importorskip("nvidia.dali", reason="DALI is not installable on this platform")
 

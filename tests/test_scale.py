@@ -179,5 +179,25 @@ def test_s3_prefix_holding_objects_is_refused_and_claims_are_exclusive(s3_endpoi
     assert refused.exit_code == 1 and "holds draft.pdf" in refused.output
     assert fs.cat_file("labels/papers/draft.pdf") == b"%PDF" and fs.ls("labels/papers") == ["labels/papers/draft.pdf"]
     first, second = StoreSite("s3://labels/claimed.zarr", options), StoreSite("s3://labels/claimed.zarr", options)
-    assert first._write_claim("first") and not second._write_claim("second")  # a conditional put, not a listing
-    assert json.loads(fs.cat_file(first.claim_path))["token"] == "first"
+    assert first._exclusive_create(first.claim_path, b"first")  # a conditional put, not a listing
+    assert not second._exclusive_create(second.claim_path, b"second")
+    assert fs.cat_file(first.claim_path) == b"first"
+
+
+def test_each_rank_resumes_its_own_random_state(small_root, reference_store, tmp_path):
+    """Dropout on: each rank draws its own masks, and a resume restores every rank's generator, not rank 0's."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    torchrun(*distill_args(small_root, reference_store, whole, 2, "--drop", "0.5"))
+    torchrun(*distill_args(small_root, reference_store, split, 1, "--drop", "0.5"))
+    torchrun(*distill_args(small_root, reference_store, split, 2, "--drop", "0.5", "--resume"))
+    assert_same_weights(weights(split), weights(whole))
+    states = torch.load(split / "checkpoint-last.pth", weights_only=True)["rng"]
+    assert len(states) == 2 and not torch.equal(states[0], states[1])
+
+
+def test_sync_bn_on_cpu_ranks_is_refused(small_root, reference_store, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mealv2",
+               *map(str, distill_args(small_root, reference_store, tmp_path / "sync", 1, "--sync-bn"))]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "--sync-bn: batch norm statistics are synchronised over GPUs" in (
+        result.stdout + result.stderr)

@@ -1,4 +1,4 @@
-"""The crop replay in PIL: the test oracle for the DALI graph, and the decoder where DALI is absent."""
+"""The crop replay in PIL: the decoder where DALI is absent (or slower), and the oracle the DALI graph is tested against."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 PIL_INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -29,15 +30,20 @@ class PilDecoder:
 
     name = "pil"
 
-    def __init__(self, res: int, interpolation: str = "bilinear", threads: int = 2):
+    def __init__(self, res: int, interpolation: str = "bilinear", device: torch.device | str = "cpu",
+                 threads: int = 2):
         if interpolation not in PIL_INTERPOLATION:
             raise ValueError(f"interpolation {interpolation!r}: expected one of {sorted(PIL_INTERPOLATION)}")
         self.res = res
         self.interpolation = interpolation
+        self.device = torch.device(device)
         self._pool = ThreadPoolExecutor(max(1, threads))
 
-    def decode(self, encoded: list[np.ndarray], boxes: np.ndarray, flips: np.ndarray) -> np.ndarray:
-        """uint8 (B, 3, res, res) for the encoded images, their boxes and flips."""
+    def decode(self, encoded: list[np.ndarray], boxes: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+        """uint8 (B, 3, res, res) on the device, in the order given; a GPU copy is queued on the current stream."""
         crops = self._pool.map(
             lambda args: replay_pil(*args, self.res, self.interpolation), zip(encoded, boxes, flips))
-        return np.stack(list(crops))
+        images = torch.from_numpy(np.stack(list(crops)))
+        if self.device.type != "cuda":
+            return images
+        return images.pin_memory().to(self.device, non_blocking=True)

@@ -1,0 +1,90 @@
+"""A run's checkpoint: what resuming needs to continue exactly where the run stopped.
+
+Weights, optimiser and schedule; every rank's random state (each rank draws its own
+dropout masks); the resolved options; and the identity of the label store the run
+reads, so a resume refuses another store and keeps the run's slot mapping fixed.
+Loaded with ``torch.load(weights_only=True)``: no pickle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.files import atomic_write
+
+CHECKPOINT = "checkpoint-last.pth"
+# options a resumed run must share with the run it continues (the rest, like --epochs, may change)
+RESUME_KEYS = ("mode", "model", "teachers", "res", "interpolation", "scale", "ratio", "seeds")
+
+
+def rng_state(device: torch.device) -> bytes:
+    """This process's torch random state (and its GPU's) as pickle-free bytes."""
+    buffer = io.BytesIO()
+    cuda = torch.cuda.get_rng_state(device).numpy() if device.type == "cuda" else np.zeros(0, np.uint8)
+    np.savez(buffer, torch=torch.get_rng_state().numpy(), cuda=cuda)
+    return buffer.getvalue()
+
+
+def restore_rng_state(state: bytes, device: torch.device) -> None:
+    with np.load(io.BytesIO(state), allow_pickle=False) as arrays:
+        torch.set_rng_state(torch.from_numpy(arrays["torch"].copy()))
+        if device.type == "cuda" and arrays["cuda"].size:
+            torch.cuda.set_rng_state(torch.from_numpy(arrays["cuda"].copy()), device)
+
+
+def save_checkpoint(path: Path, *, modules: dict, optimizer, scheduler, epoch: int,
+                    rng_states: list[bytes], options: dict, store: dict) -> None:
+    """Write the checkpoint atomically (temp file, then rename).
+
+    ``modules`` maps names to anything with a state_dict (None saves {}); ``rng_states`` holds one entry per rank.
+    """
+    state = {
+        **{name: module.state_dict() if module is not None else {} for name, module in modules.items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "rng": [torch.from_numpy(np.frombuffer(s, np.uint8).copy()) for s in rng_states],
+        "options": json.dumps(options),
+        "store": store,
+    }
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    """The checkpoint's state with ``options`` and ``store`` decoded and ``rng`` as bytes per rank."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+    state = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(state.get("rng"), list):
+        raise ValueError(f"{path}: a checkpoint of an older mealv2 (one random state for all ranks); "
+                         "it cannot resume exactly: start the run again")
+    state["options"] = json.loads(state["options"])
+    state["store"] = state.get("store") or {}
+    state["rng"] = [t.cpu().numpy().tobytes() for t in state["rng"]]
+    return state
+
+
+def saved_options(out: Path) -> dict:
+    """The resolved options of the run in ``out`` that --resume continues (from its checkpoint)."""
+    return load_checkpoint(out / CHECKPOINT, torch.device("cpu"))["options"]
+
+
+def check_same_run(path: Path, saved: dict, current: dict) -> None:
+    """Refuse to resume with options that change what the run trains, naming the first that differs."""
+    for key in RESUME_KEYS:
+        now = json.loads(json.dumps(current.get(key)))  # tuples as the lists JSON saved
+        if key in saved and saved[key] != now:
+            raise ValueError(f"{path}: was written with --{key.replace('_', '-')} {saved[key]}, not {now}")
+
+
+def check_same_store(path: Path, saved: dict, current: dict, url: str) -> None:
+    """Refuse to resume from another label store (re-created, other teachers, other data) than the run's."""
+    differing = [key for key, value in saved.items() if key != "url" and current.get(key) != value]
+    if differing:
+        raise ValueError(f"--labels {url}: is not the store {path} was trained from "
+                         f"({', '.join(differing)} differ); pass the run's store")

@@ -1,0 +1,74 @@
+"""A JPEG whose header is fine and whose pixels are not: found by `data check`, named or skipped by stage one,
+never met by stage two."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import cache_args
+
+from distill.targets import CachedTargets
+from mealv2.cli import main
+from pipeline.dataset import DatasetIndex
+from softlabels.store import LabelStore
+
+pytestmark = pytest.mark.slow
+TRUNCATED = "class_1/img_004.jpg"
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def damaged_root(small_root, tmp_path_factory):
+    """small_root with one JPEG cut in half: its header still scans."""
+    root = tmp_path_factory.mktemp("damaged") / "data"
+    shutil.copytree(small_root, root)
+    path = root / "train" / TRUNCATED
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    assert TRUNCATED in DatasetIndex.scan(root / "train").paths  # the header scan does not see it
+    return root
+
+
+def test_data_check_lists_the_undecodable_file(damaged_root, small_root):
+    result = run_cli("data", "check", damaged_root)
+    assert result.exit_code == 1
+    assert f"BAD {damaged_root / 'train' / TRUNCATED}: cannot decode image" in result.output
+    assert "train: 30 images, 1 cannot be decoded" in result.output and "val: 12 images, 0" in result.output
+    clean = run_cli("data", "check", small_root)
+    assert clean.exit_code == 0 and "BAD" not in clean.output
+
+
+def test_stage_one_names_the_file_then_skips_it_and_stage_two_never_meets_it(damaged_root, teacher_files,
+                                                                               tmp_path):
+    store = tmp_path / "labels.zarr"
+    failed = run_cli(*cache_args(damaged_root, store, teacher_files))
+    assert failed.exit_code == 1
+    assert f"{damaged_root / 'train' / TRUNCATED}: cannot decode image" in failed.output
+    assert "--skip-bad" in failed.output
+    done = LabelStore.open(str(store)).done()
+    assert not done.all()  # the unit holding the file was not written, partly or wholly
+    resumed = run_cli(*cache_args(damaged_root, store, teacher_files, "--skip-bad"))
+    assert resumed.exit_code == 0, resumed.output
+    assert "left out 1 undecodable image(s)" in resumed.output
+    opened = LabelStore.open(str(store))
+    assert opened.is_complete
+    assert any(entry.startswith(f"{TRUNCATED}: cannot decode image") for entry in opened.skipped)
+    row = DatasetIndex.scan(damaged_root / "train", skip_bad=True).paths.index(TRUNCATED)
+    for slot in range(2):
+        labels = opened.read_slot(slot)
+        assert (labels.probs[row] == 0).all() and (labels.probs[np.arange(30) != row, 0] > 0).all()
+    targets = CachedTargets(opened, torch.device("cpu"))
+    targets.crops(0)
+    assert row not in targets.trainable and len(targets.trainable) == 29
+    run = run_cli("distill", "--data", damaged_root, "--labels", store, "--student", "test_resnet", "--init",
+                  "scratch", "--out", tmp_path / "run", "--epochs", "2", "--batch-size", "8", "--no-progress",
+                  "--no-discriminator")
+    assert run.exit_code == 0, run.output  # the file is in train/, but no epoch asks for it
+    verify = run_cli("labels", "verify", store, "--data", damaged_root, "--recompute", "20", "--teachers",
+                     teacher_files)
+    assert verify.exit_code == 0, verify.output

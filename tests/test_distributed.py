@@ -1,0 +1,132 @@
+"""The multi-GPU path, checked on the CPU: collectives on the backend's device, one scan per job, timm's sync BN.
+
+NCCL takes only tensors on the rank's GPU; the CPU has none, so a spy stands in for the
+collective and records the device of every tensor it is handed, with the world's
+collective device set to one no caller could use by accident ("meta").
+"""
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+import pipeline.distributed as distributed
+from distill.evaluate import EvalTransform, evaluate
+from distill.student import synchronize_batchnorm
+from pipeline.dataset import DatasetIndex
+from pipeline.distributed import World
+from pipeline.loader import ReplayLoader
+from softlabels.models import Normalize, normalization
+
+
+class SpyWorld(World):
+    """Rank 0 of two whose collectives record their tensors' devices instead of talking to other ranks."""
+
+    def __init__(self):
+        super().__init__(rank=0, world_size=2)
+        object.__setattr__(self, "seen", [])
+
+    @property
+    def collective_device(self) -> torch.device:
+        return torch.device("meta")
+
+    def barrier(self) -> None:
+        pass
+
+
+@pytest.fixture
+def spy_world(monkeypatch):
+    world = SpyWorld()
+
+    def all_reduce(tensor):
+        world.seen.append(tensor.device)
+        return torch.zeros(tensor.shape, dtype=tensor.dtype)  # a meta tensor holds no values to sum
+
+    monkeypatch.setattr(distributed, "_all_reduce", all_reduce)
+    return world
+
+
+def test_sum_hands_the_collective_the_backend_device_whatever_the_caller_passes(spy_world):
+    counts = torch.tensor([3.0, 4.0])  # a CPU tensor, as evaluation and cache-teachers hand over
+    total = spy_world.sum(counts)
+    assert spy_world.seen == [torch.device("meta")]
+    assert total.device == counts.device and total.dtype == counts.dtype
+
+
+def test_evaluation_and_a_training_epoch_run_collectives_on_the_backend_device(spy_world, small_root, tmp_path):
+    from distill.trainer import TrainConfig, Trainer
+
+    index = DatasetIndex.scan(small_root / "val")
+    model = timm.create_model("test_resnet", num_classes=3)
+    loader = ReplayLoader(index, 32, 4, "cpu", "pil")
+    result = evaluate(model, Normalize(*normalization(model)), loader, EvalTransform(), world=spy_world,
+                      progress=False)
+    assert result["images"] == 0  # the spy's zeros: what matters is where the counts went
+    trainer = Trainer(TrainConfig(mode="train", data=str(small_root), out=str(tmp_path / "run"), model="test_resnet",
+                                  init="scratch", epochs=1, batch_size=8, res=32, device="cpu", progress=False))
+    trainer.world = spy_world
+    trainer.train_epoch(0)
+    assert spy_world.seen == [torch.device("meta")] * 2
+
+
+def test_synchronised_batchnorm_keeps_timm_fused_activations():
+    """The README's student: torch's conversion drops the activations of its 34 BatchNormAct2d layers."""
+    torch.manual_seed(0)
+    student = timm.create_model("mobilenetv3_small_075", num_classes=10).eval()
+    images = torch.randn(2, 3, 64, 64)
+    converted = synchronize_batchnorm(copy.deepcopy(student)).eval()
+    assert sum(type(m).__name__ == "SyncBatchNormAct" for m in converted.modules()) == 34
+    with torch.no_grad():
+        torch.testing.assert_close(converted(images), student(images), rtol=0, atol=0)
+        plain = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(student)).eval()
+        assert (plain(images) - student(images)).abs().max() > 1  # what the old conversion trained
+
+
+RANK = textwrap.dedent("""
+    import json, sys
+    from pipeline.dataset import DatasetIndex, load_index
+    from pipeline.distributed import leave, setup
+    scans = []
+    original = DatasetIndex.scan.__func__
+    DatasetIndex.scan = classmethod(lambda cls, *a, **k: scans.append(1) or original(cls, *a, **k))
+    world = setup("cpu")
+    index = load_index(sys.argv[1], world=world)
+    scanned = len(scans)
+    states = world.gather_bytes(bytes([world.rank]) * (3 + world.rank))
+    try:
+        load_index(sys.argv[2], world=world)
+        failure = None
+    except ValueError as err:
+        failure = str(err)
+    print(json.dumps({"rank": world.rank, "scans": scanned, "fingerprint": index.fingerprint,
+                      "states": [s.hex() for s in states], "failure": failure}))
+    leave(world)
+""")
+
+
+def test_rank_zero_scans_and_every_rank_gets_the_index(small_root, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = os.environ | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                        "MEALV2_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(small_root / "train"), str(tmp_path / "missing")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert [r["scans"] for r in reports] == [1, 0]
+    assert len({r["fingerprint"] for r in reports}) == 1
+    assert reports[0]["fingerprint"] == DatasetIndex.scan(small_root / "train").fingerprint
+    assert all(r["states"] == ["000000", "01010101"] for r in reports)  # each rank's own bytes, in rank order
+    assert all("no such split folder" in r["failure"] for r in reports)  # rank 0's error, on every rank
+    np.testing.assert_array_equal(np.arange(2), [r["rank"] for r in reports])
