@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,13 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from imagegen import make_image_folder  # noqa: E402
-
-from bench import measures  # noqa: E402
-from pipeline.crops import sample_crops  # noqa: E402
-from pipeline.dataset import load_index  # noqa: E402
-from softlabels.cache import CacheJob, run_cache  # noqa: E402
+from bench import measures
+from bench.imagegen import make_image_folder
+from pipeline.crops import sample_crops
+from pipeline.dataset import load_index
+from softlabels.cache import run_cache
+from softlabels.cache_config import CacheJob
 
 RES, CLASSES = 64, 10
 PHOTO_SIZE, PHOTO_RES = (375, 500), 224  # ImageNet's typical photo and the paper's resolution

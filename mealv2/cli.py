@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import click
 
+from distill.config import AMP_MODES
+from distill.config import defaults as train_defaults
 from mealv2 import __version__
+from softlabels.cache_config import RESIDUALS, CacheJob, parse_shard
+
+CACHE = {f.name: f.default for f in dataclasses.fields(CacheJob)}  # cache-teachers defaults, declared once
+DISTILL = train_defaults("distill")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -69,23 +76,26 @@ def storage_option(command):
 @main.command("cache-teachers")
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="dataset ROOT (uses ROOT/train)")
 @click.option("--store", required=True, help="label store path or fsspec URL")
-@click.option("--res", type=click.IntRange(min=1), default=224, show_default=True, help="crop resolution")
+@click.option("--res", type=click.IntRange(min=1), default=CACHE["res"], show_default=True, help="crop resolution")
 @click.option("--teachers", default=None, help="NAME or NAME=PATH, comma-separated [default: the paper's, by res]")
-@click.option("--seeds", type=int, default=1, show_default=True, help="seed slots 0..N-1 (more extends a store)")
-@click.option("--topk", type=int, default=5, show_default=True)
-@click.option("--residual", type=click.Choice(["uniform", "renorm"]), default="uniform", show_default=True)
-@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]), default="bilinear", show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--seeds", type=int, default=CACHE["seeds"], show_default=True,
+              help="seed slots 0..N-1 (more extends a store)")
+@click.option("--topk", type=int, default=CACHE["topk"], show_default=True)
+@click.option("--residual", type=click.Choice(RESIDUALS), default=CACHE["residual"], show_default=True)
+@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]), default=CACHE["interpolation"],
+              show_default=True)
+@click.option("--batch-size", type=int, default=CACHE["batch_size"], show_default=True)
 @click.option("--shard", default="0/1", show_default=True, help="I/N: do only units u with u % N == I")
 @click.option("--skip-bad", is_flag=True, help="leave unreadable images out (recorded in the store)")
-@click.option("--chunk-rows", type=int, default=65536, show_default=True, help="images per store chunk")
+@click.option("--chunk-rows", type=int, default=CACHE["chunk_rows"], show_default=True,
+              help="images per store chunk")
 @crop_options()
 @runtime_options
 @storage_option
 def cache_teachers(storage_options, shard, scale, ratio, **options):
     """Stage one: run the teachers once per seed slot and store their top-k mean softmax."""
     from pipeline.crops import CropSpec
-    from softlabels.cache import CacheJob, parse_shard, run_cache
+    from softlabels.cache import run_cache
 
     def run():
         job = CacheJob(**options, shard=parse_shard(shard), crop=CropSpec.from_options(scale, ratio),
@@ -178,7 +188,7 @@ def labels_verify(store, data, recompute, teachers, max_dp, max_kl, device, deco
     if recompute and not data:
         raise click.UsageError("--recompute needs --data")
     report = _fail_cleanly(lambda: verify(store, data, recompute, teachers, device, decoder, max_dp, max_kl,
-                                          _storage_options(storage_options)))
+                                          _storage_options(storage_options), workers))
     if "recompute" in report:
         r = report["recompute"]
         worst = f" (slot {r['worst_slot']})" if r["worst_slot"] is not None else ""
@@ -201,21 +211,22 @@ def eval_transform_options() -> list:
     ]
 
 
-def training_options(epochs: int, lr: float, lr_steps: str, weight_decay: float):
+def training_options(mode: str):
     """Options distill and train share; defaults differ (the paper's distill recipe vs a supervised one)."""
+    default = train_defaults(mode)
     return _apply([
         click.option("--data", required=True, type=click.Path(file_okay=False), help="dataset ROOT (train/, val/)"),
         click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder"),
-        click.option("--epochs", type=int, default=epochs, show_default=True),
-        click.option("--lr", type=float, default=lr, show_default=True),
-        click.option("--lr-steps", default=lr_steps, show_default=True,
+        click.option("--epochs", type=int, default=default["epochs"], show_default=True),
+        click.option("--lr", type=float, default=default["lr"], show_default=True),
+        click.option("--lr-steps", default=",".join(map(str, default["lr_steps"])), show_default=True,
                      help="comma-separated epochs where the lr is multiplied by 0.1"),
-        click.option("--batch-size", type=int, default=512 if lr < 0.05 else 256, show_default=True,
+        click.option("--batch-size", type=int, default=default["batch_size"], show_default=True,
                      help="global batch size"),
         click.option("--res", type=int, default=None, help="training resolution [default: the store's, or 224]"),
-        click.option("--momentum", type=float, default=0.9, show_default=True),
-        click.option("--weight-decay", type=float, default=weight_decay, show_default=True),
-        click.option("--init", default="pretrained", show_default=True,
+        click.option("--momentum", type=float, default=default["momentum"], show_default=True),
+        click.option("--weight-decay", type=float, default=default["weight_decay"], show_default=True),
+        click.option("--init", default=default["init"], show_default=True,
                      help="pretrained (timm hub weights), scratch, or a weights PATH"),
         click.option("--seeds", type=click.IntRange(min=1), default=None,
                      help="distill: read seed slots 0..N-1 [default: every complete slot]; train, --online: "
@@ -224,11 +235,12 @@ def training_options(epochs: int, lr: float, lr_steps: str, weight_decay: float)
         click.option("--drop-path", type=float, default=None, help="timm drop_path_rate [default: the model's]"),
         click.option("--sync-bn", is_flag=True,
                      help="synchronise batch norm statistics over GPUs (off, as in the official code)"),
-        click.option("--seed", type=int, default=0, show_default=True, help="run seed (init and shuffling)"),
+        click.option("--seed", type=int, default=default["seed"], show_default=True, help="run seed (init and shuffling)"),
         click.option("--resume", is_flag=True, help="continue from OUT/checkpoint-last.pth"),
-        click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), default="bf16", show_default=True,
+        click.option("--amp", type=click.Choice(AMP_MODES), default=default["amp"], show_default=True,
                      help="mixed precision on CUDA (fp16 with a gradient scaler, for GPUs without bf16)"),
-        click.option("--val-every", type=int, default=1, show_default=True, help="validate every N epochs"),
+        click.option("--val-every", type=int, default=default["val_every"], show_default=True,
+                 help="validate every N epochs"),
         *eval_transform_options(),
         click.option("--skip-bad", is_flag=True, help="leave unreadable images out"),
         click.option("--progress/--no-progress", default=True, show_default=True),
@@ -257,11 +269,12 @@ def _fit(mode: str, options: dict, storage_options: tuple[str, ...] = ()) -> Non
 @click.option("--teachers", default=None, help="online mode: NAME or NAME=PATH, comma-separated")
 @click.option("--d-lr", type=float, default=None, help="discriminator lr [default: the student's]")
 @click.option("--discriminator/--no-discriminator", default=True, show_default=True)
-@click.option("--disc-input", type=click.Choice(["logprobs", "logits"]), default="logprobs", show_default=True,
+@click.option("--disc-input", type=click.Choice(["logprobs", "logits"]), default=DISTILL["disc_input"],
+              show_default=True,
               help="what the discriminator sees (logits: online mode, as the official code)")
-@click.option("--kd-weight", type=float, default=1.0, show_default=True)
-@click.option("--disc-weight", type=float, default=1.0, show_default=True)
-@training_options(epochs=180, lr=0.01, lr_steps="100", weight_decay=0.0)
+@click.option("--kd-weight", type=float, default=DISTILL["kd_weight"], show_default=True)
+@click.option("--disc-weight", type=float, default=DISTILL["disc_weight"], show_default=True)
+@training_options("distill")
 @crop_options(note="; from a store: its crops")
 @storage_option
 def distill(online, storage_options, **options):
@@ -271,7 +284,7 @@ def distill(online, storage_options, **options):
 
 @main.command()
 @click.option("--model", required=True, help="timm model name")
-@training_options(epochs=90, lr=0.1, lr_steps="30,60", weight_decay=1e-4)
+@training_options("train")
 @crop_options()
 def train(**options):
     """Plain supervised training with hard labels: the vanilla baseline, or teachers for custom data."""
@@ -352,4 +365,7 @@ def demo(out, seed, quick, source):
     """MEAL V2 in miniature on Fashion-MNIST: teachers, cache, baseline and distilled student, on the CPU."""
     from mealv2.demo import FULL, QUICK, Demo
 
-    return Demo(out, seed, QUICK if quick else FULL, source).run()
+    def run_command(argv: list[str]):
+        return main.main(argv, prog_name="mealv2", standalone_mode=False)
+
+    return Demo(out, seed, QUICK if quick else FULL, run_command, source).run()

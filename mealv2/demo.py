@@ -13,6 +13,7 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -58,8 +59,10 @@ QUICK = DemoPlan(limit_train=300, limit_val=200, res=32, teachers=("test_resnet"
 class Demo:
     """Runs the plan's commands into OUT and gathers their results into OUT/summary.json."""
 
-    def __init__(self, out: str, seed: int, plan: DemoPlan, source: str | None = None):
+    def __init__(self, out: str, seed: int, plan: DemoPlan, run_command: Callable[[list[str]], object],
+                 source: str | None = None):
         self.out = Path(out)
+        self.run_command = run_command  # `mealv2 ARGS` in this process, returning what the command returns
         self.seed = seed
         self.plan = plan
         self.source = source
@@ -67,12 +70,10 @@ class Demo:
 
     def _command(self, stage: str, *args) -> object:
         """Run `mealv2 ARGS` here, echoed first, timed under ``stage``; returns what the command returns."""
-        from mealv2.cli import main
-
         argv = [str(a) for a in args]
         click.secho(f"\n$ mealv2 {shlex.join(argv)}", bold=True)
         started = time.perf_counter()
-        result = main.main(argv, prog_name="mealv2", standalone_mode=False)
+        result = self.run_command(argv)
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - started, 1)
         return result
 

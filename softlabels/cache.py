@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -13,55 +12,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.crops import CropSpec
 from pipeline.dataset import load_index
 from pipeline.distributed import setup
 from pipeline.loader import ReplayLoader
-from softlabels.store import CHUNK_ROWS, LabelStore, SlotLabels, label_spec
+from softlabels.cache_config import CacheJob
+from softlabels.store import LabelStore, SlotLabels, label_spec
 from softlabels.teachers import TeacherEnsemble, parse_teachers
-from softlabels.topk import RESIDUALS, class_dtype, compress
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """"I/N" → (I, N) with 0 <= I < N."""
-    try:
-        shard, num_shards = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard {text!r}: expected I/N, for example 0/4") from None
-    if not 0 <= shard < num_shards:
-        raise ValueError(f"--shard {text}: expected I/N with 0 <= I < N")
-    return shard, num_shards
-
-
-@dataclass
-class CacheJob:
-    """Everything cache-teachers needs; defaults follow the paper at 224."""
-
-    data: str
-    store: str
-    res: int = 224
-    teachers: str | None = None
-    seeds: int = 1
-    topk: int = 5
-    residual: str = "uniform"
-    interpolation: str = "bilinear"
-    batch_size: int = 64
-    device: str = "auto"
-    decoder: str = "auto"
-    workers: int = 2
-    shard: tuple[int, int] = (0, 1)
-    skip_bad: bool = False
-    chunk_rows: int = CHUNK_ROWS
-    crop: CropSpec = CropSpec()
-    storage_options: dict = field(default_factory=dict)
-    progress: bool = True
-
-    def validate(self) -> None:
-        for name in ("res", "seeds", "topk", "batch_size", "chunk_rows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.residual not in RESIDUALS:
-            raise ValueError(f"--residual {self.residual!r}: expected one of {RESIDUALS}")
+from softlabels.topk import class_dtype, compress
 
 
 def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, rows: slice, boxes: np.ndarray,

@@ -22,11 +22,11 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.crops import CropSpec
 from pipeline.dataset import DatasetIndex
+from softlabels.cache_config import CHUNK_ROWS
 from softlabels.site import CREATE_WAIT_SECONDS, StoreSite
 from softlabels.topk import class_dtype
 
 FORMAT = 1
-CHUNK_ROWS = 65536
 LABEL_ARRAYS = ("probs", "classes", "boxes", "flips")
 INDEX_ARRAYS = ("index/paths", "index/sizes", "index/labels")
 # attributes that fix what the labels mean: a store is only extended by a job that agrees on all

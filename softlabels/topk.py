@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-RESIDUALS = ("uniform", "renorm")
+from softlabels.cache_config import RESIDUALS
 
 
 def class_dtype(num_classes: int) -> str:

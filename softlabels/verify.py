@@ -26,7 +26,7 @@ def _store_teachers(store: LabelStore, given: str | None) -> list[TeacherSpec]:
 
 
 def recompute(store: LabelStore, data: str, count: int, teachers: str | None = None, device: str = "auto",
-              decoder: str = "auto", batch_size: int = 32) -> dict:
+              decoder: str = "auto", workers: int = 2, batch_size: int = 32) -> dict:
     """Re-run the teachers on ``count`` stored crops spread over every seed slot; max |Δp| of the top-k, mean KL.
 
     Every slot is checked, so labels written against another slot's crops (a misaligned unit) show up.
@@ -36,7 +36,7 @@ def recompute(store: LabelStore, data: str, count: int, teachers: str | None = N
     ensemble = TeacherEnsemble(_store_teachers(store, teachers), store.num_classes, torch_device)
     if teacher_identity(ensemble.records) != teacher_identity(store.teachers):
         raise TeacherError(f"{store.url}: the given teachers are not the ones that made the store")
-    loader = ReplayLoader(index, store.res, batch_size, torch_device, decoder, store.interpolation)
+    loader = ReplayLoader(index, store.res, batch_size, torch_device, decoder, store.interpolation, workers)
     slots = len(store.seeds)
     per_slot = [len(part) for part in np.array_split(np.arange(count), slots)]
     max_dp, kls, worst_slot, crops = 0.0, [], None, 0
@@ -62,7 +62,7 @@ def recompute(store: LabelStore, data: str, count: int, teachers: str | None = N
 
 def verify(url: str, data: str | None = None, recompute_count: int = 0, teachers: str | None = None,
            device: str = "auto", decoder: str = "auto", max_dp: float = 0.02, max_kl: float = 1e-3,
-           storage_options: dict | None = None) -> dict:
+           storage_options: dict | None = None, workers: int = 2) -> dict:
     """Every check `labels verify` makes; ``problems`` lists what failed (empty means healthy)."""
     store = LabelStore.open(url, "r", storage_options)
     report = {"complete": store.is_complete, "problems": []}
@@ -74,7 +74,7 @@ def verify(url: str, data: str | None = None, recompute_count: int = 0, teachers
         if index.fingerprint != store.fingerprint:
             report["problems"].append(f"{data}/train does not match the store's dataset fingerprint")
         elif recompute_count:
-            report["recompute"] = recompute(store, data, recompute_count, teachers, device, decoder)
+            report["recompute"] = recompute(store, data, recompute_count, teachers, device, decoder, workers)
             if report["recompute"]["max_abs_dp"] > max_dp or report["recompute"]["mean_kl"] > max_kl:
                 report["problems"].append(
                     f"recomputed labels differ: max |dp| {report['recompute']['max_abs_dp']:.4f} "

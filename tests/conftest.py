@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from imagegen import make_image_folder  # noqa: E402
+from bench.imagegen import make_image_folder
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagegen import make_image_folder, save, smooth_image
+from bench.imagegen import make_image_folder, save, smooth_image
 from pipeline.dataset import DatasetError, DatasetIndex, load_index, safe_join
 
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import cache_args
 
 from distill.targets import CachedTargets, HardTargets, OnlineTargets
-from imagegen import save
+from bench.imagegen import save
 from mealv2.cli import main
 from pipeline.crops import CropSpec
 from pipeline.dataset import DatasetIndex

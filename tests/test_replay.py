@@ -81,7 +81,7 @@ def test_epoch_order_shuffles_by_epoch_and_shards_evenly():
 
 
 def test_corrupt_file_is_named(tmp_path):
-    from imagegen import make_image_folder
+    from bench.imagegen import make_image_folder
     split = make_image_folder(tmp_path, classes=1, per_class=3, mixed=False)
     index = DatasetIndex.scan(split)
     path = split / index.paths[1]

@@ -1,0 +1,55 @@
+"""The options of a cache-teachers job, declared once: the command line reads its defaults from here.
+
+Kept free of heavy imports so that `mealv2 --help` stays instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.crops import CropSpec
+
+CHUNK_ROWS = 65536  # images per store chunk: one (seed slot, chunk) unit is one writer's work
+RESIDUALS = ("uniform", "renorm")  # how a top-k row's missing mass is rebuilt (softlabels.topk.expand)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """"I/N" → (I, N) with 0 <= I < N."""
+    try:
+        shard, num_shards = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected I/N, for example 0/4") from None
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"--shard {text}: expected I/N with 0 <= I < N")
+    return shard, num_shards
+
+
+@dataclass
+class CacheJob:
+    """Everything cache-teachers needs; defaults follow the paper at 224."""
+
+    data: str
+    store: str
+    res: int = 224
+    teachers: str | None = None
+    seeds: int = 1
+    topk: int = 5
+    residual: str = "uniform"
+    interpolation: str = "bilinear"
+    batch_size: int = 64
+    device: str = "auto"
+    decoder: str = "auto"
+    workers: int = 2
+    shard: tuple[int, int] = (0, 1)
+    skip_bad: bool = False
+    chunk_rows: int = CHUNK_ROWS
+    crop: CropSpec = CropSpec()
+    storage_options: dict = field(default_factory=dict)
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("res", "seeds", "topk", "batch_size", "chunk_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"--residual {self.residual!r}: expected one of {RESIDUALS}")
