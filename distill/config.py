@@ -48,7 +48,8 @@ class TrainConfig:
     eval_interpolation: str | None = None
     device: str = "auto"
     decoder: str = "auto"
-    workers: int = 2
+    hw_decoder_load: float | None = None  # None: DALI's default share for the hardware JPEG decoder
+    workers: int | None = None  # decoder threads; None: this machine's CPUs per process
     seed: int = 0
     resume: bool = False
     amp: str = "bf16"
@@ -61,7 +62,7 @@ class TrainConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: expected one of {MODES}")
         for name in ("epochs", "batch_size", "val_every", "workers"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.seeds is not None and self.seeds < 1:
             raise ValueError(f"--seeds must be at least 1, got {self.seeds}")

@@ -99,7 +99,7 @@ class _EnsembleScores(nn.Module):
 
 def evaluate_saved(data: str, res: int = 224, model: str | None = None, checkpoint: str | None = None,
                    teachers: str | None = None, batch_size: int = 64, device: str = "auto",
-                   decoder: str = "auto", workers: int = 2, crop_pct: float | None = None,
+                   decoder: str = "auto", workers: int | None = None, crop_pct: float | None = None,
                    eval_interpolation: str | None = None) -> dict:
     """`mealv2 evaluate`: top-1/top-5 on ROOT/val of one saved model, or of a teacher ensemble's mean softmax."""
     if (teachers is None) == (model is None or checkpoint is None):

@@ -113,6 +113,7 @@ class Trainer:
 
     def _build(self) -> None:
         config, device = self.config, self.device
+        torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its kernels
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         drops = {key: value for key, value in (("drop_rate", config.drop), ("drop_path_rate", config.drop_path))
                  if value is not None}
@@ -137,7 +138,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16" and device.type == "cuda")
         rank_batch = config.batch_size // self.world.world_size
         self.loader = ReplayLoader(self.index, config.res, rank_batch, device, config.decoder, config.interpolation,
-                                   config.workers, on_bad=self._left_out if config.skip_bad else None)
+                                   config.workers, on_bad=self._left_out if config.skip_bad else None,
+                                   hw_decoder_load=config.hw_decoder_load)
         val_dir = Path(config.data) / "val"
         self.val_loader = ReplayLoader(load_index(val_dir, skip_bad=config.skip_bad, world=self.world), config.res,
                                        rank_batch, device, config.decoder, self.eval_transform.interpolation,

@@ -53,9 +53,12 @@ runtime_options = _apply([
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N"),
     click.option("--decoder", type=click.Choice(["auto", "dali", "pil"]), default="auto", show_default=True,
                  help="DALI replay (auto when installed) or the PIL reference"),
-    click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
-                 help="decoder threads (file reads use twice as many)"),
+    click.option("--workers", type=click.IntRange(min=1), default=None,
+                 help="decoder threads (file reads use twice as many) [default: the CPUs per process here]"),
 ])  # how and where crops are decoded and models run
+hw_decoder_option = click.option(
+    "--hw-decoder-load", type=click.FloatRange(0, 1), default=None,
+    help="DALI on A100/H100: share of JPEGs for the hardware decoder [default: DALI's]")
 
 
 def crop_options(note: str = ""):
@@ -91,6 +94,7 @@ def storage_option(command):
               help="images per store chunk")
 @crop_options()
 @runtime_options
+@hw_decoder_option
 @storage_option
 def cache_teachers(storage_options, shard, scale, ratio, **options):
     """Stage one: run the teachers once per seed slot and store their top-k mean softmax."""
@@ -240,11 +244,12 @@ def training_options(mode: str):
         click.option("--amp", type=click.Choice(AMP_MODES), default=default["amp"], show_default=True,
                      help="mixed precision on CUDA (fp16 with a gradient scaler, for GPUs without bf16)"),
         click.option("--val-every", type=int, default=default["val_every"], show_default=True,
-                 help="validate every N epochs"),
+                     help="validate every N epochs"),
         *eval_transform_options(),
         click.option("--skip-bad", is_flag=True, help="leave unreadable images out"),
         click.option("--progress/--no-progress", default=True, show_default=True),
         runtime_options,
+        hw_decoder_option,
     ])
 
 
@@ -334,7 +339,8 @@ def data_fashion_mnist(out, limit_train, limit_val, source):
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
 @click.option("--decoder", type=click.Choice(["auto", "dali", "pil"]), default="auto", show_default=True,
               help="the decoder the jobs will use")
-@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="decoder threads")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="decoder threads [default: the CPUs per process here]")
 def data_check(root, decoder, workers):
     """Decode every image of ROOT/train and ROOT/val; list those that fail (exit status 1 if any)."""
     from pathlib import Path

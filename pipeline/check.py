@@ -19,7 +19,7 @@ from pipeline.loader import ReplayLoader
 _CHECK_RES = 16  # the decode is what can fail; a tiny resize keeps the check at decoding speed
 
 
-def check_split(split_dir: str | os.PathLike, decoder: str = "auto", workers: int = 2,
+def check_split(split_dir: str | os.PathLike, decoder: str = "auto", workers: int | None = None,
                 batch_size: int = 64) -> tuple[int, list[str]]:
     """(images found, "path: reason" of each file that cannot be read, opened or decoded)."""
     index = load_index(split_dir, skip_bad=True)

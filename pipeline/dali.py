@@ -32,7 +32,7 @@ def _interp(interpolation: str):
     return table[interpolation]
 
 
-def _replay_graph(res: int, interpolation: str, on_gpu: bool):
+def _replay_graph(res: int, interpolation: str, on_gpu: bool, hw_decoder_load: float | None):
     """Graph body; inputs are fed per batch in batch mode, so a last partial batch is delivered whole."""
     encoded, anchor, shape, roi_start, roi_end = (
         fn.external_source(name=name, batch=True, no_copy=False) for name in _INPUTS)
@@ -42,6 +42,7 @@ def _replay_graph(res: int, interpolation: str, on_gpu: bool):
         axis_names="HW",  # our boxes are (top, left, height, width): anchors and shapes in H, W order
         normalized_anchor=False, normalized_shape=False,
         output_type=types.RGB, jpeg_fancy_upsampling=True, adjust_orientation=True,
+        **({"hw_decoder_load": hw_decoder_load} if on_gpu and hw_decoder_load is not None else {}),
     )
     # a relative region from x = 1 to x = 0 samples the crop mirrored: the flip costs nothing
     images = fn.resize(images, size=(res, res), interp_type=_interp(interpolation), antialias=True,
@@ -58,7 +59,7 @@ class DaliDecoder:
     name = "dali"
 
     def __init__(self, res: int, interpolation: str, batch_size: int, device: torch.device | str = "cpu",
-                 threads: int = 2):
+                 threads: int = 2, hw_decoder_load: float | None = None):
         if not DALI_AVAILABLE:
             raise RuntimeError("DALI is not installed on this platform: use --decoder pil")
         self.res = res
@@ -68,7 +69,8 @@ class DaliDecoder:
         build = pipeline_def(_replay_graph, batch_size=batch_size, num_threads=max(1, threads),
                              device_id=device_id, exec_pipelined=False, exec_async=False,
                              prefetch_queue_depth=1)
-        self._build = lambda: build(res=res, interpolation=interpolation, on_gpu=on_gpu)
+        self._build = lambda: build(res=res, interpolation=interpolation, on_gpu=on_gpu,
+                                    hw_decoder_load=hw_decoder_load)
         self._pipe = self._build()
         self._pipe.build()
 

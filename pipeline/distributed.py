@@ -37,6 +37,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def default_workers() -> int:
+    """Decoder threads for this process: the CPUs it may use, shared by the processes torchrun starts here."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def _as_tensor(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
 

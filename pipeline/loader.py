@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from pipeline.dali import DALI_AVAILABLE, DaliDecoder
 from pipeline.dataset import DatasetError, DatasetIndex
+from pipeline.distributed import default_workers
 from pipeline.pil_replay import PilDecoder
 
 DECODERS = ("auto", "dali", "pil")
@@ -47,12 +48,12 @@ def epoch_order(images: int | np.ndarray, seed: int, epoch: int, shuffle: bool =
 
 
 def make_decoder(kind: str, res: int, interpolation: str, batch_size: int, device: torch.device,
-                 threads: int):
+                 threads: int, hw_decoder_load: float | None = None):
     """DALI when asked or available ("auto"); PIL otherwise."""
     if kind not in DECODERS:
         raise ValueError(f"decoder {kind!r}: expected one of {DECODERS}")
     if kind == "dali" or (kind == "auto" and DALI_AVAILABLE):
-        return DaliDecoder(res, interpolation, batch_size, device, threads)
+        return DaliDecoder(res, interpolation, batch_size, device, threads, hw_decoder_load)
     return PilDecoder(res, interpolation, device, threads)
 
 
@@ -81,9 +82,10 @@ class ReplayLoader:
     device: torch.device
     decoder: str = "auto"
     interpolation: str = "bilinear"
-    workers: int = 2
+    workers: int | None = None  # decoder threads; None: this machine's CPUs per process (default_workers)
     prefetch: int = 2
     on_bad: Callable[[int, str], None] | None = None  # set: undecodable images are dropped and reported here
+    hw_decoder_load: float | None = None  # DALI "mixed": the share of JPEGs for the GPU's hardware decoder
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -91,8 +93,9 @@ class ReplayLoader:
         if self.res < 1:
             raise ValueError(f"resolution must be at least 1, got {self.res}")
         self.device = torch.device(self.device)
+        self.workers = self.workers or default_workers()
         self._decoder = make_decoder(self.decoder, self.res, self.interpolation, self.batch_size,
-                                     self.device, self.workers)
+                                     self.device, self.workers, self.hw_decoder_load)
         self._readers = ThreadPoolExecutor(max(2, 2 * self.workers))
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 

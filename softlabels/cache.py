@@ -88,6 +88,7 @@ def run_cache(job: CacheJob, log=print) -> dict:
     index = load_index(Path(job.data) / "train", skip_bad=job.skip_bad, world=world)
     if job.topk > index.num_classes:
         raise ValueError(f"--topk {job.topk}: the data has only {index.num_classes} classes")
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its kernels
     ensemble = TeacherEnsemble(parse_teachers(job.teachers, job.res), index.num_classes, device)
     spec = label_spec(index, ensemble.records, job.res, job.interpolation, job.topk, job.residual, job.crop.attrs())
     def create_or_extend() -> None:
@@ -98,7 +99,7 @@ def run_cache(job: CacheJob, log=print) -> dict:
     store = LabelStore.open(job.store, "r+", job.storage_options)
     undecodable: dict[int, str] = {}  # dataset position → the decoder's reason, with --skip-bad
     loader = ReplayLoader(index, job.res, job.batch_size, device, job.decoder, job.interpolation, job.workers,
-                          on_bad=undecodable.setdefault if job.skip_bad else None)
+                          on_bad=undecodable.setdefault if job.skip_bad else None, hw_decoder_load=job.hw_decoder_load)
     units = [u for u in store.pending_units(shard, num_shards) if u[0] < job.seeds]
     todo = sum(store.rows(chunk).stop - store.rows(chunk).start for _, chunk in units)
     log(f"cache-teachers: {len(index)} images, {job.seeds} seed slot(s), {len(units)} unit(s) to do "

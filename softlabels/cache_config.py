@@ -39,7 +39,8 @@ class CacheJob:
     batch_size: int = 64
     device: str = "auto"
     decoder: str = "auto"
-    workers: int = 2
+    hw_decoder_load: float | None = None  # None: DALI's default share for the hardware JPEG decoder
+    workers: int | None = None  # decoder threads; None: this machine's CPUs per process
     shard: tuple[int, int] = (0, 1)
     skip_bad: bool = False
     chunk_rows: int = CHUNK_ROWS

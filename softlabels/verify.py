@@ -26,7 +26,7 @@ def _store_teachers(store: LabelStore, given: str | None) -> list[TeacherSpec]:
 
 
 def recompute(store: LabelStore, data: str, count: int, teachers: str | None = None, device: str = "auto",
-              decoder: str = "auto", workers: int = 2, batch_size: int = 32) -> dict:
+              decoder: str = "auto", workers: int | None = None, batch_size: int = 32) -> dict:
     """Re-run the teachers on ``count`` stored crops spread over every seed slot; max |Δp| of the top-k, mean KL.
 
     Every slot is checked, so labels written against another slot's crops (a misaligned unit) show up.
@@ -62,7 +62,7 @@ def recompute(store: LabelStore, data: str, count: int, teachers: str | None = N
 
 def verify(url: str, data: str | None = None, recompute_count: int = 0, teachers: str | None = None,
            device: str = "auto", decoder: str = "auto", max_dp: float = 0.02, max_kl: float = 1e-3,
-           storage_options: dict | None = None, workers: int = 2) -> dict:
+           storage_options: dict | None = None, workers: int | None = None) -> dict:
     """Every check `labels verify` makes; ``problems`` lists what failed (empty means healthy)."""
     store = LabelStore.open(url, "r", storage_options)
     report = {"complete": store.is_complete, "problems": []}

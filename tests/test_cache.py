@@ -221,6 +221,19 @@ def test_verify_passes_then_catches_altered_labels_and_flipped_bytes(reference_s
     assert result.exit_code == 1 and "classes chunk 1.2.0" in result.output
 
 
+def test_verify_checks_every_slot_against_its_own_crops(reference_store, small_root, teacher_files, tmp_path):
+    """Labels written against another slot's crops (a misaligned unit) fail the recompute, naming the slot."""
+    shifted = tmp_path / "shifted.zarr"
+    shutil.copytree(reference_store, shifted)
+    group = zarr.open_group(str(shifted), mode="r+", use_consolidated=False)
+    for name in ("probs", "classes"):
+        group[name][1] = group[name][0]  # slot 1 holds slot 0's labels, but its own boxes
+    result = run_cli("labels", "verify", shifted, "--data", small_root, "--recompute", "20", "--teachers",
+                     teacher_files)
+    assert result.exit_code == 1 and "recomputed labels differ" in result.output
+    assert "over 2 seed slot(s)" in result.output and "(slot 1)" in result.output
+
+
 def test_info_reports_the_store(reference_store):
     result = run_cli("labels", "info", reference_store, "--json")
     info = json.loads(result.output)

@@ -130,3 +130,58 @@ def test_rank_zero_scans_and_every_rank_gets_the_index(small_root, tmp_path):
     assert all(r["states"] == ["000000", "01010101"] for r in reports)  # each rank's own bytes, in rank order
     assert all("no such split folder" in r["failure"] for r in reports)  # rank 0's error, on every rank
     np.testing.assert_array_equal(np.arange(2), [r["rank"] for r in reports])
+
+
+READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+
+
+def host_reads(monkeypatch) -> list:
+    """Every call that would wait for a GPU (a tensor read on the host), recorded by name."""
+    calls = []
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: calls.append(_n) or
+                            _o(self, *a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["distill", "train"])
+def test_a_training_epoch_reads_the_device_a_fixed_number_of_times_whatever_its_steps(
+        mode, monkeypatch, small_root, reference_store, tmp_path):
+    """No host synchronisation per step: an epoch of 8 steps reads tensors as often as one of 2."""
+    from distill.trainer import TrainConfig, Trainer
+
+    counts = []
+    for batch in (4, 15):
+        config = TrainConfig(mode=mode, data=str(small_root), out=str(tmp_path / f"{mode}{batch}"), model="test_resnet",
+                             labels=str(reference_store) if mode == "distill" else None, init="scratch", epochs=1,
+                             batch_size=batch, res=32, device="cpu", decoder="pil", progress=False)
+        trainer = Trainer(config)
+        trainer.targets.crops(0)
+        with monkeypatch.context() as patch:
+            calls = host_reads(patch)
+            trainer.train_epoch(0)
+        counts.append(len(calls))
+    assert counts[0] == counts[1], counts
+
+
+def test_labelling_a_unit_reads_the_device_once_whatever_its_batches(monkeypatch, small_root, teacher_files):
+    from tqdm import tqdm
+
+    from pipeline.crops import CropSpec
+    from softlabels.cache import label_unit
+    from softlabels.teachers import TeacherEnsemble, parse_teachers
+
+    index = DatasetIndex.scan(small_root / "train")
+    ensemble = TeacherEnsemble(parse_teachers(teacher_files, 32), 3, "cpu")
+    boxes, flips = CropSpec().draw(0, index.sizes)
+    counts, results = [], []
+    for batch in (4, 15):
+        loader = ReplayLoader(index, 32, batch, "cpu", "pil")
+        with monkeypatch.context() as patch, tqdm(disable=True) as bar:
+            calls = host_reads(patch)
+            labels = label_unit(ensemble, loader, slice(0, 30), boxes, flips, 2, bar)()
+        counts.append(len(calls))
+        results.append(labels.probs)
+    assert counts[0] == counts[1], counts
+    np.testing.assert_array_equal(results[0], results[1])
