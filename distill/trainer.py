@@ -50,7 +50,7 @@ def _store_slots(store: LabelStore, asked: int | None, url: str) -> int:
             raise StoreError(f"--seeds {asked}: {url} is incomplete from slot {ready} on; "
                              "finish cache-teachers first, or read fewer slots")
         return asked
-    if ready < stored and store.attrs["complete"]:
+    if ready < stored and store.marked_complete:
         raise StoreError(f"{url}: marked complete but slot {ready} is incomplete: run labels verify")
     if ready == 0:
         raise StoreError(f"{url}: store is incomplete (no seed slot is written whole yet); "

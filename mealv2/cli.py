@@ -50,8 +50,8 @@ def _apply(options: list):
 
 
 runtime_options = _apply([
-    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N"),
-    click.option("--decoder", type=click.Choice(["auto", "dali", "pil"]), default="auto", show_default=True,
+    click.option("--device", default=DISTILL["device"], show_default=True, help="auto, cpu, cuda or cuda:N"),
+    click.option("--decoder", type=click.Choice(["auto", "dali", "pil"]), default=DISTILL["decoder"], show_default=True,
                  help="DALI replay (auto when installed) or the PIL reference"),
     click.option("--workers", type=click.IntRange(min=1), default=None,
                  help="decoder threads (file reads use twice as many) [default: the CPUs per process here]"),
@@ -88,7 +88,8 @@ def storage_option(command):
 @click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]), default=CACHE["interpolation"],
               show_default=True)
 @click.option("--batch-size", type=int, default=CACHE["batch_size"], show_default=True)
-@click.option("--shard", default="0/1", show_default=True, help="I/N: do only units u with u % N == I")
+@click.option("--shard", default="{}/{}".format(*CACHE["shard"]), show_default=True,
+              help="I/N: do only units u with u % N == I")
 @click.option("--skip-bad", is_flag=True, help="leave unreadable images out (recorded in the store)")
 @click.option("--chunk-rows", type=int, default=CACHE["chunk_rows"], show_default=True,
               help="images per store chunk")

@@ -103,6 +103,16 @@ def label_spec(index: DatasetIndex, teachers: list[dict], res: int, interpolatio
     }
 
 
+class _Attribute:
+    """A read-only store attribute (under the group's "mealv2" key), converted on the way out."""
+
+    def __init__(self, key: str, convert=lambda value: value):
+        self.key, self.convert = key, convert
+
+    def __get__(self, store: LabelStore | None, owner=None):
+        return self if store is None else self.convert(store.attrs[self.key])
+
+
 @dataclass
 class SlotLabels:
     """One seed slot's rows, whole, in memory: what stage two indexes by sample."""
@@ -226,25 +236,12 @@ class LabelStore:
     def attrs(self) -> dict:
         return dict(self.group.attrs["mealv2"])
 
-    @property
-    def seeds(self) -> list[int]:
-        return list(self.attrs["seeds"])
-
-    @property
-    def res(self) -> int:
-        return int(self.attrs["res"])
-
-    @property
-    def interpolation(self) -> str:
-        return self.attrs["interpolation"]
-
-    @property
-    def topk(self) -> int:
-        return int(self.attrs["topk"])
-
-    @property
-    def residual(self) -> str:
-        return self.attrs["residual"]
+    seeds = _Attribute("seeds", list)  # the crop seed of each slot
+    res = _Attribute("res", int)
+    interpolation = _Attribute("interpolation")
+    topk = _Attribute("topk", int)
+    residual = _Attribute("residual")
+    marked_complete = _Attribute("complete", bool)  # set by finalize once every unit was written
 
     @property
     def crop(self) -> CropSpec:
@@ -267,7 +264,7 @@ class LabelStore:
 
     @property
     def is_complete(self) -> bool:
-        return bool(self.attrs["complete"]) and bool(self.done().all())
+        return self.marked_complete and bool(self.done().all())
 
     def identity(self) -> dict:
         """What tells this store from another at the same or another URL: creation, data, teachers, labels."""
