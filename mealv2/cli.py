@@ -10,6 +10,7 @@ import click
 from distill.config import AMP_MODES
 from distill.config import defaults as train_defaults
 from mealv2 import __version__
+from pipeline.decoders import DECODERS
 from softlabels.cache_config import RESIDUALS, CacheJob, parse_shard
 
 CACHE = {f.name: f.default for f in dataclasses.fields(CacheJob)}  # cache-teachers defaults, declared once
@@ -51,11 +52,14 @@ def _apply(options: list):
 
 runtime_options = _apply([
     click.option("--device", default=DISTILL["device"], show_default=True, help="auto, cpu, cuda or cuda:N"),
-    click.option("--decoder", type=click.Choice(["auto", "dali", "pil"]), default=DISTILL["decoder"], show_default=True,
-                 help="DALI replay (auto when installed) or the PIL reference"),
+    click.option("--decoder", type=click.Choice(DECODERS), default=DISTILL["decoder"], show_default=True,
+                 help="crop replay: DALI, torchvision, the PIL reference, or auto (the fastest for this device "
+                      "and image size)"),
     click.option("--workers", type=click.IntRange(min=1), default=None,
                  help="decoder threads (file reads use twice as many) [default: the CPUs per process here]"),
 ])  # how and where crops are decoded and models run
+compile_option = click.option(
+    "--compile", is_flag=True, help="torch.compile the models (the first batches wait for the compiler)")
 hw_decoder_option = click.option(
     "--hw-decoder-load", type=click.FloatRange(0, 1), default=None,
     help="DALI on A100/H100: share of JPEGs for the hardware decoder [default: DALI's]")
@@ -87,7 +91,8 @@ def storage_option(command):
 @click.option("--residual", type=click.Choice(RESIDUALS), default=CACHE["residual"], show_default=True)
 @click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]), default=CACHE["interpolation"],
               show_default=True)
-@click.option("--batch-size", type=int, default=CACHE["batch_size"], show_default=True)
+@click.option("--batch-size", type=int, default=None,
+              help="[default: on a GPU the largest that fits, up to 1024; on the CPU 64]")
 @click.option("--shard", default="{}/{}".format(*CACHE["shard"]), show_default=True,
               help="I/N: do only units u with u % N == I")
 @click.option("--skip-bad", is_flag=True, help="leave unreadable images out (recorded in the store)")
@@ -96,6 +101,7 @@ def storage_option(command):
 @crop_options()
 @runtime_options
 @hw_decoder_option
+@compile_option
 @storage_option
 def cache_teachers(storage_options, shard, scale, ratio, **options):
     """Stage one: run the teachers once per seed slot and store their top-k mean softmax."""
@@ -251,6 +257,7 @@ def training_options(mode: str):
         click.option("--progress/--no-progress", default=True, show_default=True),
         runtime_options,
         hw_decoder_option,
+        compile_option,
     ])
 
 
@@ -338,7 +345,7 @@ def data_fashion_mnist(out, limit_train, limit_val, source):
 
 @data.command("check")
 @click.argument("root", type=click.Path(exists=True, file_okay=False))
-@click.option("--decoder", type=click.Choice(["auto", "dali", "pil"]), default="auto", show_default=True,
+@click.option("--decoder", type=click.Choice(DECODERS), default="auto", show_default=True,
               help="the decoder the jobs will use")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="decoder threads [default: the CPUs per process here]")

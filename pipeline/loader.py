@@ -1,7 +1,10 @@
-"""Epoch iteration shared by both stages: order → file reads (threads) → replay decode → device batches.
+"""Epoch iteration shared by both stages: order → file reads → replay decode → device batches.
 
-A background thread reads and decodes ahead of the consumer, so the model waits on
-neither disk nor decoder while the queue holds batches. On a GPU the producer puts each
+With DALI, epochs run on its asynchronous pipelined executor (``DaliStream``: worker
+processes read the files of the batches ahead while DALI decodes); with PIL, reader
+threads fetch batch b+1 while a thread pool decodes batch b. Either way a background
+thread fills a queue ahead of the consumer, so the model waits on neither disk nor
+decoder while the queue holds batches. On a GPU the producer puts each
 batch on the device on a copy stream of its own and records an event; the consumer's
 stream waits for that event and the tensors are marked as used on it (``record_stream``),
 so the allocator never hands their memory to the next copy while the step still reads it.
@@ -9,9 +12,11 @@ so the allocator never hands their memory to the next copy while the step still 
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import re
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
@@ -20,13 +25,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.dali import DALI_AVAILABLE, DaliDecoder
+from pipeline.dali import DaliDecoder, DaliStream
 from pipeline.dataset import DatasetError, DatasetIndex
+from pipeline.decoders import resolve_decoder
 from pipeline.distributed import default_workers
+from pipeline.epoch_plan import read_bytes
 from pipeline.pil_replay import PilDecoder
-
-DECODERS = ("auto", "dali", "pil")
-
+from pipeline.torch_replay import TorchDecoder
 
 def epoch_order(images: int | np.ndarray, seed: int, epoch: int, shuffle: bool = True, rank: int = 0,
                 world_size: int = 1) -> np.ndarray:
@@ -47,29 +52,11 @@ def epoch_order(images: int | np.ndarray, seed: int, epoch: int, shuffle: bool =
     return order[rank::world_size]
 
 
-def make_decoder(kind: str, res: int, interpolation: str, batch_size: int, device: torch.device,
-                 threads: int, hw_decoder_load: float | None = None):
-    """DALI when asked or available ("auto"); PIL otherwise."""
-    if kind not in DECODERS:
-        raise ValueError(f"decoder {kind!r}: expected one of {DECODERS}")
-    if kind == "dali" or (kind == "auto" and DALI_AVAILABLE):
-        return DaliDecoder(res, interpolation, batch_size, device, threads, hw_decoder_load)
-    return PilDecoder(res, interpolation, device, threads)
-
-
 def _first_line(err: Exception) -> str:
     """The gist of a decoder's error: DALI's run over several lines and carry terminal colours."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
     meaningful = [line for line in lines if line and not line.startswith(("Critical error", "Current pipeline"))]
     return (meaningful or ["unknown decoder error"])[0][:200]
-
-
-def _read_bytes(path: str) -> np.ndarray:
-    try:
-        with open(path, "rb") as handle:
-            return np.frombuffer(handle.read(), dtype=np.uint8)
-    except OSError as err:
-        raise DatasetError(f"{path}: cannot read ({err.strerror or err})") from None
 
 
 @dataclass
@@ -80,7 +67,7 @@ class ReplayLoader:
     res: int
     batch_size: int
     device: torch.device
-    decoder: str = "auto"
+    decoder: str = "auto"  # dali, torch, pil, or auto: the fastest here (resolve_decoder)
     interpolation: str = "bilinear"
     workers: int | None = None  # decoder threads; None: this machine's CPUs per process (default_workers)
     prefetch: int = 2
@@ -94,14 +81,26 @@ class ReplayLoader:
             raise ValueError(f"resolution must be at least 1, got {self.res}")
         self.device = torch.device(self.device)
         self.workers = self.workers or default_workers()
-        self._decoder = make_decoder(self.decoder, self.res, self.interpolation, self.batch_size,
-                                     self.device, self.workers, self.hw_decoder_load)
+        self.decoder_name = resolve_decoder(self.decoder, self.device.type, self.index.sizes)
+        self._stream = None
+        if self.decoder_name == "dali":
+            self._stream = DaliStream(self.index, self.res, self.interpolation, self.batch_size, self.device,
+                                      self.workers, self.hw_decoder_load, self.prefetch)
+        self._batch_decoder = None  # made when first needed: PIL's epochs, or one DALI batch gone wrong
         self._readers = ThreadPoolExecutor(max(2, 2 * self.workers))
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @property
-    def decoder_name(self) -> str:
-        return self._decoder.name
+    def _decoder(self):
+        """The batch-at-a-time decoder of this loader's kind."""
+        if self._batch_decoder is None:
+            if self.decoder_name == "dali":
+                self._batch_decoder = DaliDecoder(self.res, self.interpolation, self.batch_size, self.device,
+                                                  self.workers, self.hw_decoder_load)
+            else:
+                kind = PilDecoder if self.decoder_name == "pil" else TorchDecoder
+                self._batch_decoder = kind(self.res, self.interpolation, self.device, self.workers)
+        return self._batch_decoder
 
     def _decode(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray, encoded: list[np.ndarray]):
         """(images, indices, ready): the batch on the device and, on a GPU, the event its copies end with.
@@ -127,15 +126,19 @@ class ReplayLoader:
             return self._to_device(order[keep], boxes, flips, [encoded[j] for j in keep]) if keep else None
 
     def _to_device(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray, encoded: list[np.ndarray]):
-        box, flip = boxes[order], flips[order]
-        indices = torch.from_numpy(order.copy())
         if self._copy_stream is None:
-            return self._decoder.decode(encoded, box, flip), indices, None
+            return self._handed_over(self._decoder.decode(encoded, boxes[order], flips[order]), order)
         with torch.cuda.stream(self._copy_stream):
-            images = self._decoder.decode(encoded, box, flip)
-            indices = indices.pin_memory().to(self.device, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(self._copy_stream)
+            return self._handed_over(self._decoder.decode(encoded, boxes[order], flips[order]), order)
+
+    def _handed_over(self, images: torch.Tensor, order: np.ndarray):
+        """(images, indices, ready): on a GPU, called on the copy stream, whose event ``ready`` ends the batch's copies."""
+        indices = torch.from_numpy(np.array(order, np.int64))
+        if self._copy_stream is None:
+            return images, indices, None
+        indices = indices.pin_memory().to(self.device, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(self._copy_stream)
         return images, indices, ready
 
     def _undecodable(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
@@ -149,12 +152,25 @@ class ReplayLoader:
                 bad[j] = _first_line(err)
         return bad
 
+    def _streamed(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray):
+        """Yield DALI's pipelined batches; from a batch it fails on, go on batch by batch (which names the file)."""
+        delivered = 0
+        try:
+            with torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else contextlib.nullcontext():
+                for images, positions in self._stream.epoch(order, boxes, flips, self._copy_stream):
+                    delivered += len(positions)
+                    yield self._handed_over(images, positions.numpy())
+        except Exception as err:  # noqa: BLE001 - the batch-by-batch path below reports or skips the culprit
+            warnings.warn(f"DALI's pipelined epoch stopped after {delivered} images ({_first_line(err)}); "
+                          "going on batch by batch", RuntimeWarning, stacklevel=2)
+            yield from self._batches(order[delivered:], boxes, flips)
+
     def _batches(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray):
-        """Yield decoded batches; the reads of batch b+1 run while batch b decodes."""
+        """Yield decoded batches one at a time; the reads of batch b+1 run while batch b decodes."""
         spans = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
 
         def read(span):
-            return [self._readers.submit(_read_bytes, self.index.file(int(i))) for i in span]
+            return [self._readers.submit(read_bytes, self.index.file(int(i))) for i in span]
 
         pending = read(spans[0]) if spans else []
         for b, span in enumerate(spans):
@@ -172,8 +188,9 @@ class ReplayLoader:
         """
         if len(boxes) != len(self.index) or len(flips) != len(self.index):
             raise ValueError(f"{len(boxes)} boxes and {len(flips)} flips for {len(self.index)} images")
-        return Epoch(self._batches(np.asarray(order, np.int64), boxes, flips), len(order), self.prefetch,
-                     desc, progress)
+        order = np.asarray(order, np.int64)
+        batches = (self._streamed if self._stream is not None else self._batches)(order, boxes, flips)
+        return Epoch(batches, len(order), self.prefetch, desc, progress)
 
 
 class Epoch:

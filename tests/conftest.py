@@ -5,8 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench.imagegen import make_image_folder
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Every device here: the CPU always, the GPU too where there is one (`make gpu-check`)."""
+    return request.param
 
 
 @pytest.fixture(autouse=True)

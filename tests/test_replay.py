@@ -1,11 +1,17 @@
 """DALI replay against the PIL reference; epoch ordering, sharding, partial batches, errors."""
 
+import time
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from plan_spy import MarkingPlanSource
 
 from pipeline.crops import center_boxes, sample_crops
 from pipeline.dataset import DatasetError, DatasetIndex
+from pipeline.decoders import resolve_decoder
 from pipeline.loader import ReplayLoader, epoch_order
 from pipeline.pil_replay import replay_pil
 
@@ -22,12 +28,15 @@ def index(mixed_root):
     return DatasetIndex.scan(mixed_root / "train")
 
 
+@pytest.mark.parametrize("decoder", ["dali", "torch"])
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-def test_dali_matches_pil_reference(index, interpolation):
+def test_decoders_match_pil_reference(index, decoder, interpolation, device):
     boxes, flips = sample_crops(3, index.sizes)
     assert flips.any() and not flips.all()
-    loader = ReplayLoader(index, res=40, batch_size=5, device="cpu", decoder="dali", interpolation=interpolation)
+    loader = ReplayLoader(index, res=40, batch_size=5, device=device, decoder=decoder, interpolation=interpolation)
     images, indices = run_epoch(loader, np.arange(len(index)), boxes, flips)
+    assert images.device.type == device
+    images, indices = images.cpu(), indices.cpu()
     assert images.dtype == torch.uint8 and images.shape == (len(index), 3, 40, 40)
     for image, i in zip(images, indices.tolist()):
         with open(index.file(i), "rb") as handle:
@@ -48,16 +57,59 @@ def test_flip_mirrors_the_crop(index):
     assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
 
 
-@pytest.mark.parametrize("decoder", ["dali", "pil"])
-def test_every_image_once_and_last_partial_batch_delivered(index, decoder):
+@pytest.mark.parametrize("decoder", ["dali", "torch", "pil"])
+def test_every_image_once_and_last_partial_batch_delivered(index, decoder, device):
     boxes, flips = sample_crops(0, index.sizes)
-    loader = ReplayLoader(index, res=16, batch_size=7, device="cpu", decoder=decoder)  # 24 = 7+7+7+3
+    loader = ReplayLoader(index, res=16, batch_size=7, device=device, decoder=decoder)  # 24 = 7+7+7+3
     order = epoch_order(len(index), seed=1, epoch=0)
     batches = list(loader.epoch(order, boxes, flips, progress=False))
     assert [len(b[1]) for b in batches] == [7, 7, 7, 3]
-    seen = torch.cat([b[1] for b in batches]).numpy()
+    seen = torch.cat([b[1] for b in batches]).cpu().numpy()
     np.testing.assert_array_equal(seen, order)
     assert sorted(seen.tolist()) == list(range(len(index)))
+
+
+def test_dali_epochs_run_pipelined_and_read_ahead(index, monkeypatch, device):
+    """DALI's async executor with workers reading ahead; an abandoned epoch does not spoil the next;
+    the pixels equal the batch-at-a-time decoder's (on a GPU: the copy out of DALI is complete)."""
+    monkeypatch.setattr("pipeline.dali.PlanSource", MarkingPlanSource)
+    boxes, flips = sample_crops(0, index.sizes)
+    loader = ReplayLoader(index, res=16, batch_size=4, device=device, decoder="dali", prefetch=3)  # 6 batches
+    pipe_folder = Path(loader._stream._plans.name)
+    order = epoch_order(len(index), seed=0, epoch=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back to the batch-by-batch path
+        epoch = iter(loader.epoch(order, boxes, flips, progress=False))
+        first = next(epoch)
+        asked = lambda: {p.name for p in pipe_folder.glob("asked-0-*")}  # noqa: E731
+        deadline = time.monotonic() + 60
+        while len(asked()) < 4 and time.monotonic() < deadline:  # the consumer holds batch 0 only
+            time.sleep(0.05)
+        assert {"asked-0-1", "asked-0-2", "asked-0-3"} <= asked()
+        pipe = loader._stream._pipe
+        assert pipe.exec_async and pipe.exec_pipelined and pipe.prefetch_queue_depth >= 2
+        rest = list(epoch)
+        np.testing.assert_array_equal(torch.cat([first[1]] + [b[1] for b in rest]).cpu().numpy(), order)
+        abandoned = iter(loader.epoch(order, boxes, flips, progress=False))
+        next(abandoned)
+        abandoned.close()
+        again = epoch_order(len(index), seed=0, epoch=1)
+        images, indices = run_epoch(loader, again, boxes, flips)
+    np.testing.assert_array_equal(indices.cpu().numpy(), again)
+    reference = ReplayLoader(index, res=16, batch_size=4, device=device, decoder="dali")
+    reference._stream = None  # the batch-at-a-time decoder: the pipelined one must give the same pixels
+    expected, _ = run_epoch(reference, again, boxes, flips)
+    assert torch.equal(images, expected)
+
+
+def test_auto_decoder_is_the_fastest_measured_for_device_and_size():
+    small, photos = np.tile([[28, 28]], (5, 1)), np.tile([[375, 500]], (5, 1))
+    assert resolve_decoder("auto", "cuda", photos) == "dali"
+    assert resolve_decoder("auto", "cpu", small) == "dali"
+    assert resolve_decoder("auto", "cpu", photos) == "torch"
+    assert resolve_decoder("pil", "cuda", photos) == "pil"
+    with pytest.raises(ValueError, match="decoder 'nvjpeg'"):
+        resolve_decoder("nvjpeg", "cpu", small)
 
 
 def test_eval_boxes_replay_like_resize_then_center_crop(index):

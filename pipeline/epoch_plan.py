@@ -1,0 +1,94 @@
+"""Epoch plans and the per-batch source DALI's Python workers run on them (numpy only: workers never import torch).
+
+The loader writes each epoch's plan (dataset positions in the epoch's order, with their
+boxes and flips) into a folder before DALI runs that epoch. ``PlanSource`` is the
+stateless callable DALI's parallel ``external_source`` wants: given (epoch, iteration) it
+maps that epoch's plan, reads the batch's files and returns them with the graph's inputs,
+so any worker can compute any batch, several batches ahead of the training step.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.dataset import DatasetError, DatasetIndex
+
+PLAN_DTYPE = np.dtype([("index", np.int64), ("box", np.int32, (4,)), ("flip", np.bool_)])
+
+
+def read_bytes(path: str) -> np.ndarray:
+    """A file's bytes as uint8; DatasetError naming the file when it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            return np.frombuffer(handle.read(), dtype=np.uint8)
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def replay_inputs(boxes: np.ndarray, flips: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The graph's per-image inputs: ROI anchor and shape (H, W order) and the resize's relative region.
+
+    A region from x = 1 to x = 0 samples the crop mirrored, so the flip costs no pass of its own.
+    """
+    boxes = np.ascontiguousarray(boxes, dtype=np.int32).reshape(-1, 4)
+    mirrored = np.asarray(flips, dtype=np.float32).reshape(-1)
+    roi_start = np.stack([np.zeros_like(mirrored), mirrored], axis=1)
+    roi_end = np.stack([np.ones_like(mirrored), 1 - mirrored], axis=1)
+    return boxes[:, :2].copy(), boxes[:, 2:].copy(), roi_start, roi_end
+
+
+def plan_path(folder: str | os.PathLike, epoch: int) -> Path:
+    return Path(folder) / f"epoch-{epoch}.npy"
+
+
+def write_plan(folder: str | os.PathLike, epoch: int, order: np.ndarray, boxes: np.ndarray,
+               flips: np.ndarray) -> None:
+    """Write epoch ``epoch``'s plan; ``boxes`` and ``flips`` are indexed by dataset position."""
+    plan = np.empty(len(order), PLAN_DTYPE)
+    plan["index"], plan["box"], plan["flip"] = order, boxes[order], flips[order]
+    tmp = Path(folder) / f".epoch-{epoch}.tmp"
+    with open(tmp, "wb") as handle:
+        np.save(handle, plan)
+    os.replace(tmp, plan_path(folder, epoch))  # a worker never maps a half-written plan
+
+
+class PlanSource:
+    """Per-batch source for DALI's parallel external_source, keyed by ``BatchInfo`` (epoch, iteration).
+
+    Returns (encoded bytes, anchors, shapes, roi starts, roi ends, dataset positions) of one
+    batch, the last one of an epoch possibly short; raises StopIteration past the end, as
+    often as asked (DALI prefetches beyond it). Files are read by a few threads per worker.
+    """
+
+    def __init__(self, index: DatasetIndex, folder: str | os.PathLike, batch_size: int, read_threads: int = 4):
+        self._index_bytes = index.to_bytes()  # compact to pickle into spawned workers
+        self.folder = str(folder)
+        self.batch_size = batch_size
+        self.read_threads = read_threads
+        self._index = None
+        self._plans: dict[int, np.ndarray] = {}
+        self._reader = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_index": None, "_plans": {}, "_reader": None}
+
+    def _plan(self, epoch: int) -> np.ndarray:
+        if epoch not in self._plans:
+            self._plans = {epoch: np.load(plan_path(self.folder, epoch), mmap_mode="r")}
+        return self._plans[epoch]
+
+    def __call__(self, info) -> tuple:
+        plan = self._plan(info.epoch_idx)
+        start = info.iteration * self.batch_size
+        if start >= len(plan):
+            raise StopIteration
+        rows = np.asarray(plan[start:start + self.batch_size])
+        if self._index is None:
+            self._index = DatasetIndex.from_bytes(self._index_bytes)
+            self._reader = ThreadPoolExecutor(max(1, self.read_threads))
+        encoded = list(self._reader.map(read_bytes, (self._index.file(int(i)) for i in rows["index"])))
+        return (encoded, *replay_inputs(rows["box"], rows["flip"]), rows["index"].copy())

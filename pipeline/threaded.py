@@ -1,0 +1,40 @@
+"""Batch decoders that replay image by image on a thread pool: the PIL reference and torchvision.
+
+Both libraries release the GIL while decoding and resizing, so threads decode in parallel.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+
+class ThreadedDecoder:
+    """Replays a batch of crops with ``replay`` (encoded, box, flip, res, interpolation) → uint8 CHW array."""
+
+    name: str
+    interpolations: tuple[str, ...]
+
+    @staticmethod
+    def replay(encoded: np.ndarray, box, flip: bool, res: int, interpolation: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def __init__(self, res: int, interpolation: str = "bilinear", device: torch.device | str = "cpu",
+                 threads: int = 2):
+        if interpolation not in self.interpolations:
+            raise ValueError(f"interpolation {interpolation!r}: expected one of {sorted(self.interpolations)}")
+        self.res = res
+        self.interpolation = interpolation
+        self.device = torch.device(device)
+        self._pool = ThreadPoolExecutor(max(1, threads))
+
+    def decode(self, encoded: list[np.ndarray], boxes: np.ndarray, flips: np.ndarray) -> torch.Tensor:
+        """uint8 (B, 3, res, res) on the device, in the order given; a GPU copy is queued on the current stream."""
+        crops = self._pool.map(lambda args: self.replay(*args, self.res, self.interpolation),
+                               zip(encoded, boxes, flips))
+        images = torch.from_numpy(np.stack(list(crops)))
+        if self.device.type != "cuda":
+            return images
+        return images.pin_memory().to(self.device, non_blocking=True)
