@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     amp: str = "bf16"
+    compile: bool = False  # torch.compile the training step's student (and, online, the teachers)
     val_every: int = 1
     skip_bad: bool = False
     storage_options: dict = field(default_factory=dict)

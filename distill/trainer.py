@@ -131,6 +131,8 @@ class Trainer:
         self.discriminator = Discriminator(self.index.num_classes).to(device) if use_disc else None
         torch.manual_seed(config.seed + self.world.rank)  # each rank draws its own dropout masks, as timm does
         self.student_parallel = self._parallel(self.student)
+        if config.compile:  # after DDP, so that DDP's optimizer splits the graph at its gradient buckets
+            self.student_parallel = torch.compile(self.student_parallel)
         self.discriminator_parallel = self._parallel(self.discriminator)
         self.targets = self._targets()
         self.optimizer = self._optimizer()
@@ -168,7 +170,7 @@ class Trainer:
         crop = CropSpec(self.config.scale, self.config.ratio)
         if self.config.mode == "online":
             ensemble = TeacherEnsemble(parse_teachers(self.config.teachers, self.config.res),
-                                       self.index.num_classes, self.device)
+                                       self.index.num_classes, self.device, self.config.compile)
             return OnlineTargets(ensemble, self.index, self.config.seeds, crop, self.config.disc_input)
         return HardTargets(self.index, self.config.seeds, crop, self.device)
 
@@ -200,6 +202,15 @@ class Trainer:
             losses["loss"] = losses["loss"] + self.config.disc_weight * disc
         return losses
 
+    def step(self, images: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch (uint8 images, dataset positions); the losses stay on the device."""
+        losses = self._losses(images, indices)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return losses
+
     def train_epoch(self, epoch: int) -> dict:
         self.student.train()
         boxes, flips = self.targets.crops(epoch)
@@ -211,11 +222,7 @@ class Trainer:
         batches = self.loader.epoch(order, boxes, flips, desc=f"epoch {epoch + 1}/{self.config.epochs}",
                                     progress=self.progress)
         for images, indices in batches:
-            losses = self._losses(images, indices)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(losses["loss"]).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            losses = self.step(images, indices)
             for key, value in losses.items():  # summed on the device: no host sync per step
                 sums[key] = sums.get(key, 0.0) + value.detach()
             steps += 1

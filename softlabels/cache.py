@@ -89,7 +89,8 @@ def run_cache(job: CacheJob, log=print) -> dict:
     if job.topk > index.num_classes:
         raise ValueError(f"--topk {job.topk}: the data has only {index.num_classes} classes")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its kernels
-    ensemble = TeacherEnsemble(parse_teachers(job.teachers, job.res), index.num_classes, device)
+    ensemble = TeacherEnsemble(parse_teachers(job.teachers, job.res), index.num_classes, device, job.compile)
+    batch_size = job.batch_size or ensemble.batch_size(job.res)
     spec = label_spec(index, ensemble.records, job.res, job.interpolation, job.topk, job.residual, job.crop.attrs())
     def create_or_extend() -> None:
         LabelStore.create_or_extend(job.store, spec, index, list(range(job.seeds)), job.chunk_rows,
@@ -98,12 +99,13 @@ def run_cache(job: CacheJob, log=print) -> dict:
     world.on_main(create_or_extend)
     store = LabelStore.open(job.store, "r+", job.storage_options)
     undecodable: dict[int, str] = {}  # dataset position → the decoder's reason, with --skip-bad
-    loader = ReplayLoader(index, job.res, job.batch_size, device, job.decoder, job.interpolation, job.workers,
+    loader = ReplayLoader(index, job.res, batch_size, device, job.decoder, job.interpolation, job.workers,
                           on_bad=undecodable.setdefault if job.skip_bad else None, hw_decoder_load=job.hw_decoder_load)
     units = [u for u in store.pending_units(shard, num_shards) if u[0] < job.seeds]
     todo = sum(store.rows(chunk).stop - store.rows(chunk).start for _, chunk in units)
     log(f"cache-teachers: {len(index)} images, {job.seeds} seed slot(s), {len(units)} unit(s) to do "
-        f"on {device} with {loader.decoder_name}" + (f" (rank 0 of {world.world_size})" if world.distributed else ""))
+        f"on {device} with {loader.decoder_name}, {batch_size} a batch"
+        + (f" (rank 0 of {world.world_size})" if world.distributed else ""))
     crops_slot, boxes, flips = None, None, None
     labelling_started = time.perf_counter()  # the rate leaves out set-up (index, teachers, store), paid once
     writer = UnitWriter(store)
@@ -126,5 +128,5 @@ def run_cache(job: CacheJob, log=print) -> dict:
     info = store.info()
     return {"store": job.store, "images": len(index), "seed_slots": len(store.seeds), "complete": complete,
             "rank": world.rank, "images_labelled": todo, "bytes": info["bytes"], "bytes_per_crop": info["bytes_per_crop"],
-            "seconds": seconds, "labelling_seconds": labelling,
+            "batch_size": batch_size, "seconds": seconds, "labelling_seconds": labelling,
             "images_per_sec": todo / labelling if labelling else 0.0}

@@ -36,7 +36,8 @@ class CacheJob:
     topk: int = 5
     residual: str = "uniform"
     interpolation: str = "bilinear"
-    batch_size: int = 64
+    batch_size: int | None = None  # None: on a GPU the largest that fits, on the CPU 64 (TeacherEnsemble.batch_size)
+    compile: bool = False  # torch.compile the teachers
     device: str = "auto"
     decoder: str = "auto"
     hw_decoder_load: float | None = None  # None: DALI's default share for the hardware JPEG decoder
@@ -50,7 +51,7 @@ class CacheJob:
 
     def validate(self) -> None:
         for name in ("res", "seeds", "topk", "batch_size", "chunk_rows"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.residual not in RESIDUALS:
             raise ValueError(f"--residual {self.residual!r}: expected one of {RESIDUALS}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,10 +48,33 @@ def parse_teachers(text: str | None, res: int) -> list[TeacherSpec]:
     return [TeacherSpec.parse(part) for part in text.split(",") if part.strip()]
 
 
-class TeacherEnsemble(nn.Module):
-    """Frozen teachers in eval mode; ``forward`` gives the mean of their softmax and of their logits."""
+CPU_BATCH = 64  # cache-teachers' batch on the CPU; on a GPU the largest that fits (fitting_batch)
+LARGEST_BATCH = 1024
+GPU_MEMORY_SHARE = 0.8  # of the GPU's memory a probe batch may take: the rest is the decoder's and the allocator's
 
-    def __init__(self, specs: list[TeacherSpec], num_classes: int, device: torch.device | str = "cpu"):
+
+def fitting_batch(peak_share: Callable[[int], float], largest: int = LARGEST_BATCH) -> int:
+    """The largest power of two ≤ ``largest`` whose probe fits: ``peak_share(b)`` is the memory share batch b
+    peaked at, or raises torch.cuda.OutOfMemoryError. Tried from the top down; 1 if nothing larger fits."""
+    batch = 1 << (largest.bit_length() - 1)
+    while batch > 1:
+        try:
+            if peak_share(batch) <= GPU_MEMORY_SHARE:
+                return batch
+        except torch.cuda.OutOfMemoryError:
+            pass
+        batch //= 2
+    return 1
+
+
+class TeacherEnsemble(nn.Module):
+    """Frozen teachers in eval mode; ``forward`` gives the mean of their softmax and of their logits.
+
+    ``compile`` runs each teacher through torch.compile (the weights stay the modules' own).
+    """
+
+    def __init__(self, specs: list[TeacherSpec], num_classes: int, device: torch.device | str = "cpu",
+                 compile: bool = False):
         super().__init__()
         if not specs:
             raise TeacherError("at least one teacher is needed")
@@ -68,6 +92,23 @@ class TeacherEnsemble(nn.Module):
         self.norms = nn.ModuleList(norms)
         self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         self.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
+        self._forwards = [torch.compile(model) if compile else model for model in self.models]
+
+    def batch_size(self, res: int) -> int:
+        """cache-teachers' default batch: on a GPU the largest that fits (probed at ``res``), else CPU_BATCH."""
+        if self.device.type != "cuda":
+            return CPU_BATCH
+
+        def peak_share(batch: int) -> float:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self(torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, device=self.device))
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / torch.cuda.get_device_properties(
+                self.device).total_memory
+        batch = fitting_batch(peak_share)
+        torch.cuda.empty_cache()
+        return batch
 
     @staticmethod
     def _record(spec: TeacherSpec, model: nn.Module, mean, std) -> dict:
@@ -87,7 +128,7 @@ class TeacherEnsemble(nn.Module):
         probs = torch.zeros(images.shape[0], self.num_classes, device=self.device)
         logits = torch.zeros_like(probs)
         with autocast(self.device):
-            for norm, model in zip(self.norms, self.models):
+            for norm, model in zip(self.norms, self._forwards):
                 out = model(norm(images).contiguous(memory_format=self.memory_format)).float()
                 probs += out.softmax(-1)
                 logits += out
