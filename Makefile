@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN = $(VENV)/bin
 
-.PHONY: demo test bench fashion-mnist
+.PHONY: demo test bench gpu-check fashion-mnist
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,12 @@ test: $(BIN)/.installed fashion-mnist
 
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench --quick
+
+# On a GPU machine, with that machine's python and the packages already there (no venv, no
+# network): the suite (tests that take a device run on cuda too), a 2-epoch cached distill of
+# generated photos through the real commands, and the GPU bench (docs/benchmarks.md).
+GPU_CHECK ?= runs/gpu-check
+gpu-check:
+	PYTHONPATH=. $(PYTHON) -m pytest -q
+	PYTHONPATH=. $(PYTHON) -m bench.gpu_check --out $(GPU_CHECK)
+	PYTHONPATH=. $(PYTHON) -m bench --device cuda --quick --out $(GPU_CHECK)

@@ -20,7 +20,7 @@ def smooth_image(rng: np.random.Generator, height: int, width: int, hue: int) ->
     return np.clip(127.5 + 110 * (base + noise), 0, 255).astype(np.uint8)
 
 
-def save(array: np.ndarray, path: Path, kind: str = "rgb", orientation: int | None = None) -> None:
+def save(array: np.ndarray, path: Path, kind: str = "rgb", orientation: int | None = None, quality: int = 92) -> None:
     """Write array as JPEG ("rgb", "grey", "cmyk") or PNG ("png"), optionally with an EXIF orientation."""
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(array)
@@ -34,11 +34,11 @@ def save(array: np.ndarray, path: Path, kind: str = "rgb", orientation: int | No
     exif = image.getexif()
     if orientation is not None:
         exif[ORIENTATION_TAG] = orientation
-    image.save(path, "JPEG", quality=92, exif=exif)
+    image.save(path, "JPEG", quality=quality, exif=exif)
 
 
 def make_image_folder(root: Path, split: str = "train", classes: int = 3, per_class: int = 6, seed: int = 0,
-                      size: tuple[int, int] = (48, 64), mixed: bool = True) -> Path:
+                      size: tuple[int, int] = (48, 64), mixed: bool = True, quality: int = 92) -> Path:
     """ROOT/split/class_k/img_j.{jpg,png}; with ``mixed`` the set includes every awkward kind."""
     rng = np.random.default_rng(seed)
     kinds = ["rgb", "grey", "cmyk", "png", "rot6", "rot8", "rot3", "odd"] if mixed else ["rgb"]
@@ -54,9 +54,9 @@ def make_image_folder(root: Path, split: str = "train", classes: int = 3, per_cl
             array = smooth_image(rng, h, w, hue=c)
             name = f"class_{c}/img_{j:03d}"
             if kind.startswith("rot"):
-                save(array, split_dir / f"{name}.jpg", "rgb", orientation=int(kind[3:]))
+                save(array, split_dir / f"{name}.jpg", "rgb", orientation=int(kind[3:]), quality=quality)
             elif kind == "png":
                 save(array, split_dir / f"{name}.png", "png")
             else:
-                save(array, split_dir / f"{name}.jpg", "rgb" if kind == "odd" else kind)
+                save(array, split_dir / f"{name}.jpg", "rgb" if kind == "odd" else kind, quality=quality)
     return split_dir

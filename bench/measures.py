@@ -28,32 +28,38 @@ STUDENT = "mobilenetv3_small_050"
 BATCH = 64
 
 
-def save_teachers(folder: Path, classes: int) -> str:
+def save_teachers(folder: Path, classes: int, names: tuple[str, ...] = TEACHERS) -> str:
     """Random-weight teachers (speed does not depend on the weights) saved locally: a --teachers spec."""
     specs = []
-    for name in TEACHERS:
+    for name in names:
         path = folder / f"{name}.safetensors"
         save_file(timm.create_model(name, num_classes=classes).state_dict(), str(path))
         specs.append(f"{name}={path}")
     return ",".join(specs)
 
 
-def _median_seconds(step, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
+def median_seconds(step, repeats: int, warmup: int = 2, device: str | torch.device = "cpu") -> float:
+    """Median seconds of ``step``; on a GPU each step is waited for, so the time is the device's."""
+    def timed():
         step()
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+    for _ in range(warmup):
+        timed()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        step()
+        timed()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
-def forward_seconds(spec: str, classes: int, res: int, repeats: int) -> float:
-    """Seconds per batch of the teacher ensemble on pre-decoded uint8 tensors."""
-    ensemble = TeacherEnsemble(parse_teachers(spec, res), classes, "cpu")
-    images = torch.randint(0, 256, (BATCH, 3, res, res), dtype=torch.uint8)
-    return _median_seconds(lambda: ensemble(images), repeats)
+def forward_seconds(spec: str, classes: int, res: int, repeats: int, device: str | torch.device = "cpu",
+                    batch: int = BATCH) -> float:
+    """Seconds per batch of the teacher ensemble on uint8 tensors already on ``device``."""
+    ensemble = TeacherEnsemble(parse_teachers(spec, res), classes, device)
+    images = torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, device=device)
+    return median_seconds(lambda: ensemble(images), repeats, device=device)
 
 
 def student_step_seconds(classes: int, res: int, repeats: int) -> float:
@@ -71,7 +77,7 @@ def student_step_seconds(classes: int, res: int, repeats: int) -> float:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return _median_seconds(step, repeats)
+    return median_seconds(step, repeats)
 
 
 class _TorchvisionCrops(Dataset):
@@ -92,33 +98,46 @@ class _TorchvisionCrops(Dataset):
         return (TF.horizontal_flip(crop) if self.flips[i] else crop), i
 
 
-def _images_per_sec(batches, count: int) -> float:
+def _images_per_sec(batches, count: int, device: torch.device = torch.device("cpu")) -> float:
     started = time.perf_counter()
     for _ in batches:
         pass
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return count / (time.perf_counter() - started)
 
 
-def loader_rates(index: DatasetIndex, res: int, workers: int, rounds: int, seed: int = 0) -> tuple[float, float]:
-    """Median images/s of the DALI replay loader and of a torchvision DataLoader doing the same crops.
+def _on_device(batches, device: torch.device):
+    """The DataLoader's batches moved to the device, as a training loop would (pinned, non-blocking)."""
+    for images, indices in batches:
+        yield images.to(device, non_blocking=True), indices
+
+
+def loader_rates(index: DatasetIndex, res: int, workers: int, rounds: int, seed: int = 0, decoder: str = "dali",
+                 device: str = "cpu", batch: int = BATCH) -> tuple[float, float]:
+    """Median images/s of the replay loader (``decoder``) and of a torchvision DataLoader doing the same crops.
 
     Both are warm (graph built, worker processes started) and take turns, pass by pass, so a
-    change in the machine's load hits both alike. ``workers`` is DALI's thread count and the
-    DataLoader's process count.
+    change in the machine's load hits both alike. ``workers`` is the replay's thread count and
+    the DataLoader's process count. On a GPU both deliver batches on the device; a pass ends
+    when its last batch has arrived there.
     """
+    device = torch.device(device)
     boxes, flips = CropSpec().draw(seed, index.sizes)
     order = epoch_order(len(index), 0, 0)
-    dali = ReplayLoader(index, res, BATCH, "cpu", "dali", "bilinear", workers)
-    torchvision = DataLoader(_TorchvisionCrops(index, boxes, flips, res), batch_size=BATCH, num_workers=workers,
-                             sampler=order.tolist(), persistent_workers=workers > 0)
-    passes = {"dali": lambda: dali.epoch(order, boxes, flips, progress=False), "torchvision": lambda: torchvision}
+    replay = ReplayLoader(index, res, batch, device, decoder, "bilinear", workers)
+    torchvision = DataLoader(_TorchvisionCrops(index, boxes, flips, res), batch_size=batch, num_workers=workers,
+                             sampler=order.tolist(), persistent_workers=workers > 0,
+                             pin_memory=device.type == "cuda")
+    passes = {"replay": lambda: replay.epoch(order, boxes, flips, progress=False),
+              "torchvision": lambda: _on_device(torchvision, device)}
     rates: dict[str, list[float]] = {name: [] for name in passes}
     for round_ in range(rounds + 1):  # the first round warms both and is left out
         for name, batches in passes.items():
-            rate = _images_per_sec(batches(), len(order))
+            rate = _images_per_sec(batches(), len(order), device)
             if round_:
                 rates[name].append(rate)
-    return statistics.median(rates["dali"]), statistics.median(rates["torchvision"])
+    return statistics.median(rates["replay"]), statistics.median(rates["torchvision"])
 
 
 def training_rates(root: Path, out: Path, epochs: int, **modes: dict) -> dict[str, float]:
@@ -159,4 +178,4 @@ def slot_load_seconds(folder: Path, num_images: int, topk: int = 5, classes: int
         store.write_unit(0, chunk, SlotLabels(probs, top, boxes[rows], flips[rows]))
     store.finalize()
     reader = LabelStore.open(str(folder / f"slot-{num_images}.zarr"))
-    return _median_seconds(lambda: reader.read_slot(0), repeats=3, warmup=1)
+    return median_seconds(lambda: reader.read_slot(0), repeats=3, warmup=1)
