@@ -62,8 +62,12 @@ class EvalTransform:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, normalize: nn.Module, loader: ReplayLoader, transform: EvalTransform,
-             amp: str = "bf16", world: World = World(), progress: bool = True) -> dict:
-    """{"top1", "top5", "images", eval transform} over ``loader.index``, each image scored once (ranks share)."""
+             amp: str = "bf16", world: World = World(), progress: bool = True, predictions: bool = False) -> dict:
+    """{"top1", "top5", "images", eval transform} over ``loader.index``, each image scored once (ranks share).
+
+    ``predictions`` adds "predictions": each image's top-1 class (int64, in index order), for
+    paired comparisons of two models on the same images.
+    """
     if loader.interpolation != transform.interpolation:
         raise ValueError(f"loader resizes {loader.interpolation}, the eval transform asks {transform.interpolation}")
     index: DatasetIndex = loader.index
@@ -74,16 +78,22 @@ def evaluate(model: nn.Module, normalize: nn.Module, loader: ReplayLoader, trans
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, dtype=torch.float64, device=loader.device)  # top-1 hits, top-5 hits, images
+    classes = torch.zeros(len(index), dtype=torch.int64, device=loader.device)  # top-1 class + 1; 0: another rank's
     for images, indices in loader.epoch(order, boxes, flips, desc="eval", progress=progress):
         with autocast(loader.device, amp):
             logits = model(normalize(images))
+        if predictions:
+            classes[indices] = logits.argmax(1) + 1
         top1, top5 = accuracy(logits.float(), labels[indices], topk=(1, min(5, logits.shape[1])))
         counts += torch.stack([top1 * len(indices) / 100, top5 * len(indices) / 100,
                                torch.tensor(float(len(indices)), device=counts.device)]).to(counts.dtype)
     model.train(was_training)
     hits1, hits5, seen = world.sum(counts).tolist()  # the one host sync of an evaluation
-    return {"top1": 100 * hits1 / max(seen, 1), "top5": 100 * hits5 / max(seen, 1), "images": int(seen),
-            **transform.record()}
+    result = {"top1": 100 * hits1 / max(seen, 1), "top5": 100 * hits5 / max(seen, 1), "images": int(seen),
+              **transform.record()}
+    if predictions:
+        result["predictions"] = (world.sum(classes) - 1).cpu().numpy()
+    return result
 
 
 class _EnsembleScores(nn.Module):
@@ -100,7 +110,7 @@ class _EnsembleScores(nn.Module):
 def evaluate_saved(data: str, res: int = 224, model: str | None = None, checkpoint: str | None = None,
                    teachers: str | None = None, batch_size: int = 64, device: str = "auto",
                    decoder: str = "auto", workers: int | None = None, crop_pct: float | None = None,
-                   eval_interpolation: str | None = None) -> dict:
+                   eval_interpolation: str | None = None, predictions: bool = False) -> dict:
     """`mealv2 evaluate`: top-1/top-5 on ROOT/val of one saved model, or of a teacher ensemble's mean softmax."""
     if (teachers is None) == (model is None or checkpoint is None):
         raise ValueError("evaluate needs either --model NAME --checkpoint PATH or --teachers SPEC[,SPEC...]")
@@ -115,4 +125,4 @@ def evaluate_saved(data: str, res: int = 224, model: str | None = None, checkpoi
         normalize = Normalize(*normalization(scored)).to(torch_device)
         transform = EvalTransform.of([scored], crop_pct, eval_interpolation)
     loader = ReplayLoader(index, res, batch_size, torch_device, decoder, transform.interpolation, workers)
-    return evaluate(scored, normalize, loader, transform)
+    return evaluate(scored, normalize, loader, transform, predictions=predictions)

@@ -138,7 +138,7 @@ def labels_info(store, as_json, storage_options):
     info = _fail_cleanly(lambda: LabelStore.open(store, "r", _storage_options(storage_options)).info())
     if as_json:
         click.echo(json.dumps(info))
-        return
+        return info
     teachers = ", ".join(t["name"] + " (" + (t.get("pretrained") or "sha256 " + t["checkpoint_sha256"][:12]) + ")"
                          for t in info["teachers"])
     for key, value in [("store", info["url"]), ("teachers", teachers), ("res", info["res"]),
@@ -312,13 +312,20 @@ def train(**options):
 @click.option("--res", type=int, default=224, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@click.option("--predictions", "predictions_path", type=click.Path(dir_okay=False), default=None,
+              help="also write each image's top-1 class to this .npy (ROOT/val's index order)")
 @runtime_options
 @_apply(eval_transform_options())
-def evaluate(as_json, **options):
+def evaluate(as_json, predictions_path, **options):
     """Top-1 / top-5 on ROOT/val with the model's own eval transform (crop fraction, interpolation)."""
+    import numpy as np
+
     from distill.evaluate import evaluate_saved
 
-    result = _fail_cleanly(lambda: evaluate_saved(**options))
+    result = _fail_cleanly(lambda: evaluate_saved(**options, predictions=predictions_path is not None))
+    if predictions_path is not None:
+        np.save(predictions_path, result.pop("predictions"))
+        result["predictions"] = predictions_path
     click.echo(json.dumps(result) if as_json else
                f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images; "
                f"crop {result['crop_pct']:g} {result['crop_mode']}, {result['interpolation']})")
@@ -375,11 +382,20 @@ def data_check(root, decoder, workers):
 @click.option("--seed", type=int, default=0, show_default=True, help="run seed of every training run")
 @click.option("--quick", is_flag=True, help="a few hundred images, tiny models, one epoch each (about a minute)")
 @click.option("--source", type=click.Path(file_okay=False), default=None, help="folder of the Fashion-MNIST IDX files")
-def demo(out, seed, quick, source):
+@click.option("--slots-study", is_flag=True,
+              help="instead: the distilled student from 1, 2, 4, 8 and 16 seed slots and online, over run seeds "
+                   "SEED, SEED+1, SEED+2 (about 75 minutes on 2 cores; --quick: 1 and 2 slots, one seed)")
+def demo(out, seed, quick, source, slots_study):
     """MEAL V2 in miniature on Fashion-MNIST: teachers, cache, baseline and distilled student, on the CPU."""
     from mealv2.demo import FULL, QUICK, Demo
 
     def run_command(argv: list[str]):
         return main.main(argv, prog_name="mealv2", standalone_mode=False)
 
-    return Demo(out, seed, QUICK if quick else FULL, run_command, source).run()
+    plan = QUICK if quick else FULL
+    if not slots_study:
+        return Demo(out, seed, plan, run_command, source).run()
+    from mealv2.slots_study import SLOTS, SlotsStudy
+
+    slots, run_seeds = ((1, 2), (seed,)) if quick else (SLOTS, (seed, seed + 1, seed + 2))
+    return SlotsStudy(out, seed, plan, run_command, source, slots=slots, run_seeds=run_seeds).run()

@@ -30,6 +30,11 @@ def plot_report(curves: dict[str, list[dict]], summary: dict, path: Path) -> Non
     colours = ["#999999"] * (len(plan["teachers"]) + 1) + ["#d08c3a", "#3a7bd0"]
     bars = bar_ax.bar(names, values, color=colours)
     bar_ax.bar_label(bars, fmt="%.2f")
+    low_gain, high_gain = summary["gain_ci95"]  # the gain's paired interval, drawn on the MEAL V2 bar
+    bar_ax.errorbar([len(names) - 1], [summary["baseline_top1"] + summary["gain"]],
+                    yerr=[[summary["gain"] - low_gain], [high_gain - summary["gain"]]], fmt="none", ecolor="black",
+                    capsize=6, label="gain's 95% interval (paired bootstrap)")
+    bar_ax.legend(fontsize=8, loc="lower right")
     low = min(values)
     bar_ax.set_ylim(max(0.0, low - 10), min(100.0, max(values) + 3))
     bar_ax.set(title=f"top-1 on {summary['val_images']} test images (student {plan['student']})", ylabel="%")
