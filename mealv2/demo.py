@@ -22,7 +22,7 @@ import click
 class DemoPlan:
     """Everything the demo's size and duration depend on."""
 
-    limit_train: int | None
+    limit_train: int | None  # the teachers' training images (the first N of Fashion-MNIST's 60,000)
     limit_val: int | None
     res: int
     teachers: tuple[str, ...]
@@ -36,6 +36,7 @@ class DemoPlan:
     discriminator: bool
     crop_scale: tuple[float, float]  # RandomResizedCrop area range of the teachers, the cache and the baseline
     seeds: int  # crop seed slots cached: the student sees a new crop of each image for this many epochs
+    student_images: int | None = None  # the students' training images, the first N of the teachers'; None: all
 
     def lr_steps(self, epochs: int) -> str:
         """×0.1 at two thirds and again near the end, as a step schedule compressed into a short run."""
@@ -46,14 +47,14 @@ class DemoPlan:
 # discriminator left out and the crop scale were chosen there by measurement at this scale (from scratch,
 # 32 px, 12 epochs); milder crops (0.25) raised every model but not the gain.
 FULL = DemoPlan(limit_train=10_000, limit_val=None, res=32, teachers=("resnet18", "resnet10t"),
-                student="mobilenetv3_small_050", teacher_epochs=12, student_epochs=12, batch_size=128,
+                student="mobilenetv3_small_050", teacher_epochs=12, student_epochs=30, batch_size=128,
                 teacher_lr=0.1, student_lr=0.03, student_weight_decay=1e-4, discriminator=False,
-                crop_scale=(0.08, 1.0), seeds=12)
+                crop_scale=(0.08, 1.0), seeds=12, student_images=2_000)
 # The test suite's run: a few hundred images, timm's tiny test models, one epoch each.
 QUICK = DemoPlan(limit_train=300, limit_val=200, res=32, teachers=("test_resnet", "test_efficientnet"),
                  student="test_convnext", teacher_epochs=1, student_epochs=1, batch_size=32, teacher_lr=0.05,
                  student_lr=0.05, student_weight_decay=1e-4, discriminator=False, crop_scale=(0.08, 1.0),
-                 seeds=1)
+                 seeds=1, student_images=150)
 
 
 class Demo:
@@ -78,50 +79,103 @@ class Demo:
         return result
 
     def _fit(self, stage: str, command: str, model_flag: str, model: str, epochs: int, lr: float,
-             *extra) -> list[dict]:
-        """`mealv2 train|distill` with the plan's schedule; returns its metrics.jsonl rows."""
+             *extra, seed: int | None = None, data: Path | None = None) -> list[dict]:
+        """`mealv2 train|distill` with the plan's schedule on ``data`` (the students'); returns its metrics rows."""
         out = self.out / stage
-        self._command(stage, command, "--data", self.data, model_flag, model, "--out", out, "--init", "scratch",
+        self._command(stage, command, "--data", data or self.student_data, model_flag, model, "--out", out,
+                      "--init", "scratch",
                       "--epochs", epochs, "--lr", lr, "--lr-steps", self.plan.lr_steps(epochs),
-                      "--batch-size", self.plan.batch_size, "--res", self.plan.res, "--seed", self.seed,
+                      "--batch-size", self.plan.batch_size, "--res", self.plan.res,
+                      "--seed", self.seed if seed is None else seed,
                       "--val-every", max(1, epochs // 4), "--no-progress", *extra)
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    def _distill(self, stage: str, *extra, seed: int | None = None) -> list[dict]:
+        """The plan's MEAL V2 student (from a store, or online with the teachers' spec in ``extra``)."""
+        plan = self.plan
+        return self._fit(stage, "distill", "--student", plan.student, plan.student_epochs, plan.student_lr,
+                         "--weight-decay", plan.student_weight_decay,
+                         "--discriminator" if plan.discriminator else "--no-discriminator", *extra, seed=seed)
+
+    def _paired(self, baseline: str, other: str) -> dict:
+        """The two students' final weights scored image by image on the test split: the gain and its statistics."""
+        import numpy as np
+
+        from mealv2.paired import paired_gain
+        from pipeline.dataset import load_index
+
+        labels = load_index(self.student_data / "val").labels
+        correct = {}
+        for stage in (baseline, other):
+            path = self.out / stage / "predictions.npy"
+            self._command("paired", "evaluate", "--data", self.student_data, "--model", self.plan.student,
+                          "--checkpoint", self.out / stage / "model.safetensors", "--res", self.plan.res,
+                          "--predictions", path, "--json")
+            correct[stage] = np.load(path) == labels
+        return paired_gain(correct[baseline], correct[other], seed=self.seed)
 
     @property
     def data(self) -> Path:
         return self.out / "data"
 
-    def run(self) -> dict:
+    @property
+    def student_data(self) -> Path:
+        """The students' training images: the first ``student_images`` of the teachers', or the same folder."""
+        return self.data if self.plan.student_images is None else self.out / "data-students"
+
+    @property
+    def crop(self) -> tuple:
+        """The teachers', the cache's and the baseline's crop range (the distilled student replays the store's)."""
+        return ("--scale", *self.plan.crop_scale)
+
+    def _start(self) -> None:
+        """Refuse a used OUT, then write the data."""
         plan = self.plan
         if self.out.exists() and any(self.out.iterdir()):
             raise click.ClickException(f"{self.out}: exists and is not empty; choose another --out or remove it")
+        splits = [(self.data, plan.limit_train)]
+        if self.student_data != self.data:
+            splits.append((self.student_data, plan.student_images))
+        for folder, images in splits:
+            options = {"--limit-train": images, "--limit-val": plan.limit_val, "--source": self.source}
+            self._command("data", "data", "fashion-mnist", "--out", folder,
+                          *[part for flag, value in options.items() if value is not None for part in (flag, value)])
+
+    def _teachers(self, curves: dict) -> str:
+        """Train the plan's teachers (their curves go into ``curves``); returns their --teachers spec."""
+        for name in self.plan.teachers:
+            curves[f"teacher {name}"] = self._fit(f"teacher-{name}", "train", "--model", name,
+                                                  self.plan.teacher_epochs, self.plan.teacher_lr, *self.crop,
+                                                  data=self.data)
+        return ",".join(f"{name}={self.out / f'teacher-{name}' / 'model.safetensors'}" for name in self.plan.teachers)
+
+    def _cache(self, spec: str, slots: int) -> Path:
+        store = self.out / "labels.zarr"
+        self._command("cache", "cache-teachers", "--data", self.student_data, "--store", store,
+                      "--res", self.plan.res, "--teachers", spec, "--seeds", slots, "--batch-size", 256, *self.crop)
+        return store
+
+    def run(self) -> dict:
+        plan = self.plan
         started = time.perf_counter()
-        options = {"--limit-train": plan.limit_train, "--limit-val": plan.limit_val, "--source": self.source}
-        self._command("data", "data", "fashion-mnist", "--out", self.data,
-                      *[part for flag, value in options.items() if value is not None for part in (flag, value)])
-        crop = ("--scale", *plan.crop_scale)  # the distilled student replays the store's crops
+        self._start()
         curves = {}
-        for name in plan.teachers:
-            curves[f"teacher {name}"] = self._fit(f"teacher-{name}", "train", "--model", name, plan.teacher_epochs,
-                                                  plan.teacher_lr, *crop)
-        spec = ",".join(f"{name}={self.out / f'teacher-{name}' / 'model.safetensors'}" for name in plan.teachers)
+        spec = self._teachers(curves)
         ensemble = self._command("ensemble", "evaluate", "--data", self.data, "--teachers", spec,
                                  "--res", plan.res, "--json")
-        store = self.out / "labels.zarr"
-        self._command("cache", "cache-teachers", "--data", self.data, "--store", store, "--res", plan.res,
-                      "--teachers", spec, "--seeds", plan.seeds, "--batch-size", 256, *crop)
-        decay = ("--weight-decay", plan.student_weight_decay)
+        store = self._cache(spec, plan.seeds)
         curves["baseline (hard labels)"] = self._fit("baseline", "train", "--model", plan.student,
-                                                     plan.student_epochs, plan.student_lr, *decay, *crop,
+                                                     plan.student_epochs, plan.student_lr,
+                                                     "--weight-decay", plan.student_weight_decay, *self.crop,
                                                      "--seeds", plan.seeds)
-        curves["MEAL V2 (cached soft labels)"] = self._fit(
-            "distilled", "distill", "--student", plan.student, plan.student_epochs, plan.student_lr, *decay,
-            "--labels", store, "--discriminator" if plan.discriminator else "--no-discriminator")
+        curves["MEAL V2 (cached soft labels)"] = self._distill("distilled", "--labels", store)
+        paired = self._paired("baseline", "distilled")
         summary = {
             "teacher_top1": [curves[f"teacher {name}"][-1]["val_top1"] for name in plan.teachers],
             "ensemble_top1": ensemble["top1"],
             "baseline_top1": curves["baseline (hard labels)"][-1]["val_top1"],
             "distilled_top1": curves["MEAL V2 (cached soft labels)"][-1]["val_top1"],
+            **paired,
             "seconds": self.seconds | {"total": round(time.perf_counter() - started, 1)},
             "val_images": ensemble["images"],
             "seed": self.seed,
@@ -143,7 +197,9 @@ def summary_table(summary: dict) -> str:
     rows += [("teacher ensemble (mean softmax)", f"{summary['ensemble_top1']:.2f}%"),
              (f"{plan['student']}, hard labels", f"{summary['baseline_top1']:.2f}%"),
              (f"{plan['student']}, MEAL V2", f"{summary['distilled_top1']:.2f}%"),
-             ("MEAL V2 gain", f"{summary['distilled_top1'] - summary['baseline_top1']:+.2f} points")]
+             ("MEAL V2 gain (paired 95% interval)",
+              f"{summary['gain']:+.2f} [{summary['gain_ci95'][0]:+.2f}, {summary['gain_ci95'][1]:+.2f}]"),
+             ("McNemar p (paired)", f"{summary['mcnemar_p']:.2g}")]
     lines = [f"top-1 on {summary['val_images']} test images"] + [f"  {name:<40}{value:>12}" for name, value in rows]
     lines += ["seconds per stage"] + [f"  {stage:<40}{seconds:>12.1f}" for stage, seconds in summary["seconds"].items()]
     return "\n".join(lines)
