@@ -60,7 +60,7 @@ def _fed_graph(res: int, interpolation: str, on_gpu: bool, hw_decoder_load: floa
 
 def _planned_graph(source: PlanSource, prefetch: int, res: int, interpolation: str, on_gpu: bool,
                    hw_decoder_load: float | None):
-    """Inputs pulled from ``source`` by DALI's Python workers, ``prefetch`` batches ahead; the positions pass through."""
+    """Inputs pulled from ``source`` by DALI's Python workers, ``prefetch`` batches ahead; positions pass through."""
     *inputs, positions = fn.external_source(source=source, num_outputs=len(_INPUTS) + 1, batch=True,
                                             batch_info=True, parallel=True, prefetch_queue_depth=prefetch)
     return _replay(*inputs, res, interpolation, on_gpu, hw_decoder_load), positions

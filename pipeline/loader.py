@@ -132,7 +132,7 @@ class ReplayLoader:
             return self._handed_over(self._decoder.decode(encoded, boxes[order], flips[order]), order)
 
     def _handed_over(self, images: torch.Tensor, order: np.ndarray):
-        """(images, indices, ready): on a GPU, called on the copy stream, whose event ``ready`` ends the batch's copies."""
+        """(images, indices, ready): on a GPU, called on the copy stream; its event ``ready`` ends the batch's copies."""
         indices = torch.from_numpy(np.array(order, np.int64))
         if self._copy_stream is None:
             return images, indices, None
