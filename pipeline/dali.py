@@ -160,31 +160,34 @@ class DaliStream:
                                     on_gpu=on_gpu, hw_decoder_load=hw_decoder_load)
         self._pipe = None
         self._epoch = 0  # DALI's epoch counter: the plan the workers read next
+        self._running = False  # an epoch of self._pipe is under way (or was abandoned unfinished)
         self._in_copy: collections.deque = collections.deque()  # (DALI outputs, copy-done event) on a GPU
 
     def epoch(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray, stream=None):
         """Yield (images, positions) for ``order``; on a GPU the image copies are queued on ``stream``."""
-        if self._pipe is None:
+        if len(order) == 0:
+            return
+        if self._pipe is None or self._running:  # a pipeline mid-epoch cannot start another
             self._pipe, self._epoch = self._build(), 0
             self._pipe.build()
-        write_plan(self._plans.name, self._epoch, order, boxes, flips)
-        finished = False
+        pipe, epoch = self._pipe, self._epoch
+        self._running = True
+        write_plan(self._plans.name, epoch, order, boxes, flips)
         try:
             while True:
                 try:
-                    images, positions = self._pipe.run(stream) if stream is not None else self._pipe.run()
+                    images, positions = pipe.run(stream) if stream is not None else pipe.run()
                 except StopIteration:
-                    finished = True
                     break
                 yield self._hand_over(images, stream), torch.from_numpy(np.array(positions.as_tensor()))
         except BaseException:
-            self._pipe = None  # a pipeline that raised, or was left mid-epoch, cannot go on
+            if self._pipe is pipe:  # a pipeline that raised, or was left mid-epoch, cannot go on
+                self._pipe, self._running = None, False
             raise
-        finally:
-            if finished:
-                self._pipe.reset()
-                plan_path(self._plans.name, self._epoch).unlink(missing_ok=True)
-                self._epoch += 1
+        pipe.reset()
+        plan_path(self._plans.name, epoch).unlink(missing_ok=True)
+        if self._pipe is pipe:
+            self._epoch, self._running = epoch + 1, False
 
     def _hand_over(self, images, stream) -> torch.Tensor:
         """Copy out of DALI; on a GPU, DALI's buffer is kept referenced until the copy's event has passed."""

@@ -102,6 +102,21 @@ def test_dali_epochs_run_pipelined_and_read_ahead(index, monkeypatch, device):
     assert torch.equal(images, expected)
 
 
+def test_an_epoch_started_while_another_is_unfinished_gets_its_own_images(index):
+    boxes, flips = sample_crops(0, index.sizes)
+    loader = ReplayLoader(index, res=16, batch_size=4, device="cpu", decoder="dali")
+    stream = loader._stream
+    first, second = epoch_order(len(index), 0, 0), epoch_order(len(index), 0, 1)
+    unfinished = stream.epoch(first, boxes, flips)
+    next(unfinished)
+    seen = torch.cat([positions for _, positions in stream.epoch(second, boxes, flips)])
+    np.testing.assert_array_equal(seen.numpy(), second)
+    unfinished.close()  # the old epoch's pipeline goes; the new one stays usable
+    seen = torch.cat([positions for _, positions in stream.epoch(first, boxes, flips)])
+    np.testing.assert_array_equal(seen.numpy(), first)
+    assert list(stream.epoch(first[:0], boxes, flips)) == []
+
+
 def test_auto_decoder_is_the_fastest_measured_for_device_and_size():
     small, photos = np.tile([[28, 28]], (5, 1)), np.tile([[375, 500]], (5, 1))
     assert resolve_decoder("auto", "cuda", photos) == "dali"
