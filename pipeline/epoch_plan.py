@@ -9,7 +9,10 @@ so any worker can compute any batch, several batches ahead of the training step.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,6 +42,13 @@ def replay_inputs(boxes: np.ndarray, flips: np.ndarray) -> tuple[np.ndarray, ...
     roi_start = np.stack([np.zeros_like(mirrored), mirrored], axis=1)
     roi_end = np.stack([np.ones_like(mirrored), 1 - mirrored], axis=1)
     return boxes[:, :2].copy(), boxes[:, 2:].copy(), roi_start, roi_end
+
+
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """Exit this worker once its parent is gone: DALI's workers outlive a parent killed by a signal otherwise."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(0)
 
 
 def plan_path(folder: str | os.PathLike, epoch: int) -> Path:
@@ -75,6 +85,12 @@ class PlanSource:
 
     def __getstate__(self):
         return {**self.__dict__, "_index": None, "_plans": {}, "_reader": None}
+
+    def __setstate__(self, state):
+        """Unpickled in a DALI worker: leave with the process that spawned it (even a killed one)."""
+        self.__dict__.update(state)
+        if multiprocessing.parent_process() is not None:
+            threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
     def _plan(self, epoch: int) -> np.ndarray:
         if epoch not in self._plans:
