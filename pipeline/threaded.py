@@ -6,6 +6,7 @@ Both libraries release the GIL while decoding and resizing, so threads decode in
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 import torch
@@ -14,12 +15,9 @@ import torch
 class ThreadedDecoder:
     """Replays a batch of crops with ``replay`` (encoded, box, flip, res, interpolation) → uint8 CHW array."""
 
-    name: str
+    name: str  # each subclass sets these three
     interpolations: tuple[str, ...]
-
-    @staticmethod
-    def replay(encoded: np.ndarray, box, flip: bool, res: int, interpolation: str) -> np.ndarray:
-        raise NotImplementedError
+    replay: Callable[[np.ndarray, np.ndarray, bool, int, str], np.ndarray]
 
     def __init__(self, res: int, interpolation: str = "bilinear", device: torch.device | str = "cpu",
                  threads: int = 2):
