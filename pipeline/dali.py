@@ -84,7 +84,7 @@ def _placement(device: torch.device) -> tuple[bool, int | None]:
 
 def _require_dali():
     if not DALI_AVAILABLE:
-        raise RuntimeError("DALI is not installed on this platform: use --decoder pil")
+        raise RuntimeError("DALI is not installed on this platform: use --decoder torch or pil")
 
 
 class DaliDecoder:
@@ -176,7 +176,7 @@ class DaliStream:
         try:
             while True:
                 try:
-                    images, positions = pipe.run(stream) if stream is not None else pipe.run()
+                    images, positions = pipe.run(stream)  # None: outputs synchronised with the host
                 except StopIteration:
                     break
                 yield self._hand_over(images, stream), torch.from_numpy(np.array(positions.as_tensor()))

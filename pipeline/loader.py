@@ -125,10 +125,12 @@ class ReplayLoader:
             keep = [j for j in range(len(order)) if j not in bad]
             return self._to_device(order[keep], boxes, flips, [encoded[j] for j in keep]) if keep else None
 
+    def _on_copy_stream(self):
+        """On a GPU, the context that makes the copy stream current (batches are allocated and copied on it)."""
+        return torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else contextlib.nullcontext()
+
     def _to_device(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray, encoded: list[np.ndarray]):
-        if self._copy_stream is None:
-            return self._handed_over(self._decoder.decode(encoded, boxes[order], flips[order]), order)
-        with torch.cuda.stream(self._copy_stream):
+        with self._on_copy_stream():
             return self._handed_over(self._decoder.decode(encoded, boxes[order], flips[order]), order)
 
     def _handed_over(self, images: torch.Tensor, order: np.ndarray):
@@ -156,7 +158,7 @@ class ReplayLoader:
         """Yield DALI's pipelined batches; from a batch it fails on, go on batch by batch (which names the file)."""
         delivered = 0
         try:
-            with torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else contextlib.nullcontext():
+            with self._on_copy_stream():
                 for images, positions in self._stream.epoch(order, boxes, flips, self._copy_stream):
                     delivered += len(positions)
                     yield self._handed_over(images, positions.numpy())
