@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,10 +45,14 @@ def replay_inputs(boxes: np.ndarray, flips: np.ndarray) -> tuple[np.ndarray, ...
     return boxes[:, :2].copy(), boxes[:, 2:].copy(), roi_start, roi_end
 
 
-def _exit_with_parent(parent: int, every: float = 1.0) -> None:
-    """Exit this worker once its parent is gone: DALI's workers outlive a parent killed by a signal otherwise."""
+def _exit_with_parent(parent: int, folder: str, every: float = 1.0) -> None:
+    """Exit this worker once its parent is gone: DALI's workers outlive a parent killed by a signal otherwise.
+
+    The parent's plan folder goes too: a killed parent never ran the cleanup that removes it.
+    """
     while os.getppid() == parent:
         time.sleep(every)
+    shutil.rmtree(folder, ignore_errors=True)
     os._exit(0)
 
 
@@ -87,10 +92,10 @@ class PlanSource:
         return {**self.__dict__, "_index": None, "_plans": {}, "_reader": None}
 
     def __setstate__(self, state):
-        """Unpickled in a DALI worker: leave with the process that spawned it (even a killed one)."""
+        """Unpickled in a DALI worker: leave with the process that spawned it (even a killed one), tidying up."""
         self.__dict__.update(state)
         if multiprocessing.parent_process() is not None:
-            threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+            threading.Thread(target=_exit_with_parent, args=(os.getppid(), self.folder), daemon=True).start()
 
     def _plan(self, epoch: int) -> np.ndarray:
         if epoch not in self._plans:
