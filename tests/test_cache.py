@@ -129,8 +129,8 @@ def test_rate_is_over_the_labelling_and_total_time_is_kept(small_root, teacher_f
     assert found, result.output
     labelled, labelling, rate, total = (float(v) for v in found.groups())
     assert 0 < labelling <= total
-    # the printed seconds are rounded to 0.1 s
-    assert labelled / (labelling + 0.05) <= rate <= labelled / max(labelling - 0.05, 1e-3)
+    # the printed seconds and rate are rounded to 0.1 (on a loaded machine the rate's own rounding dominates)
+    assert labelled / (labelling + 0.05) - 0.05 <= rate <= labelled / max(labelling - 0.05, 1e-3) + 0.05
 
 
 def test_more_seeds_extend_without_touching_existing_slots(reference_store, small_root, teacher_files, tmp_path):
