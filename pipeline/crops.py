@@ -27,12 +27,15 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def uniforms(seed: int, indices: np.ndarray, draws: int) -> np.ndarray:
-    """Float64 uniforms in [0, 1), shape (len(indices), draws), a pure function of (seed, index, draw)."""
+def uniforms(seed: int, indices: np.ndarray, draws: int, first: int = 0) -> np.ndarray:
+    """Float64 uniforms in [0, 1), shape (len(indices), draws), a pure function of (seed, index, draw number).
+
+    Draw numbers run from ``first``: the crops take 0-22, other consumers (pipeline.mix) later ones.
+    """
     with np.errstate(over="ignore"):
         key = _mix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * _GOLDEN + _GOLDEN)
         stream = _mix64(key ^ (np.asarray(indices, dtype=np.uint64) * _GOLDEN))
-        counter = np.arange(1, draws + 1, dtype=np.uint64) * _GOLDEN
+        counter = np.arange(first + 1, first + draws + 1, dtype=np.uint64) * _GOLDEN
         bits = _mix64(stream[:, None] + counter[None, :])
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 

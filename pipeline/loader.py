@@ -30,26 +30,32 @@ from pipeline.dataset import DatasetError, DatasetIndex
 from pipeline.decoders import resolve_decoder
 from pipeline.distributed import default_workers
 from pipeline.epoch_plan import read_bytes
+from pipeline.mix import SlotMix
 from pipeline.pil_replay import PilDecoder
 from pipeline.torch_replay import TorchDecoder
 
 def epoch_order(images: int | np.ndarray, seed: int, epoch: int, shuffle: bool = True, rank: int = 0,
-                world_size: int = 1) -> np.ndarray:
+                world_size: int = 1, mix: SlotMix | None = None) -> np.ndarray:
     """This rank's dataset indices for one epoch, of ``images`` (a count, or the positions to train on).
 
     Shuffled by (seed, epoch) when asked; split across ranks round-robin. With more than
     one rank the order is padded by wrapping so every rank gets the same count (and thus
-    the same number of steps); with one rank every image comes exactly once.
+    the same number of steps); with one rank every image comes exactly once. With ``mix``
+    the images go two by two (each CutMix pair whole, SlotMix.groups), so that batches of
+    an even size hold whole pairs; a last image without a companion comes last.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside a world of {world_size}")
     order = np.arange(images, dtype=np.int64) if np.ndim(images) == 0 else np.asarray(images, np.int64)
+    units = order[:, None] if mix is None else mix.groups(order)  # rows of images that stay together
     if shuffle:
-        order = np.random.default_rng([seed & 0xFFFFFFFF, epoch]).permutation(order)
-    per_rank = -(-len(order) // world_size)
-    if per_rank * world_size > len(order):
-        order = np.resize(order, per_rank * world_size)  # wraps around, like DistributedSampler
-    return order[rank::world_size]
+        units = np.random.default_rng([seed & 0xFFFFFFFF, epoch]).permutation(units)
+    per_rank = -(-len(units) // world_size)
+    if per_rank * world_size > len(units):
+        units = np.resize(units, (per_rank * world_size, units.shape[1]))  # wraps around, like DistributedSampler
+    mine = units[rank::world_size]
+    mine = mine[np.argsort((mine < 0).any(axis=1), kind="stable")]  # the companionless row last
+    return mine[mine >= 0]
 
 
 def _first_line(err: Exception) -> str:

@@ -1,0 +1,166 @@
+"""Consistent CutMix: a fixed pairing of a seed slot's images, a box per mixed image, and the composite.
+
+Every draw comes from the crops' counter-based generator (pipeline.crops.uniforms, draw
+numbers of their own), so stage one labels the very composite that stage two rebuilds
+after decoding each image once: image i's composite is its replayed crop at ``res`` with
+the region of its box taken from its partner's replayed crop (docs/store-format.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.crops import uniforms
+
+MIX_ALGORITHM = "cutmix-pairs-v1/splitmix64"
+_FIRST_DRAW = 64  # the crops use draw numbers 0-22: the mixes start well clear of them
+_PAIR_KEY, _COIN, _LAMBDA, _CENTRE_Y, _CENTRE_X = range(5)
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """``--cutmix P``: the probability that a pair of images is mixed (0: no mixing)."""
+
+    prob: float = 0.0
+
+    def __post_init__(self):
+        if not 0 <= self.prob <= 1:
+            raise ValueError(f"--cutmix {self.prob}: expected a probability, 0 <= P <= 1")
+        object.__setattr__(self, "prob", float(self.prob))
+
+    @property
+    def enabled(self) -> bool:
+        return self.prob > 0
+
+    def attrs(self) -> dict | None:
+        """The store's ``mix`` attribute; None (no attribute) when nothing is mixed, as in stores before mixing."""
+        return {"prob": self.prob, "algorithm": MIX_ALGORITHM} if self.enabled else None
+
+    @classmethod
+    def from_attrs(cls, mix: dict | None) -> "MixSpec":
+        """The spec a store's ``mix`` attribute records (absent: no mixing)."""
+        if mix is None:
+            return cls()
+        if mix.get("algorithm") != MIX_ALGORITHM:
+            raise ValueError(f"mix algorithm {mix.get('algorithm')!r}: this version replays {MIX_ALGORITHM!r}")
+        return cls(mix["prob"])
+
+    def draw(self, seed: int, num_images: int, res: int) -> "SlotMix":
+        """One seed slot's pairing and boxes (at ``res``) for images 0..num_images-1."""
+        positions = np.arange(num_images)
+        u = uniforms(seed, positions, 5, first=_FIRST_DRAW)
+        partner = np.full(num_images, -1, np.int32)
+        order = np.argsort(u[:, _PAIR_KEY], kind="stable")  # a random matching: neighbours in a random order
+        pairs = order[:num_images - num_images % 2].reshape(-1, 2)
+        pairs = pairs[u[pairs[:, 0], _COIN] < self.prob]
+        partner[pairs[:, 0]], partner[pairs[:, 1]] = pairs[:, 1], pairs[:, 0]
+        boxes = cutmix_boxes(u[:, _LAMBDA], u[:, _CENTRE_Y], u[:, _CENTRE_X], res)
+        boxes[partner < 0] = 0
+        return SlotMix(partner, boxes, res)
+
+
+def cutmix_boxes(lam: np.ndarray, centre_y: np.ndarray, centre_x: np.ndarray, res: int) -> np.ndarray:
+    """timm's CutMix box (rand_bbox) from λ ~ U(0, 1) = Beta(1, 1) and a uniform centre: (top, left, h, w) int32.
+
+    The side is int(res * sqrt(1 - λ)), centred on a pixel drawn uniformly (the odd pixel
+    below it) and clipped to the image, so the pasted share is at most 1 - λ.
+    """
+    side = np.floor(res * np.sqrt(1.0 - lam)).astype(np.int64)
+    corners = []
+    for centre in (np.floor(centre_y * res).astype(np.int64), np.floor(centre_x * res).astype(np.int64)):
+        low, high = np.clip(centre - side // 2, 0, res), np.clip(centre + (side + 1) // 2, 0, res)
+        corners.append((low, high - low))
+    (top, height), (left, width) = corners
+    return np.stack([top, left, height, width], axis=1).astype(np.int32)
+
+
+@dataclass
+class SlotMix:
+    """One seed slot's mixes: each image's partner (-1: unmixed) and its pasted box (top, left, h, w) at ``res``."""
+
+    partner: np.ndarray  # (N,) int32
+    boxes: np.ndarray    # (N, 4) int32
+    res: int
+
+    def __post_init__(self):
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def at_res(self, res: int) -> "SlotMix":
+        """The same mixes for crops replayed at another resolution: boxes scaled (rounded) to ``res``."""
+        if res == self.res:
+            return self
+        scaled = np.rint(self.boxes.astype(np.float64) * (res / self.res)).astype(np.int32)
+        return SlotMix(self.partner, scaled, res)
+
+    def groups(self, positions: np.ndarray) -> np.ndarray:
+        """``positions`` as rows of two images (G, 2): each mixed pair whole, the rest two by two, -1 filling a last row.
+
+        A pair whose partner is not among ``positions`` is not mixed in this epoch's batches.
+        """
+        positions = np.asarray(positions, np.int64)
+        partner = self.partner[positions]
+        present = np.isin(partner, positions)
+        firsts = positions[present & (partner > positions)]
+        singles = positions[~present]
+        if len(singles) % 2:
+            singles = np.append(singles, -1)
+        return np.concatenate([np.stack([firsts, self.partner[firsts]], axis=1), singles.reshape(-1, 2)])
+
+    def unit_order(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1 in the order stage one decodes them: mixed pairs whole, partners from other rows
+        included, then the unmixed, so that batches of an even size hold whole pairs."""
+        own = np.arange(start, stop)
+        partner = self.partner[own]
+        elsewhere = (partner < start) | (partner >= stop)
+        firsts = own[(partner >= 0) & (elsewhere | (partner > own))]
+        return np.concatenate([np.stack([firsts, self.partner[firsts]], axis=1).ravel(), own[partner < 0]])
+
+    def batch(self, indices: torch.Tensor) -> "BatchMix":
+        """The mixes of one decoded batch (dataset positions ``indices``, on the images' device)."""
+        device = indices.device
+        if device not in self._on_device:
+            self._on_device[device] = (torch.from_numpy(self.partner.astype(np.int64)).to(device),
+                                       torch.from_numpy(self.boxes.astype(np.int64)).to(device))
+        partner, boxes = self._on_device[device]
+        wanted = partner[indices]
+        match = wanted[:, None] == indices[None, :]  # -1 never matches a position
+        partner_at = torch.where(match.any(1), match.to(torch.int8).argmax(1), -1)
+        return BatchMix(partner_at, torch.where((partner_at >= 0)[:, None], boxes[indices], 0), self.res)
+
+
+@dataclass
+class BatchMix:
+    """One batch's mixes: each image's partner's place in the batch (-1: unmixed) and its box at ``res``."""
+
+    partner_at: torch.Tensor  # (B,) int64
+    boxes: torch.Tensor       # (B, 4) int64
+    res: int
+
+    @property
+    def mixed(self) -> torch.Tensor:
+        """(B,) bool: the images whose pixels come partly from their partner."""
+        return self.partner_at >= 0
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        """The composites: each mixed image with its box's region taken from its partner's (uint8 NCHW at res)."""
+        if tuple(images.shape[-2:]) != (self.res, self.res):
+            raise ValueError(f"CutMix boxes are at {self.res} px, the batch is {tuple(images.shape[-2:])}")
+        span = torch.arange(self.res, device=images.device)
+        top, left, height, width = self.boxes.unbind(1)
+        rows = (span >= top[:, None]) & (span < (top + height)[:, None])
+        cols = (span >= left[:, None]) & (span < (left + width)[:, None])
+        inside = rows[:, :, None] & cols[:, None, :] & self.mixed[:, None, None]
+        return torch.where(inside[:, None], images[self.partner_at.clamp_min(0)], images)
+
+    def pasted(self) -> torch.Tensor:
+        """(B,) float32: the share of each image's pixels taken from its partner (0 where unmixed)."""
+        return (self.boxes[:, 2] * self.boxes[:, 3]).float() / (self.res * self.res)
+
+    def blend(self, targets: torch.Tensor) -> torch.Tensor:
+        """Dense (B, C) targets mixed by area, as for labels no teacher computed on the composite (FKD's way)."""
+        share = self.pasted().to(targets.dtype)[:, None]
+        return (1 - share) * targets + share * targets[self.partner_at.clamp_min(0)]
+
