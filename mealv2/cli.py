@@ -98,6 +98,8 @@ def storage_option(command):
 @click.option("--skip-bad", is_flag=True, help="leave unreadable images out (recorded in the store)")
 @click.option("--chunk-rows", type=int, default=CACHE["chunk_rows"], show_default=True,
               help="images per store chunk")
+@click.option("--cutmix", type=click.FloatRange(0, 1), default=CACHE["cutmix"], show_default=True,
+              help="mix pairs of crops with probability P and label the composites (stage two replays them)")
 @crop_options()
 @runtime_options
 @hw_decoder_option
@@ -146,6 +148,7 @@ def labels_info(store, as_json, storage_options):
                        ("residual", info["residual"]),
                        ("crop", "scale {:.4g} {:.4g}, ratio {:.4g} {:.4g}".format(
                            *info["crop"]["scale"], *info["crop"]["ratio"])),
+                       ("cutmix", f"pairs mixed with p = {info['mix']['prob']:g}" if info["mix"] else "none"),
                        ("seed slots", info["seeds"]), ("images", info["images"]),
                        ("classes", info["classes"]),
                        ("complete", f"{info['complete']} ({info['units_done']}/{info['units']} units)"),
@@ -222,6 +225,13 @@ def eval_transform_options() -> list:
     ]
 
 
+CUTMIX_HELP = {
+    "distill": "mix pairs of crops with probability P: --online the teachers label the composites; from a "
+               "store, its labels are mixed by area (FKD's way). A store made with --cutmix replays its own mixes",
+    "train": "mix pairs of crops with probability P, the hard labels weighted by area (timm's CutMix)",
+}
+
+
 def training_options(mode: str):
     """Options distill and train share; defaults differ (the paper's distill recipe vs a supervised one)."""
     default = train_defaults(mode)
@@ -242,6 +252,8 @@ def training_options(mode: str):
         click.option("--seeds", type=click.IntRange(min=1), default=None,
                      help="distill: read seed slots 0..N-1 [default: every complete slot]; train, --online: "
                           "crop seeds cycle e mod N [default: new crops each epoch]"),
+        click.option("--cutmix", type=click.FloatRange(0, 1), default=default["cutmix"], show_default=True,
+                     help=CUTMIX_HELP[mode]),
         click.option("--drop", type=float, default=None, help="timm drop_rate [default: the model's]"),
         click.option("--drop-path", type=float, default=None, help="timm drop_path_rate [default: the model's]"),
         click.option("--sync-bn", is_flag=True,

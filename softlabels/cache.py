@@ -15,6 +15,7 @@ from tqdm import tqdm
 from pipeline.dataset import load_index
 from pipeline.distributed import setup
 from pipeline.loader import ReplayLoader
+from pipeline.mix import SlotMix
 from softlabels.cache_config import CacheJob
 from softlabels.store import LabelStore, SlotLabels, label_spec
 from softlabels.teachers import TeacherEnsemble, parse_teachers
@@ -22,16 +23,25 @@ from softlabels.topk import class_dtype, compress
 
 
 def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, rows: slice, boxes: np.ndarray,
-               flips: np.ndarray, topk: int, bar: tqdm) -> Callable[[], SlotLabels]:
+               flips: np.ndarray, mix: SlotMix | None, topk: int, bar: tqdm) -> Callable[[], SlotLabels]:
     """Queue the teachers on one unit's rows; returns a call that waits for the device and gives the labels.
 
-    The top-k gather on the device and come back in one copy per unit, so the loop over
-    batches never waits for the device (the next unit is queued while this one is written).
+    With ``mix`` the teachers see each mixed row's composite: its partner (from any chunk) is
+    decoded in the same batch. A row whose partner could not be decoded is labelled unmixed,
+    and stored so. The top-k gather on the device and come back in one copy per unit, so the
+    loop over batches never waits for the device (the next unit is queued while this one is written).
     """
     n = rows.stop - rows.start
     probs = torch.zeros((n, topk), dtype=torch.float16, device=ensemble.device)
     classes = torch.zeros((n, topk), dtype=torch.int32, device=ensemble.device)
-    for images, indices in loader.epoch(np.arange(rows.start, rows.stop), boxes, flips, progress=False):
+    mixed = torch.zeros(n, dtype=torch.bool, device=ensemble.device)
+    order = np.arange(rows.start, rows.stop) if mix is None else mix.unit_order(rows.start, rows.stop)
+    for images, indices in loader.epoch(order, boxes, flips, progress=False):
+        if mix is not None:
+            batch = mix.batch(indices)
+            own = (indices >= rows.start) & (indices < rows.stop)
+            images, indices = batch.images(images)[own], indices[own]
+            mixed[indices - rows.start] = batch.mixed[own]
         mean_probs, _ = ensemble(images)
         values, top = compress(mean_probs, topk)
         at = indices.to(ensemble.device) - rows.start
@@ -39,7 +49,7 @@ def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, rows: slice, box
         classes[at] = top.to(torch.int32)
         bar.update(len(indices))
     pinned = ensemble.device.type == "cuda"
-    host_probs, host_classes = (t.to("cpu", non_blocking=pinned) for t in (probs, classes))
+    host_probs, host_classes, host_mixed = (t.to("cpu", non_blocking=pinned) for t in (probs, classes, mixed))
     copied = torch.cuda.Event() if pinned else None
     if copied is not None:
         copied.record()
@@ -48,7 +58,12 @@ def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, rows: slice, box
     def labels() -> SlotLabels:
         if copied is not None:
             copied.synchronize()
-        return SlotLabels(host_probs.numpy(), host_classes.numpy().astype(dtype), boxes[rows], flips[rows])
+        labelled = SlotLabels(host_probs.numpy(), host_classes.numpy().astype(dtype), boxes[rows], flips[rows])
+        if mix is not None:
+            composed = host_mixed.numpy()
+            labelled.mix_partner = np.where(composed, mix.partner[rows], -1).astype(np.int32)
+            labelled.mix_boxes = np.where(composed[:, None], mix.boxes[rows], 0).astype(np.int32)
+        return labelled
     return labels
 
 
@@ -91,7 +106,10 @@ def run_cache(job: CacheJob, log=print) -> dict:
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its kernels
     ensemble = TeacherEnsemble(parse_teachers(job.teachers, job.res), index.num_classes, device, job.compile)
     batch_size = job.batch_size or ensemble.batch_size(job.res)
-    spec = label_spec(index, ensemble.records, job.res, job.interpolation, job.topk, job.residual, job.crop.attrs())
+    if job.mix.enabled:  # whole pairs in every batch
+        batch_size = max(2, batch_size - batch_size % 2)
+    spec = label_spec(index, ensemble.records, job.res, job.interpolation, job.topk, job.residual, job.crop.attrs(),
+                      job.mix.attrs())
     def create_or_extend() -> None:
         LabelStore.create_or_extend(job.store, spec, index, list(range(job.seeds)), job.chunk_rows,
                                     job.storage_options)
@@ -106,15 +124,17 @@ def run_cache(job: CacheJob, log=print) -> dict:
     log(f"cache-teachers: {len(index)} images, {job.seeds} seed slot(s), {len(units)} unit(s) to do "
         f"on {device} with {loader.decoder_name}, {batch_size} a batch"
         + (f" (rank 0 of {world.world_size})" if world.distributed else ""))
-    crops_slot, boxes, flips = None, None, None
+    crops_slot, boxes, flips, mix = None, None, None, None
     labelling_started = time.perf_counter()  # the rate leaves out set-up (index, teachers, store), paid once
     writer = UnitWriter(store)
     with tqdm(total=todo, desc="cache-teachers", unit="img", disable=None if job.progress and world.is_main else True,
               dynamic_ncols=True) as bar:
         for slot, chunk in units:
-            if slot != crops_slot:  # units come slot by slot: draw each slot's crops once
+            if slot != crops_slot:  # units come slot by slot: draw each slot's crops (and mixes) once
                 crops_slot, (boxes, flips) = slot, job.crop.draw(store.seeds[slot], index.sizes)
-            writer.submit(slot, chunk, label_unit(ensemble, loader, store.rows(chunk), boxes, flips, job.topk, bar))
+                mix = job.mix.draw(store.seeds[slot], len(index), job.res) if job.mix.enabled else None
+            writer.submit(slot, chunk, label_unit(ensemble, loader, store.rows(chunk), boxes, flips, mix, job.topk,
+                                                  bar))
         writer.wait()
     found = world.gather_bytes(json.dumps({index.paths[i]: reason for i, reason in undecodable.items()}).encode())
     left_out = {path: reason for part in found for path, reason in json.loads(part).items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.crops import CropSpec
+from pipeline.mix import MixSpec
 
 CHUNK_ROWS = 65536  # images per store chunk: one (seed slot, chunk) unit is one writer's work
 RESIDUALS = ("uniform", "renorm")  # how a top-k row's missing mass is rebuilt (softlabels.topk.expand)
@@ -46,12 +47,19 @@ class CacheJob:
     skip_bad: bool = False
     chunk_rows: int = CHUNK_ROWS
     crop: CropSpec = CropSpec()
+    cutmix: float = 0.0  # probability that a pair of crops is mixed and labelled as one composite (pipeline.mix)
     storage_options: dict = field(default_factory=dict)
     progress: bool = True
+
+    @property
+    def mix(self) -> MixSpec:
+        return MixSpec(self.cutmix)
 
     def validate(self) -> None:
         for name in ("res", "seeds", "topk", "batch_size", "chunk_rows"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.mix.enabled and self.batch_size is not None and self.batch_size % 2:
+            raise ValueError(f"--batch-size {self.batch_size}: --cutmix labels whole pairs; expected an even size")
         if self.residual not in RESIDUALS:
             raise ValueError(f"--residual {self.residual!r}: expected one of {RESIDUALS}")

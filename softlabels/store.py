@@ -22,15 +22,17 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.crops import CropSpec
 from pipeline.dataset import DatasetIndex
+from pipeline.mix import MixSpec
 from softlabels.cache_config import CHUNK_ROWS
 from softlabels.site import CREATE_WAIT_SECONDS, StoreSite
 from softlabels.topk import class_dtype
 
 FORMAT = 1
 LABEL_ARRAYS = ("probs", "classes", "boxes", "flips")
+MIX_ARRAYS = ("mix_partner", "mix_boxes")  # CutMix stores only (docs/store-format.md)
 INDEX_ARRAYS = ("index/paths", "index/sizes", "index/labels")
 # attributes that fix what the labels mean: a store is only extended by a job that agrees on all
-IDENTITY_KEYS = ("res", "interpolation", "topk", "residual", "crop")
+IDENTITY_KEYS = ("res", "interpolation", "topk", "residual", "crop", "mix")
 
 
 class StoreError(ValueError):
@@ -93,14 +95,18 @@ def _differences(stored: dict, wanted: dict) -> list[str]:
 
 
 def label_spec(index: DatasetIndex, teachers: list[dict], res: int, interpolation: str, topk: int, residual: str,
-               crop: dict) -> dict:
-    """The attributes (less seeds, dates and completeness) that define a store's labels."""
-    return {
+               crop: dict, mix: dict | None = None) -> dict:
+    """The attributes (less seeds, dates and completeness) that define a store's labels.
+
+    ``mix`` (MixSpec.attrs) only for a CutMix store: a store without it mixes nothing, as before mixing existed.
+    """
+    spec = {
         "dataset": {"fingerprint": index.fingerprint, "num_images": len(index),
                     "num_classes": index.num_classes, "classes": list(index.classes)},
         "teachers": teachers, "res": res, "interpolation": interpolation, "topk": topk,
         "residual": residual, "crop": crop,
     }
+    return spec | ({"mix": mix} if mix else {})
 
 
 class _Attribute:
@@ -121,6 +127,8 @@ class SlotLabels:
     classes: np.ndarray  # (N, k) uint16 or int32
     boxes: np.ndarray    # (N, 4) int32
     flips: np.ndarray    # (N,) bool
+    mix_partner: np.ndarray | None = None  # CutMix stores: (N,) int32, -1 where not mixed
+    mix_boxes: np.ndarray | None = None    # CutMix stores: (N, 4) int32 at the store's res
 
 
 class LabelStore:
@@ -188,7 +196,7 @@ class LabelStore:
         """
         group = zarr.open_group(_zarr_store(url, False, storage_options), mode="a", zarr_format=3)
         store = cls(url, group, writable=True, storage_options=storage_options)
-        store._create_arrays(spec, index, len(seeds), chunk_rows)
+        store._create_arrays(spec, index, len(seeds), chunk_rows, mixes=bool(spec.get("mix")))
         group.attrs["mealv2"] = {
             "format": FORMAT, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "tool_version": _tool_version(), **spec, "seeds": list(seeds), "complete": False,
@@ -196,17 +204,21 @@ class LabelStore:
         }
         return store
 
-    def _create_arrays(self, spec: dict, index: DatasetIndex, num_seeds: int, chunk_rows: int) -> None:
+    def _create_arrays(self, spec: dict, index: DatasetIndex, num_seeds: int, chunk_rows: int, mixes: bool) -> None:
         n, k, num_classes = len(index), spec["topk"], index.num_classes
         rows = min(chunk_rows, max(n, 1))
         units = -(-n // rows)
-        for name, shape, chunks, dtype in [
+        arrays = [
             ("probs", (num_seeds, n, k), (1, rows, k), "float16"),
             ("classes", (num_seeds, n, k), (1, rows, k), class_dtype(num_classes)),
             ("boxes", (num_seeds, n, 4), (1, rows, 4), "int32"),
             ("flips", (num_seeds, n), (1, rows), "bool"),
             ("done", (num_seeds, units), (1, 1), "bool"),
-        ]:
+        ]
+        if mixes:
+            arrays += [("mix_partner", (num_seeds, n), (1, rows), "int32"),
+                       ("mix_boxes", (num_seeds, n, 4), (1, rows, 4), "int32")]
+        for name, shape, chunks, dtype in arrays:
             self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=_compressors(),
                                     fill_value=0, overwrite=True)
         for name, values in [("index/paths", np.asarray(index.paths, dtype=str)),
@@ -224,7 +236,7 @@ class LabelStore:
             raise StoreError(f"{self.url}: holds seeds {stored}, this job asks for {seeds}")
         if len(seeds) <= len(stored):
             return
-        for name in LABEL_ARRAYS + ("done",):
+        for name in self.arrays + ("done",):
             array = self.group[name]
             array.resize((len(seeds),) + array.shape[1:])
         self.group.attrs["mealv2"] = {**attrs, "seeds": list(seeds), "complete": False}
@@ -249,6 +261,16 @@ class LabelStore:
         return CropSpec.from_attrs(self.attrs["crop"])
 
     @property
+    def mix(self) -> MixSpec:
+        """The CutMix its labels were computed on (disabled for a store without mixes)."""
+        return MixSpec.from_attrs(self.attrs.get("mix"))
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        """The per-slot arrays it holds: the labels, and the mixes in a CutMix store."""
+        return LABEL_ARRAYS + (MIX_ARRAYS if self.mix.enabled else ())
+
+    @property
     def fingerprint(self) -> str:
         """The dataset fingerprint its rows belong to (pipeline.dataset.DatasetIndex.fingerprint)."""
         return self.attrs["dataset"]["fingerprint"]
@@ -271,7 +293,7 @@ class LabelStore:
         attrs = self.attrs
         return {"created": attrs["created"], "fingerprint": self.fingerprint,
                 "teachers": [list(t) for t in teacher_identity(self.teachers)],
-                **{key: attrs[key] for key in IDENTITY_KEYS}}
+                **{key: attrs[key] for key in IDENTITY_KEYS if key in attrs}}
 
     def complete_slots(self) -> int:
         """How many leading seed slots are written whole: a store being extended serves those already."""
@@ -317,13 +339,16 @@ class LabelStore:
         expected = rows.stop - rows.start
         if len(labels.probs) != expected:
             raise ValueError(f"unit ({slot}, {chunk}) holds {expected} rows, got {len(labels.probs)}")
-        for name in LABEL_ARRAYS:
-            self.group[name][slot, rows] = getattr(labels, name)
+        for name in self.arrays:
+            values = getattr(labels, name)
+            if values is None:
+                raise ValueError(f"unit ({slot}, {chunk}): a CutMix store needs {name} for every unit")
+            self.group[name][slot, rows] = values
         self.group["done"][slot, chunk] = True
 
     def read_slot(self, slot: int) -> SlotLabels:
         """Seed slot ``slot``'s rows whole (stage two reads one per epoch; never random rows per batch)."""
-        return SlotLabels(*(self.group[name][slot] for name in LABEL_ARRAYS))
+        return SlotLabels(**{name: self.group[name][slot] for name in self.arrays})
 
     def add_skipped(self, entries: list[str]) -> None:
         """Coordinator: list more images as holding no labels ("path: reason"); their rows stay zero."""
@@ -388,7 +413,7 @@ class LabelStore:
         return {
             "url": self.url, "teachers": attrs["teachers"], "res": attrs["res"],
             "interpolation": attrs["interpolation"], "topk": attrs["topk"], "residual": attrs["residual"],
-            "crop": attrs["crop"], "seeds": attrs["seeds"], "images": self.num_images,
+            "crop": attrs["crop"], "mix": attrs.get("mix"), "seeds": attrs["seeds"], "images": self.num_images,
             "classes": attrs["dataset"]["num_classes"],
             "complete": attrs["complete"], "units_done": int(done.sum()), "units": int(done.size),
             "bytes": nbytes, "bytes_per_crop": nbytes / crops if crops else 0.0,
@@ -399,7 +424,7 @@ class LabelStore:
     def verify_chunks(self) -> list[str]:
         """Decode every chunk of every array (crc32c checked); one line per damaged chunk."""
         problems = []
-        for name in LABEL_ARRAYS + ("done",) + INDEX_ARRAYS:
+        for name in self.arrays + ("done",) + INDEX_ARRAYS:
             array = self.group[name]
             for coords in np.ndindex(*array.cdata_shape):
                 region = tuple(slice(c * size, min((c + 1) * size, extent))

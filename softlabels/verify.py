@@ -1,4 +1,8 @@
-"""`labels verify`: completeness, chunk checksums, dataset fingerprint, and teachers recomputed on stored crops."""
+"""`labels verify`: completeness, chunk checksums, dataset fingerprint, and teachers recomputed on stored crops.
+
+In a CutMix store the mixed rows are recomputed on composites made here with PIL, apart
+from the code both stages compose with (pipeline.mix), so a fault there shows up too.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pipeline.dataset import load_index
 from pipeline.distributed import resolve_device
 from pipeline.loader import ReplayLoader
-from softlabels.store import LabelStore, teacher_identity
+from softlabels.store import LabelStore, SlotLabels, teacher_identity
 from softlabels.teachers import TeacherEnsemble, TeacherError, TeacherSpec, parse_teachers
 from softlabels.topk import compress, expand
 
@@ -25,9 +30,36 @@ def _store_teachers(store: LabelStore, given: str | None) -> list[TeacherSpec]:
     return [TeacherSpec(r["pretrained"]) for r in records]
 
 
+def _pil_composite(crops: dict[int, torch.Tensor], row: int, labels: SlotLabels) -> torch.Tensor:
+    """Row ``row``'s crop with its stored box pasted in from its partner's crop, by PIL (uint8 CHW)."""
+    image = Image.fromarray(crops[row].permute(1, 2, 0).numpy())
+    partner = int(labels.mix_partner[row])
+    top, left, height, width = (int(v) for v in labels.mix_boxes[row])
+    if partner >= 0 and height and width:
+        region = Image.fromarray(crops[partner].permute(1, 2, 0).numpy()).crop((left, top, left + width, top + height))
+        image.paste(region, (left, top))
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def _as_labelled(loader: ReplayLoader, rows: np.ndarray, labels: SlotLabels, desc: str):
+    """(images, positions) of ``rows`` as the teachers saw them: the stored crops, mixed rows composed by PIL."""
+    if labels.mix_partner is None:
+        for images, indices in loader.epoch(rows, labels.boxes, labels.flips, desc=desc):
+            yield images, indices.cpu().numpy()
+        return
+    partners = labels.mix_partner[rows]
+    crops = {}
+    for images, indices in loader.epoch(np.union1d(rows, partners[partners >= 0]), labels.boxes, labels.flips,
+                                        desc=desc):
+        crops.update(zip(indices.tolist(), images.cpu()))
+    for start in range(0, len(rows), loader.batch_size):
+        span = rows[start:start + loader.batch_size]
+        yield torch.stack([_pil_composite(crops, int(i), labels) for i in span]).to(loader.device), span
+
+
 def recompute(store: LabelStore, data: str, count: int, teachers: str | None = None, device: str = "auto",
               decoder: str = "auto", workers: int | None = None, batch_size: int = 32) -> dict:
-    """Re-run the teachers on ``count`` stored crops spread over every seed slot; max |Δp| of the top-k, mean KL.
+    """Re-run the teachers on ``count`` stored crops (or composites) spread over every slot; max |Δp|, mean KL.
 
     Every slot is checked, so labels written against another slot's crops (a misaligned unit) show up.
     """
@@ -44,9 +76,8 @@ def recompute(store: LabelStore, data: str, count: int, teachers: str | None = N
         labels = store.read_slot(slot)
         labelled = np.flatnonzero(labels.probs[:, 0] > 0)  # rows of images left out hold zeros
         rows = labelled[np.unique(np.linspace(0, len(labelled) - 1, min(wanted, len(labelled))).astype(np.int64))]
-        for images, indices in loader.epoch(rows, labels.boxes, labels.flips, desc=f"recompute slot {slot}"):
+        for images, at in _as_labelled(loader, rows, labels, f"recompute slot {slot}"):
             probs = ensemble(images)[0].cpu()
-            at = indices.cpu().numpy()
             stored_values = torch.from_numpy(labels.probs[at].astype(np.float32))
             stored_classes = torch.from_numpy(labels.classes[at].astype(np.int64))
             dp = float((probs.gather(1, stored_classes) - stored_values).abs().max())
