@@ -40,6 +40,7 @@ class TrainConfig:
     drop: float | None = None  # timm's drop_rate and drop_path_rate; None keeps the model's own
     drop_path: float | None = None
     sync_bn: bool = False
+    cutmix: float = 0.0  # probability a pair of crops is mixed (pipeline.mix); a CutMix store mixes by itself
     seeds: int | None = None  # distill: seed slots read (epoch e reads slot e mod seeds); else crop seeds cycled
     scale: tuple[float, float] | None = None  # RandomResizedCrop ranges: None is the store's, or CropSpec's default
     ratio: tuple[float, float] | None = None
@@ -67,6 +68,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.seeds is not None and self.seeds < 1:
             raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
+        if not 0 <= self.cutmix <= 1:
+            raise ValueError(f"--cutmix {self.cutmix}: expected a probability, 0 <= P <= 1")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.amp not in AMP_MODES:

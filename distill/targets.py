@@ -1,7 +1,9 @@
 """Where a training batch's targets come from: the label store, teachers in the loop, or hard labels.
 
-Each source also says which crops an epoch replays, so the student always sees the very
-crops its targets were computed on.
+Each source also says which crops an epoch replays and how they are mixed (``mix``, a
+SlotMix or None), so the student always sees the very pixels its targets were computed
+on; where no teacher saw the composite (hard labels, a store without mixes) the targets
+are mixed by area instead.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 
 from pipeline.crops import CropSpec
 from pipeline.dataset import DatasetIndex
+from pipeline.mix import BatchMix, MixSpec, SlotMix
 from softlabels.store import LabelStore, SlotLabels
 from softlabels.teachers import TeacherEnsemble
 from softlabels.topk import expand
@@ -23,7 +26,8 @@ _LOG_FLOOR = 1e-8  # log of a renormalised top-k target has zeros elsewhere
 
 @dataclass
 class BatchTargets:
-    """probs: dense (B, C) soft target, or labels: (B,) hard classes; teacher_side: the discriminator's input."""
+    """probs: dense (B, C) soft target, or labels: (B,) hard classes or (B, C) their CutMix blend;
+    teacher_side: the discriminator's input."""
 
     probs: torch.Tensor | None = None
     labels: torch.Tensor | None = None
@@ -34,15 +38,21 @@ class CachedTargets:
     """Epoch e reads seed slot e mod ``slots`` whole (the next one prefetched in a thread) and expands on the device.
 
     ``slots`` is fixed for a run: a store extended meanwhile does not change which slot an epoch reads.
+    A CutMix store replays its own mixes (scaled to the training ``res``); a store without
+    them mixes with ``cutmix`` and blends its labels by area.
     """
 
-    def __init__(self, store: LabelStore, device: torch.device, slots: int | None = None):
+    def __init__(self, store: LabelStore, device: torch.device, slots: int | None = None, res: int | None = None,
+                 cutmix: MixSpec = MixSpec()):
         self.store = store
         self.device = device
         self.slots = slots or len(store.seeds)
         self.residual = store.residual
         self.num_classes = store.num_classes
+        self.res = res or store.res
+        self.cutmix = cutmix
         self.trainable = np.arange(store.num_images)  # until a slot is loaded
+        self.mix: SlotMix | None = None
         self._pool = ThreadPoolExecutor(1)
         self._pending: dict[int, Future] = {}
         self._probs = self._classes = None
@@ -66,50 +76,68 @@ class CachedTargets:
             self._pending[following] = self._pool.submit(self.store.read_slot, following)
         # rows never labelled (images cache-teachers --skip-bad could not decode) hold zeros: train on the rest
         self.trainable = np.flatnonzero(labels.probs[:, 0] > 0)
+        if labels.mix_partner is not None:
+            self.mix = SlotMix(labels.mix_partner, labels.mix_boxes, self.store.res).at_res(self.res)
+        elif self.cutmix.enabled:
+            self.mix = self.cutmix.draw(self.store.seeds[slot], self.store.num_images, self.res)
         self._probs = torch.from_numpy(labels.probs).to(self.device)
         self._classes = torch.from_numpy(labels.classes.astype(np.int64)).to(self.device)
         return labels.boxes, labels.flips
 
-    def __call__(self, images: torch.Tensor, indices: torch.Tensor) -> BatchTargets:
+    def __call__(self, images: torch.Tensor, indices: torch.Tensor, mix: BatchMix | None = None) -> BatchTargets:
         at = indices.to(self.device, non_blocking=True)
         probs = expand(self._probs[at], self._classes[at], self.num_classes, self.residual)
+        if mix is not None and not self.store.mix.enabled:  # labels of the unmixed crops: blended by area
+            probs = mix.blend(probs)
         return BatchTargets(probs=probs, teacher_side=probs.clamp_min(_LOG_FLOOR).log())
 
 
 class _SampledCrops:
-    """Crops drawn per epoch: seed e mod ``seeds`` (like a store of that many slots), or seed e when None."""
+    """Crops (and mixes) drawn per epoch: seed e mod ``seeds`` (like a store of that many slots), or seed e when None."""
 
-    def __init__(self, index: DatasetIndex, seeds: int | None, crop: CropSpec):
+    def __init__(self, index: DatasetIndex, seeds: int | None, crop: CropSpec, cutmix: MixSpec = MixSpec(),
+                 res: int = 224):
         self.sizes = index.sizes
         self.seeds = seeds
         self.crop = crop
+        self.res = res
+        self.cutmix = cutmix
         self.trainable = np.arange(len(index))
+        self.mix: SlotMix | None = None
 
     def crops(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.crop.draw(epoch % self.seeds if self.seeds else epoch, self.sizes)
+        seed = epoch % self.seeds if self.seeds else epoch
+        if self.cutmix.enabled:
+            self.mix = self.cutmix.draw(seed, len(self.sizes), self.res)
+        return self.crop.draw(seed, self.sizes)
 
 
 class OnlineTargets(_SampledCrops):
-    """Teachers in the loop on the same replayed crops: dense mean softmax, and mean logits if asked."""
+    """Teachers in the loop on the same replayed (and mixed) crops: dense mean softmax, and mean logits if asked."""
 
     def __init__(self, ensemble: TeacherEnsemble, index: DatasetIndex, seeds: int | None, crop: CropSpec,
-                 disc_input: str):
-        super().__init__(index, seeds, crop)
+                 disc_input: str, cutmix: MixSpec = MixSpec(), res: int = 224):
+        super().__init__(index, seeds, crop, cutmix, res)
         self.ensemble = ensemble
         self.disc_input = disc_input
 
-    def __call__(self, images: torch.Tensor, indices: torch.Tensor) -> BatchTargets:
-        probs, logits = self.ensemble(images)
+    def __call__(self, images: torch.Tensor, indices: torch.Tensor, mix: BatchMix | None = None) -> BatchTargets:
+        probs, logits = self.ensemble(images)  # the composites: the teachers see what the student sees
         side = logits if self.disc_input == "logits" else probs.clamp_min(_LOG_FLOOR).log()
         return BatchTargets(probs=probs, teacher_side=side)
 
 
 class HardTargets(_SampledCrops):
-    """Ground-truth classes for plain supervised training (`mealv2 train`)."""
+    """Ground-truth classes for plain supervised training (`mealv2 train`); with CutMix, weighted by area."""
 
-    def __init__(self, index: DatasetIndex, seeds: int | None, crop: CropSpec, device: torch.device):
-        super().__init__(index, seeds, crop)
+    def __init__(self, index: DatasetIndex, seeds: int | None, crop: CropSpec, device: torch.device,
+                 cutmix: MixSpec = MixSpec(), res: int = 224):
+        super().__init__(index, seeds, crop, cutmix, res)
         self.labels = torch.from_numpy(index.labels.astype(np.int64)).to(device)
+        self.num_classes = index.num_classes
 
-    def __call__(self, images: torch.Tensor, indices: torch.Tensor) -> BatchTargets:
-        return BatchTargets(labels=self.labels[indices.to(self.labels.device, non_blocking=True)])
+    def __call__(self, images: torch.Tensor, indices: torch.Tensor, mix: BatchMix | None = None) -> BatchTargets:
+        labels = self.labels[indices.to(self.labels.device, non_blocking=True)]
+        if mix is None:
+            return BatchTargets(labels=labels)
+        return BatchTargets(labels=mix.blend(torch.nn.functional.one_hot(labels, self.num_classes).float()))

@@ -32,6 +32,7 @@ from pipeline.dataset import load_index
 from pipeline.distributed import setup
 from pipeline.files import atomic_write
 from pipeline.loader import ReplayLoader, epoch_order
+from pipeline.mix import MixSpec
 from softlabels.models import Normalize, autocast, normalization
 from softlabels.store import LabelStore, StoreError
 from softlabels.teachers import TeacherEnsemble, parse_teachers
@@ -68,6 +69,9 @@ def resolve_config(config: TrainConfig, store: LabelStore | None, saved: dict | 
         if getattr(config, name) is not None and wanted != stored:
             raise StoreError(f"--{name} {' '.join(map(str, wanted))}: {config.labels} holds crops drawn with "
                              f"{name} {' '.join(map(str, stored))}, and distill replays those")
+    if store is not None and store.mix.enabled and config.cutmix:
+        raise StoreError(f"--cutmix {config.cutmix}: {config.labels} replays the mixes it was made with "
+                         f"(p = {store.mix.prob:g}); leave --cutmix out")
     seeds = config.seeds
     if store is not None:
         if seeds is None and saved is not None:
@@ -104,6 +108,10 @@ class Trainer:
             raise StoreError(f"{config.labels}: labels are for another dataset than "
                              f"{config.data}/train (fingerprint differs)")
         self.config = resolve_config(config, self.store, self.resumed["options"] if self.resumed else None)
+        rank_batch = self.config.batch_size // self.world.world_size
+        if (self.config.cutmix or (self.store and self.store.mix.enabled)) and rank_batch % 2:
+            raise ValueError(f"--batch-size {self.config.batch_size}: CutMix batches whole pairs; expected an even "
+                             f"number of images per rank, got {rank_batch}")
         if self.resumed:
             check_same_run(self.out / CHECKPOINT, self.resumed["options"], self.config.without_credentials())
             check_same_store(self.out / CHECKPOINT, self.resumed["store"], self._store_identity(), config.labels)
@@ -165,14 +173,15 @@ class Trainer:
         return {"url": self.config.labels, **self.store.identity(), "seeds": self.store.seeds[:self.config.seeds]}
 
     def _targets(self):
-        if self.config.mode == "distill":
-            return CachedTargets(self.store, self.device, self.config.seeds)
-        crop = CropSpec(self.config.scale, self.config.ratio)
-        if self.config.mode == "online":
-            ensemble = TeacherEnsemble(parse_teachers(self.config.teachers, self.config.res),
-                                       self.index.num_classes, self.device, self.config.compile)
-            return OnlineTargets(ensemble, self.index, self.config.seeds, crop, self.config.disc_input)
-        return HardTargets(self.index, self.config.seeds, crop, self.device)
+        config, cutmix = self.config, MixSpec(self.config.cutmix)
+        if config.mode == "distill":
+            return CachedTargets(self.store, self.device, config.seeds, config.res, cutmix)
+        crop = CropSpec(config.scale, config.ratio)
+        if config.mode == "online":
+            ensemble = TeacherEnsemble(parse_teachers(config.teachers, config.res),
+                                       self.index.num_classes, self.device, config.compile)
+            return OnlineTargets(ensemble, self.index, config.seeds, crop, config.disc_input, cutmix, config.res)
+        return HardTargets(self.index, config.seeds, crop, self.device, cutmix, config.res)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         """One SGD over the student and the discriminator (its own lr, by default the student's); fused on CUDA."""
@@ -185,7 +194,10 @@ class Trainer:
     # -- one step, one epoch -------------------------------------------------------------------
 
     def _losses(self, images: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        targets = self.targets(images, indices)
+        mix = self.targets.mix.batch(indices) if self.targets.mix is not None else None
+        if mix is not None:  # composed on the device: each image was decoded once, its partner is in the batch
+            images = mix.images(images)
+        targets = self.targets(images, indices, mix)
         x = self.normalize(images).contiguous(
             memory_format=torch.channels_last if self.device.type == "cuda" else torch.contiguous_format)
         with autocast(self.device, self.config.amp):
@@ -215,7 +227,7 @@ class Trainer:
         self.student.train()
         boxes, flips = self.targets.crops(epoch)
         order = epoch_order(self.targets.trainable, self.config.seed, epoch, shuffle=True, rank=self.world.rank,
-                            world_size=self.world.world_size)
+                            world_size=self.world.world_size, mix=self.targets.mix)
         sums: dict[str, torch.Tensor] = {}
         steps = images_seen = 0
         started = time.perf_counter()
