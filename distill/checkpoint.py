@@ -19,7 +19,7 @@ from pipeline.files import atomic_write
 
 CHECKPOINT = "checkpoint-last.pth"
 # options a resumed run must share with the run it continues (the rest, like --epochs, may change)
-RESUME_KEYS = ("mode", "model", "teachers", "res", "interpolation", "scale", "ratio", "seeds")
+RESUME_KEYS = ("mode", "model", "teachers", "res", "interpolation", "scale", "ratio", "seeds", "cutmix")
 
 
 def rng_state(device: torch.device) -> bytes:

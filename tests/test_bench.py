@@ -14,7 +14,8 @@ from bench.__main__ import TARGETS, _target_values, _verdicts
 pytestmark = pytest.mark.slow
 
 KEYS = {"stage2_cached_vs_plain", "stage2_cached_vs_online", "stage2_online_ideal", "stage2_online_ideal_cpu",
-        "stage1_efficiency", "store_bytes_per_crop", "loader_dali_vs_torch", "loader_dali_vs_torch_375x500_to_224",
+        "stage1_efficiency", "store_bytes_per_crop", "store_bytes_per_crop_cutmix", "loader_dali_vs_torch",
+        "loader_dali_vs_torch_375x500_to_224",
         "loader_auto_vs_torch_375x500_to_224",
         "label_slot_load_ms_per_million_100k", "label_slot_load_ms_per_million_1000k", "sample_crops_s_per_million"}
 
@@ -35,11 +36,13 @@ def test_quick_bench_writes_every_figure(tmp_path):
 
 def test_verdicts_compare_each_figure_with_its_target():
     results = {"stage2_cached_vs_plain": 0.96, "stage1_efficiency": 0.89, "store_bytes_per_crop": 28.5,
+               "store_bytes_per_crop_cutmix": 27.5,
                "loader_dali_vs_torch": 1.3, "loader_auto_vs_torch_375x500_to_224": 1.29,
                "stage2_cached_vs_online": 2.5, "stage2_online_ideal": 2.9, "stage2_online_ideal_cpu": 2.7,
                "label_slot_load_ms_per_million_100k": 80.0, "label_slot_load_ms_per_million_1000k": 97.0}
     verdicts = _verdicts(results)
     assert verdicts == {"stage2_cached_vs_plain": True, "stage1_efficiency": False, "store_bytes_per_crop": False,
+                        "store_bytes_per_crop_cutmix": True,
                         "loader_dali_vs_torch": True, "loader_auto_vs_torch_375x500_to_224": False,
                         "stage2_cached_vs_online": False, "stage2_cached_vs_online_cpu": True,
                         "label_slot_load_linear": False}

@@ -242,5 +242,9 @@ def test_cutmix_training_options(cutmix_store, small_root, tmp_path):
     result = run_cli("train", "--model", "test_convnext", "--out", tmp_path / "c", "--batch-size", 6,
                      "--cutmix", "0.5", "--res", 32, *common)
     assert result.exit_code == 0, result.output
+    resumed = ["train", "--model", "test_convnext", "--out", tmp_path / "c", "--batch-size", 6, "--res", 32,
+               "--resume", *common]
+    result = run_cli(*resumed, "--cutmix", "0")
+    assert result.exit_code == 1 and "was written with --cutmix 0.5" in result.output, result.output
     result = run_cli("cache-teachers", "--data", small_root, "--store", tmp_path / "s.zarr", "--cutmix", "1.5")
     assert result.exit_code == 2 and "--cutmix" in result.output
