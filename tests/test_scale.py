@@ -87,6 +87,18 @@ def test_resume_on_another_world_size(one_rank_run, small_root, reference_store,
     assert_same_weights(weights(out), weights(one_rank_run))
 
 
+def test_three_rank_cutmix_distill_equals_one_rank(small_root, teacher_files, tmp_path):
+    store = tmp_path / "cutmix.zarr"
+    made = run_cli(*cache_args(small_root, store, teacher_files, "--cutmix", "1"))
+    assert made.exit_code == 0, made.output
+    one, three = tmp_path / "one", tmp_path / "three"
+    result = run_cli(*distill_args(small_root, store, one, 2, "--batch-size", "18"))
+    assert result.exit_code == 0, result.output
+    # 15 pairs: 5 a rank, no padding; 6 images a rank a step, 3 whole pairs, the same 9 pairs a step as one rank
+    torchrun(*distill_args(small_root, store, three, 2, "--batch-size", "18"), ranks=3)
+    assert_same_weights(weights(three), weights(one))
+
+
 def test_batch_must_split_over_ranks(small_root, reference_store, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mealv2",
                *map(str, distill_args(small_root, reference_store, tmp_path / "odd", 1, "--batch-size", "9"))]
