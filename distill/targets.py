@@ -93,7 +93,7 @@ class CachedTargets:
 
 
 class _SampledCrops:
-    """Crops (and mixes) drawn per epoch: seed e mod ``seeds`` (like a store of that many slots), or seed e when None."""
+    """Crops (and mixes) drawn per epoch: seed e mod ``seeds`` (like a store of that many slots), or e when None."""
 
     def __init__(self, index: DatasetIndex, seeds: int | None, crop: CropSpec, cutmix: MixSpec = MixSpec(),
                  res: int = 224):

@@ -98,7 +98,7 @@ def storage_option(command):
 @click.option("--skip-bad", is_flag=True, help="leave unreadable images out (recorded in the store)")
 @click.option("--chunk-rows", type=int, default=CACHE["chunk_rows"], show_default=True,
               help="images per store chunk")
-@click.option("--cutmix", type=click.FloatRange(0, 1), default=CACHE["cutmix"], show_default=True,
+@click.option("--cutmix", type=click.FloatRange(0, 1), default=CACHE["cutmix"], show_default=True, metavar="P",
               help="mix pairs of crops with probability P and label the composites (stage two replays them)")
 @crop_options()
 @runtime_options
@@ -252,7 +252,7 @@ def training_options(mode: str):
         click.option("--seeds", type=click.IntRange(min=1), default=None,
                      help="distill: read seed slots 0..N-1 [default: every complete slot]; train, --online: "
                           "crop seeds cycle e mod N [default: new crops each epoch]"),
-        click.option("--cutmix", type=click.FloatRange(0, 1), default=default["cutmix"], show_default=True,
+        click.option("--cutmix", type=click.FloatRange(0, 1), default=default["cutmix"], show_default=True, metavar="P",
                      help=CUTMIX_HELP[mode]),
         click.option("--drop", type=float, default=None, help="timm drop_rate [default: the model's]"),
         click.option("--drop-path", type=float, default=None, help="timm drop_path_rate [default: the model's]"),

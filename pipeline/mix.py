@@ -96,7 +96,7 @@ class SlotMix:
         return SlotMix(self.partner, scaled, res)
 
     def groups(self, positions: np.ndarray) -> np.ndarray:
-        """``positions`` as rows of two images (G, 2): each mixed pair whole, the rest two by two, -1 filling a last row.
+        """``positions`` as rows of two (G, 2): each mixed pair whole, the rest two by two, -1 filling a last row.
 
         A pair whose partner is not among ``positions`` is not mixed in this epoch's batches.
         """
