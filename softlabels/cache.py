@@ -29,19 +29,23 @@ def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, rows: slice, box
     With ``mix`` the teachers see each mixed row's composite: its partner (from any chunk) is
     decoded in the same batch. A row whose partner could not be decoded is labelled unmixed,
     and stored so. The top-k gather on the device and come back in one copy per unit, so the
-    loop over batches never waits for the device (the next unit is queued while this one is written).
+    loop over batches does not wait for the device (the next unit is queued while this one is
+    written), except to drop partners borrowed from other chunks before the teachers run.
     """
     n = rows.stop - rows.start
     probs = torch.zeros((n, topk), dtype=torch.float16, device=ensemble.device)
     classes = torch.zeros((n, topk), dtype=torch.int32, device=ensemble.device)
     mixed = torch.zeros(n, dtype=torch.bool, device=ensemble.device)
     order = np.arange(rows.start, rows.stop) if mix is None else mix.unit_order(rows.start, rows.stop)
+    borrowed = bool(((order < rows.start) | (order >= rows.stop)).any())  # partners decoded from other chunks
     for images, indices in loader.epoch(order, boxes, flips, progress=False):
         if mix is not None:
             batch = mix.batch(indices)
-            own = (indices >= rows.start) & (indices < rows.stop)
-            images, indices = batch.images(images)[own], indices[own]
-            mixed[indices - rows.start] = batch.mixed[own]
+            images, composed = batch.images(images), batch.mixed
+            if borrowed:  # the teachers label this unit's rows only (a boolean mask waits for the device)
+                own = (indices >= rows.start) & (indices < rows.stop)
+                images, indices, composed = images[own], indices[own], composed[own]
+            mixed[indices - rows.start] = composed
         mean_probs, _ = ensemble(images)
         values, top = compress(mean_probs, topk)
         at = indices.to(ensemble.device) - rows.start
