@@ -51,6 +51,7 @@ class CachedTargets:
         self.num_classes = store.num_classes
         self.res = res or store.res
         self.cutmix = cutmix
+        self.blend_by_area = cutmix.enabled and not store.mix.enabled  # no teacher saw the composites
         self.trainable = np.arange(store.num_images)  # until a slot is loaded
         self.mix: SlotMix | None = None
         self._pool = ThreadPoolExecutor(1)
@@ -87,7 +88,7 @@ class CachedTargets:
     def __call__(self, images: torch.Tensor, indices: torch.Tensor, mix: BatchMix | None = None) -> BatchTargets:
         at = indices.to(self.device, non_blocking=True)
         probs = expand(self._probs[at], self._classes[at], self.num_classes, self.residual)
-        if mix is not None and not self.store.mix.enabled:  # labels of the unmixed crops: blended by area
+        if mix is not None and self.blend_by_area:
             probs = mix.blend(probs)
         return BatchTargets(probs=probs, teacher_side=probs.clamp_min(_LOG_FLOOR).log())
 

@@ -112,11 +112,9 @@ class SlotMix:
     def unit_order(self, start: int, stop: int) -> np.ndarray:
         """Rows start..stop-1 in the order stage one decodes them: mixed pairs whole, partners from other rows
         included, then the unmixed, so that batches of an even size hold whole pairs."""
-        own = np.arange(start, stop)
-        partner = self.partner[own]
-        elsewhere = (partner < start) | (partner >= stop)
-        firsts = own[(partner >= 0) & (elsewhere | (partner > own))]
-        return np.concatenate([np.stack([firsts, self.partner[firsts]], axis=1).ravel(), own[partner < 0]])
+        partner = self.partner[start:stop]
+        rows = self.groups(np.union1d(np.arange(start, stop), partner[partner >= 0])).ravel()
+        return rows[rows >= 0]
 
     def batch(self, indices: torch.Tensor) -> "BatchMix":
         """The mixes of one decoded batch (dataset positions ``indices``, on the images' device)."""
