@@ -397,7 +397,13 @@ def data_check(root, decoder, workers):
 @click.option("--slots-study", is_flag=True,
               help="instead: the distilled student from 1, 2, 4, 8 and 16 seed slots and online, over run seeds "
                    "SEED, SEED+1, SEED+2 (about 75 minutes on 2 cores; --quick: 1 and 2 slots, one seed)")
-def demo(out, seed, quick, source, slots_study):
+@click.option("--train-teachers", is_flag=True,
+              help="train the teachers here with the recorded settings (pinned in OUT/teachers) instead of using "
+                   "the pretrained ones shipped in the package")
+@click.option("--teachers-from", type=click.Path(file_okay=False, exists=True), default=None,
+              help="a folder of pinned teachers (teachers.json and weights, as --train-teachers writes) instead of "
+                   "the shipped ones")
+def demo(out, seed, quick, source, slots_study, train_teachers, teachers_from):
     """MEAL V2 in miniature on Fashion-MNIST: teachers, cache, baseline and distilled student, on the CPU."""
     from mealv2.demo import FULL, QUICK, Demo
 
@@ -405,9 +411,10 @@ def demo(out, seed, quick, source, slots_study):
         return main.main(argv, prog_name="mealv2", standalone_mode=False)
 
     plan = QUICK if quick else FULL
+    teachers = {"teachers_from": teachers_from, "train_teachers": train_teachers}
     if not slots_study:
-        return Demo(out, seed, plan, run_command, source).run()
+        return Demo(out, seed, plan, run_command, source, **teachers).run()
     from mealv2.slots_study import SLOTS, SlotsStudy
 
     slots, run_seeds = ((1, 2), (seed,)) if quick else (SLOTS, (seed, seed + 1, seed + 2))
-    return SlotsStudy(out, seed, plan, run_command, source, slots=slots, run_seeds=run_seeds).run()
+    return SlotsStudy(out, seed, plan, run_command, source, slots=slots, run_seeds=run_seeds, **teachers).run()

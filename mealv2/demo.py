@@ -1,8 +1,9 @@
 """`mealv2 demo`: MEAL V2 in miniature on Fashion-MNIST, end to end on the CPU, through the real commands.
 
 Every stage is a `mealv2 ...` command line run in this process (and echoed, so it can be
-copied): data, two teachers, their ensemble's accuracy, the label cache, a hard-label
-baseline and the distilled student with the same epochs and pipeline.
+copied): data, the teachers (the pinned pretrained ones, or trained here), their accuracy
+and their ensemble's, the label cache, a hard-label baseline and the distilled student
+with the same images, crops and epochs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 import click
+
+from mealv2.pretrained import SHIPPED, PinnedTeacher, export_float16, verified_spec, write_manifest
 
 
 @dataclass(frozen=True)
@@ -37,20 +40,21 @@ class DemoPlan:
     crop_scale: tuple[float, float]  # RandomResizedCrop area range of the teachers, the cache and the baseline
     seeds: int  # crop seed slots cached: the student sees a new crop of each image for this many epochs
     student_images: int | None = None  # the students' training images, the first N of the teachers'; None: all
+    pretrained: bool = False  # the teachers ship pinned in mealv2/teachers (trained with this plan's settings)
 
     def lr_steps(self, epochs: int) -> str:
         """×0.1 at two thirds and again near the end, as a step schedule compressed into a short run."""
         return ",".join(str(e) for e in sorted({max(1, 2 * epochs // 3), epochs - 1}) if 0 < e < epochs)
 
 
-# Calibrated on 2 CPU cores (docs/demo.md): about 13 minutes. The student's lr, weight decay, the
-# discriminator left out and the crop scale were chosen there by measurement at this scale (from scratch,
-# 32 px, 12 epochs); milder crops (0.25) raised every model but not the gain. The lead under test
-# (docs/demo.md): students on 2,000 of the teachers' 10,000 images for 30 epochs (student_images=2_000).
-FULL = DemoPlan(limit_train=10_000, limit_val=None, res=32, teachers=("resnet18", "resnet10t"),
-                student="mobilenetv3_small_050", teacher_epochs=12, student_epochs=12, batch_size=128,
+# The paper in miniature (docs/demo.md says why and what it measured): teachers that know far more than the
+# students have seen (all 60,000 images; pinned in mealv2/teachers, trained with these settings) and students
+# on 2,000 of them, both from scratch, for 96 epochs. The student's lr, weight decay, the discriminator left
+# out and the crop scale were chosen by measurement at this scale; 48 slots: one per two epochs.
+FULL = DemoPlan(limit_train=None, limit_val=None, res=32, teachers=("resnet10t", "regnetx_004"),
+                student="mobilenetv3_small_050", teacher_epochs=8, student_epochs=96, batch_size=128,
                 teacher_lr=0.1, student_lr=0.03, student_weight_decay=1e-4, discriminator=False,
-                crop_scale=(0.08, 1.0), seeds=12)
+                crop_scale=(0.08, 1.0), seeds=48, student_images=2_000, pretrained=True)
 # The test suite's run: a few hundred images, timm's tiny test models, one epoch each.
 QUICK = DemoPlan(limit_train=300, limit_val=200, res=32, teachers=("test_resnet", "test_efficientnet"),
                  student="test_convnext", teacher_epochs=1, student_epochs=1, batch_size=32, teacher_lr=0.05,
@@ -62,34 +66,51 @@ class Demo:
     """Runs the plan's commands into OUT and gathers their results into OUT/summary.json."""
 
     def __init__(self, out: str, seed: int, plan: DemoPlan, run_command: Callable[[list[str]], object],
-                 source: str | None = None):
+                 source: str | None = None, teachers_from: str | None = None, train_teachers: bool = False):
+        if teachers_from is not None and train_teachers:
+            raise click.UsageError("--teachers-from and --train-teachers exclude each other")
         self.out = Path(out)
         self.run_command = run_command  # `mealv2 ARGS` in this process, returning what the command returns
         self.seed = seed
         self.plan = plan
         self.source = source
+        self.teachers_from = Path(teachers_from) if teachers_from is not None else None
+        self.trains_teachers = train_teachers or (teachers_from is None and not plan.pretrained)
         self.seconds: dict[str, float] = {}
+        self.commands: dict[str, list[str]] = {}  # stage → the arguments it last ran
 
     def _command(self, stage: str, *args) -> object:
         """Run `mealv2 ARGS` here, echoed first, timed under ``stage``; returns what the command returns."""
         argv = [str(a) for a in args]
+        self.commands[stage] = argv
         click.secho(f"\n$ mealv2 {shlex.join(argv)}", bold=True)
         started = time.perf_counter()
         result = self.run_command(argv)
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.perf_counter() - started, 1)
         return result
 
-    def _fit(self, stage: str, command: str, model_flag: str, model: str, epochs: int, lr: float,
-             *extra, seed: int | None = None, data: Path | None = None) -> list[dict]:
-        """`mealv2 train|distill` with the plan's schedule on ``data`` (the students'); returns its metrics rows."""
-        out = self.out / stage
-        self._command(stage, command, "--data", data or self.student_data, model_flag, model, "--out", out,
-                      "--init", "scratch",
-                      "--epochs", epochs, "--lr", lr, "--lr-steps", self.plan.lr_steps(epochs),
-                      "--batch-size", self.plan.batch_size, "--res", self.plan.res,
-                      "--seed", self.seed if seed is None else seed,
-                      "--val-every", max(1, epochs // 4), "--no-progress", *extra)
-        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    def _fit_args(self, stage: str, command: str, model_flag: str, model: str, epochs: int, lr: float,
+                  *extra, seed: int | None = None, data: Path | None = None) -> list:
+        """`mealv2 train|distill` arguments: the plan's schedule on ``data`` (the students'), into OUT/STAGE."""
+        return [command, "--data", data or self.student_data, model_flag, model, "--out", self.out / stage,
+                "--init", "scratch", "--epochs", epochs, "--lr", lr, "--lr-steps", self.plan.lr_steps(epochs),
+                "--batch-size", self.plan.batch_size, "--res", self.plan.res,
+                "--seed", self.seed if seed is None else seed,
+                "--val-every", max(1, epochs // 4), "--no-progress", *extra]
+
+    def _trained(self, stage: str, args: list) -> list[dict]:
+        """Run the `train|distill` ``args`` into OUT/STAGE; returns the run's metrics rows."""
+        self._command(stage, *args)
+        return [json.loads(line) for line in (self.out / stage / "metrics.jsonl").read_text().splitlines()]
+
+    def _fit(self, stage: str, *args, **kwargs) -> list[dict]:
+        return self._trained(stage, self._fit_args(stage, *args, **kwargs))
+
+    def teacher_args(self, name: str) -> list:
+        """How the demo trains teacher ``name``: all of the plan's teacher images, the teachers' schedule."""
+        plan = self.plan
+        return self._fit_args(f"teacher-{name}", "train", "--model", name, plan.teacher_epochs, plan.teacher_lr,
+                              *self.crop, data=self.data)
 
     def _distill(self, stage: str, *extra, seed: int | None = None) -> list[dict]:
         """The plan's MEAL V2 student (from a store, or online with the teachers' spec in ``extra``)."""
@@ -125,30 +146,61 @@ class Demo:
         return self.data if self.plan.student_images is None else self.out / "data-students"
 
     @property
+    def teachers_folder(self) -> Path:
+        """Where the pinned teachers are read: OUT/teachers when trained here, else the given or shipped folder."""
+        return self.out / "teachers" if self.trains_teachers else self.teachers_from or SHIPPED
+
+    @property
     def crop(self) -> tuple:
         """The teachers', the cache's and the baseline's crop range (the distilled student replays the store's)."""
         return ("--scale", *self.plan.crop_scale)
 
     def _start(self) -> None:
-        """Refuse a used OUT, then write the data."""
+        """Refuse a used OUT, then write the data: the students' images, and the teachers' if they are trained."""
         plan = self.plan
         if self.out.exists() and any(self.out.iterdir()):
             raise click.ClickException(f"{self.out}: exists and is not empty; choose another --out or remove it")
-        splits = [(self.data, plan.limit_train)]
-        if self.student_data != self.data:
-            splits.append((self.student_data, plan.student_images))
-        for folder, images in splits:
+        splits = {self.data: plan.limit_train} if self.trains_teachers else {}
+        splits.setdefault(self.student_data, plan.limit_train if plan.student_images is None else plan.student_images)
+        for folder, images in splits.items():
             options = {"--limit-train": images, "--limit-val": plan.limit_val, "--source": self.source}
             self._command("data", "data", "fashion-mnist", "--out", folder,
                           *[part for flag, value in options.items() if value is not None for part in (flag, value)])
 
-    def _teachers(self, curves: dict) -> str:
-        """Train the plan's teachers (their curves go into ``curves``); returns their --teachers spec."""
+    def _score(self, model: str, weights: Path) -> float:
+        """One teacher's top-1 on the test images."""
+        return self._command("teachers", "evaluate", "--data", self.student_data, "--model", model,
+                             "--checkpoint", weights, "--res", self.plan.res, "--json")["top1"]
+
+    def _pinned(self) -> tuple[list[PinnedTeacher], str]:
+        """The given (or shipped) pinned teachers and their --teachers spec, each file checked against its sha256."""
+        try:
+            return verified_spec(self.teachers_folder)
+        except (OSError, ValueError) as err:
+            raise click.ClickException(str(err)) from None
+
+    def _teachers(self, curves: dict, pinned: tuple[list[PinnedTeacher], str] | None) -> tuple[list[PinnedTeacher], str]:
+        """The teachers with their --teachers spec, each one's top-1 scored here.
+
+        ``pinned``: the checked folder's teachers; None: the plan's teachers are trained first (their curves go
+        into ``curves``) and pinned in OUT/teachers, in the form of the shipped folder.
+        """
+        if pinned is not None:
+            teachers, spec = pinned
+            return [dataclasses.replace(t, top1=self._score(t.model, self.teachers_folder / t.file))
+                    for t in teachers], spec
+        folder = self.teachers_folder
+        folder.mkdir()
+        pinned = []
         for name in self.plan.teachers:
-            curves[f"teacher {name}"] = self._fit(f"teacher-{name}", "train", "--model", name,
-                                                  self.plan.teacher_epochs, self.plan.teacher_lr, *self.crop,
-                                                  data=self.data)
-        return ",".join(f"{name}={self.out / f'teacher-{name}' / 'model.safetensors'}" for name in self.plan.teachers)
+            stage = f"teacher-{name}"
+            curves[f"teacher {name}"] = self._trained(stage, self.teacher_args(name))
+            weights = folder / f"{name}.safetensors"
+            sha256 = export_float16(self.out / stage / "model.safetensors", weights)
+            pinned.append(PinnedTeacher(name, weights.name, sha256, self._score(name, weights),
+                                        tuple(self.commands[stage])))
+        write_manifest(folder, pinned)
+        return pinned, verified_spec(folder)[1]
 
     def _cache(self, spec: str, slots: int) -> Path:
         store = self.out / "labels.zarr"
@@ -159,10 +211,11 @@ class Demo:
     def run(self) -> dict:
         plan = self.plan
         started = time.perf_counter()
+        pinned = None if self.trains_teachers else self._pinned()
         self._start()
         curves = {}
-        spec = self._teachers(curves)
-        ensemble = self._command("ensemble", "evaluate", "--data", self.data, "--teachers", spec,
+        teachers, spec = self._teachers(curves, pinned)
+        ensemble = self._command("ensemble", "evaluate", "--data", self.student_data, "--teachers", spec,
                                  "--res", plan.res, "--json")
         store = self._cache(spec, plan.seeds)
         curves["baseline (hard labels)"] = self._fit("baseline", "train", "--model", plan.student,
@@ -172,7 +225,9 @@ class Demo:
         curves["MEAL V2 (cached soft labels)"] = self._distill("distilled", "--labels", store)
         paired = self._paired("baseline", "distilled")
         summary = {
-            "teacher_top1": [curves[f"teacher {name}"][-1]["val_top1"] for name in plan.teachers],
+            "teachers": [t.model for t in teachers],
+            "teachers_from": str(self.teachers_folder),
+            "teacher_top1": [t.top1 for t in teachers],
             "ensemble_top1": ensemble["top1"],
             "baseline_top1": curves["baseline (hard labels)"][-1]["val_top1"],
             "distilled_top1": curves["MEAL V2 (cached soft labels)"][-1]["val_top1"],
@@ -194,7 +249,7 @@ class Demo:
 def summary_table(summary: dict) -> str:
     """The accuracies and the time per stage as a plain-text table."""
     plan = summary["plan"]
-    rows = [(f"teacher {name}", f"{top1:.2f}%") for name, top1 in zip(plan["teachers"], summary["teacher_top1"])]
+    rows = [(f"teacher {name}", f"{top1:.2f}%") for name, top1 in zip(summary["teachers"], summary["teacher_top1"])]
     rows += [("teacher ensemble (mean softmax)", f"{summary['ensemble_top1']:.2f}%"),
              (f"{plan['student']}, hard labels", f"{summary['baseline_top1']:.2f}%"),
              (f"{plan['student']}, MEAL V2", f"{summary['distilled_top1']:.2f}%"),

@@ -25,9 +25,9 @@ def plot_report(curves: dict[str, list[dict]], summary: dict, path: Path) -> Non
     loss_ax.legend(fontsize=8)
 
     plan = summary["plan"]
-    names = [*plan["teachers"], "ensemble", "hard labels", "MEAL V2"]
+    names = [*summary["teachers"], "ensemble", "hard labels", "MEAL V2"]
     values = [*summary["teacher_top1"], summary["ensemble_top1"], summary["baseline_top1"], summary["distilled_top1"]]
-    colours = ["#999999"] * (len(plan["teachers"]) + 1) + ["#d08c3a", "#3a7bd0"]
+    colours = ["#999999"] * (len(summary["teachers"]) + 1) + ["#d08c3a", "#3a7bd0"]
     bars = bar_ax.bar(names, values, color=colours)
     bar_ax.bar_label(bars, fmt="%.2f")
     low_gain, high_gain = summary["gain_ci95"]  # the gain's paired interval, drawn on the MEAL V2 bar

@@ -2,13 +2,18 @@
 
 import json
 import os
+import shutil
 
 import pytest
+import torch
 from click.testing import CliRunner
 from test_fashion_mnist import write_idx_source
 
 from mealv2.cli import main
+from mealv2.demo import QUICK, Demo
+from mealv2.pretrained import read_manifest, verified_spec
 from pipeline.fashion_mnist import DEBIAN_SOURCE
+from softlabels.models import load_state_dict
 
 pytestmark = pytest.mark.slow
 
@@ -22,30 +27,80 @@ def fashion_mnist_source(tmp_path_factory):
     return write_idx_source(tmp_path_factory.mktemp("idx"), 600, 300)
 
 
-def test_quick_demo_writes_summary_and_report(fashion_mnist_source, tmp_path):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def quick_demo(fashion_mnist_source, tmp_path_factory):
+    """One `mealv2 demo --quick` run (its tiny teachers trained and pinned in OUT/teachers): (OUT, output)."""
+    out = tmp_path_factory.mktemp("quick") / "demo"
     result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--source", str(fashion_mnist_source)])
     assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_quick_demo_writes_summary_and_report(quick_demo):
+    out, output = quick_demo
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["teacher_top1"]) == 2
+    assert summary["teachers"] == ["test_resnet", "test_efficientnet"] and len(summary["teacher_top1"]) == 2
     for key in ("ensemble_top1", "baseline_top1", "distilled_top1"):
         assert 0 <= summary[key] <= 100
     assert summary["val_images"] == 200
     students = json.loads((out / "baseline" / "config.json").read_text())["data"]
     assert students == str(out / "data-students") and len(list((out / "data-students" / "train").rglob("*.jpg"))) == 150
     assert len(list((out / "data" / "train").rglob("*.jpg"))) == 300  # the teachers know more than the students saw
-    assert set(summary["seconds"]) == {"data", "teacher-test_resnet", "teacher-test_efficientnet", "ensemble",
-                                       "cache", "baseline", "distilled", "paired", "total"}
+    assert set(summary["seconds"]) == {"data", "teacher-test_resnet", "teacher-test_efficientnet", "teachers",
+                                       "ensemble", "cache", "baseline", "distilled", "paired", "total"}
     # the paired figures come from the final weights scored again: they agree with the runs' own validation
     assert summary["gain"] == pytest.approx(summary["distilled_top1"] - summary["baseline_top1"], abs=1e-6)
     low, high = summary["gain_ci95"]
     assert low <= summary["gain"] <= high and 0 <= summary["mcnemar_p"] <= 1
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for command in ("$ mealv2 train", "$ mealv2 cache-teachers", "$ mealv2 distill", "$ mealv2 evaluate"):
-        assert command in result.output
-    assert "MEAL V2 gain" in result.output
+        assert command in output
+    assert "MEAL V2 gain" in output
     again = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
     assert again.exit_code == 1 and "not empty" in again.output
+
+
+def test_trained_teachers_are_pinned_with_the_command_that_made_them(quick_demo):
+    out, _ = quick_demo
+    teachers, _ = verified_spec(out / "teachers")
+    summary = json.loads((out / "summary.json").read_text())
+    assert [t.model for t in teachers] == summary["teachers"] and summary["teachers_from"] == str(out / "teachers")
+    assert [t.top1 for t in teachers] == summary["teacher_top1"]  # scored with the pinned (float16) weights
+    demo = Demo(str(out), 0, QUICK, run_command=None)
+    for teacher in teachers:
+        assert list(teacher.command) == [str(a) for a in demo.teacher_args(teacher.model)]
+        assert {v.dtype for v in load_state_dict(out / "teachers" / teacher.file).values() if v.is_floating_point()} \
+            == {torch.float16}
+
+
+def test_demo_from_pinned_teachers_trains_none_and_reproduces_the_run(quick_demo, fashion_mnist_source, tmp_path):
+    """The same seed on the first run's pinned teachers: no teacher trained, every figure the same."""
+    first, _ = quick_demo
+    out = tmp_path / "again"
+    result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--source", str(fashion_mnist_source),
+                                       "--teachers-from", str(first / "teachers")])
+    assert result.exit_code == 0, result.output
+    summary, before = (json.loads((folder / "summary.json").read_text()) for folder in (out, first))
+    assert not any(stage.startswith("teacher-") for stage in summary["seconds"]) and not (out / "data").exists()
+    for key in ("teacher_top1", "ensemble_top1", "baseline_top1", "distilled_top1", "gain"):
+        assert summary[key] == before[key], key
+
+
+def test_damaged_pinned_teacher_is_refused_before_any_training(quick_demo, tmp_path):
+    first, _ = quick_demo
+    folder = tmp_path / "teachers"
+    shutil.copytree(first / "teachers", folder)
+    weights = folder / read_manifest(folder)[0].file
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out), "--teachers-from", str(folder)])
+    assert result.exit_code == 1 and f"{weights}: sha256 differs" in result.output
+    assert not (out / "baseline").exists()
+    both = CliRunner().invoke(main, ["demo", "--quick", "--out", str(tmp_path / "x"), "--teachers-from", str(folder),
+                                     "--train-teachers"])
+    assert both.exit_code == 2 and "exclude each other" in both.output
 
 
 def test_slots_study_miniature_writes_its_curve(fashion_mnist_source, tmp_path):
