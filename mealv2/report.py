@@ -29,15 +29,17 @@ def plot_report(curves: dict[str, list[dict]], summary: dict, path: Path) -> Non
     values = [*summary["teacher_top1"], summary["ensemble_top1"], summary["baseline_top1"], summary["distilled_top1"]]
     colours = ["#999999"] * (len(summary["teachers"]) + 1) + ["#d08c3a", "#3a7bd0"]
     bars = bar_ax.bar(names, values, color=colours)
-    bar_ax.bar_label(bars, fmt="%.2f")
     low_gain, high_gain = summary["gain_ci95"]  # the gain's paired interval, drawn on the MEAL V2 bar
     bar_ax.errorbar([len(names) - 1], [summary["baseline_top1"] + summary["gain"]],
                     yerr=[[summary["gain"] - low_gain], [high_gain - summary["gain"]]], fmt="none", ecolor="black",
                     capsize=6, label="gain's 95% interval (paired bootstrap)")
-    bar_ax.legend(fontsize=8, loc="lower right")
-    low = min(values)
-    bar_ax.set_ylim(max(0.0, low - 10), min(100.0, max(values) + 3))
-    bar_ax.set(title=f"top-1 on {summary['val_images']} test images (student {plan['student']})", ylabel="%")
+    bar_ax.legend(fontsize=8, loc="upper right")
+    bottom = max(0.0, min(values) - 10)
+    bar_ax.set_ylim(bottom, min(100.0, max(values) + 3))
+    for bar, value in zip(bars, values):  # inside each bar's foot, clear of the interval drawn on its top
+        bar_ax.text(bar.get_x() + bar.get_width() / 2, bottom + 0.5, f"{value:.2f}", ha="center", va="bottom",
+                    color="white", fontsize=9)
+    bar_ax.set(title=f"top-1 on {summary['val_images']} test images\nstudent {plan['student']}", ylabel="%")
     bar_ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
