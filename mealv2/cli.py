@@ -396,7 +396,7 @@ def data_check(root, decoder, workers):
 @click.option("--source", type=click.Path(file_okay=False), default=None, help="folder of the Fashion-MNIST IDX files")
 @click.option("--slots-study", is_flag=True,
               help="instead: the distilled student from 1, 2, 4, 8 and 16 seed slots and online, over run seeds "
-                   "SEED, SEED+1, SEED+2 (about 75 minutes on 2 cores; --quick: 1 and 2 slots, one seed)")
+                   "SEED, SEED+1, SEED+2 (over an hour on 2 cores; --quick: 1 and 2 slots, one seed)")
 @click.option("--train-teachers", is_flag=True,
               help="train the teachers here with the recorded settings (pinned in OUT/teachers) instead of using "
                    "the pretrained ones shipped in the package")
