@@ -149,15 +149,22 @@ class DaliStream:
         _require_dali()
         self.device = torch.device(device)
         self.prefetch = max(2, prefetch)
-        self._plans = tempfile.TemporaryDirectory(prefix="mealv2-plans-")
+        # Made with the first pipeline, whose workers remove it if this process is killed: a stream that never
+        # runs (a killed run's validation stream) leaves no folder behind.
+        self._plans: tempfile.TemporaryDirectory | None = None
         on_gpu, device_id = _placement(self.device)
-        source = PlanSource(index, self._plans.name, batch_size)
         build = pipeline_def(_planned_graph, batch_size=batch_size, num_threads=max(1, threads),
                              device_id=device_id, exec_pipelined=True, exec_async=True,
                              prefetch_queue_depth=self.prefetch, py_num_workers=self.prefetch,
                              py_start_method="spawn")
-        self._build = lambda: build(source=source, prefetch=self.prefetch, res=res, interpolation=interpolation,
-                                    on_gpu=on_gpu, hw_decoder_load=hw_decoder_load)
+
+        def build_pipeline():
+            if self._plans is None:
+                self._plans = tempfile.TemporaryDirectory(prefix="mealv2-plans-")
+            return build(source=PlanSource(index, self._plans.name, batch_size), prefetch=self.prefetch, res=res,
+                         interpolation=interpolation, on_gpu=on_gpu, hw_decoder_load=hw_decoder_load)
+
+        self._build = build_pipeline
         self._pipe = None
         self._epoch = 0  # DALI's epoch counter: the plan the workers read next
         self._running = False  # an epoch of self._pipe is under way (or was abandoned unfinished)

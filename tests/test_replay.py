@@ -1,5 +1,6 @@
 """DALI replay against the PIL reference; epoch ordering, sharding, partial batches, errors."""
 
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -69,18 +70,28 @@ def test_every_image_once_and_last_partial_batch_delivered(index, decoder, devic
     assert sorted(seen.tolist()) == list(range(len(index)))
 
 
+def test_dali_plan_folder_is_made_by_the_first_epoch_only(index, monkeypatch, tmp_path):
+    """A stream that never runs (a killed run's validation stream) has no folder to leave behind."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    boxes, flips = sample_crops(0, index.sizes)
+    loader = ReplayLoader(index, res=16, batch_size=8, device="cpu", decoder="dali")
+    assert not list(tmp_path.glob("mealv2-plans-*"))
+    assert sum(len(b[1]) for b in loader.epoch(np.arange(len(index)), boxes, flips, progress=False)) == len(index)
+    assert len(list(tmp_path.glob("mealv2-plans-*"))) == 1
+
+
 def test_dali_epochs_run_pipelined_and_read_ahead(index, monkeypatch, device):
     """DALI's async executor with workers reading ahead; an abandoned epoch does not spoil the next;
     the pixels equal the batch-at-a-time decoder's (on a GPU: the copy out of DALI is complete)."""
     monkeypatch.setattr("pipeline.dali.PlanSource", MarkingPlanSource)
     boxes, flips = sample_crops(0, index.sizes)
     loader = ReplayLoader(index, res=16, batch_size=4, device=device, decoder="dali", prefetch=3)  # 6 batches
-    pipe_folder = Path(loader._stream._plans.name)
     order = epoch_order(len(index), seed=0, epoch=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fall-back to the batch-by-batch path
         epoch = iter(loader.epoch(order, boxes, flips, progress=False))
         first = next(epoch)
+        pipe_folder = Path(loader._stream._plans.name)
         asked = lambda: {p.name for p in pipe_folder.glob("asked-0-*")}  # noqa: E731
         deadline = time.monotonic() + 60
         while len(asked()) < 4 and time.monotonic() < deadline:  # the consumer holds batch 0 only
