@@ -18,7 +18,7 @@ from typing import Callable
 
 import click
 
-from mealv2.pretrained import SHIPPED, PinnedTeacher, export_float16, verified_spec, write_manifest
+from mealv2.pretrained import SHIPPED, PinnedTeacher, export_float16, teachers_spec, verified_spec, write_manifest
 
 
 @dataclass(frozen=True)
@@ -77,12 +77,10 @@ class Demo:
         self.teachers_from = Path(teachers_from) if teachers_from is not None else None
         self.trains_teachers = train_teachers or (teachers_from is None and not plan.pretrained)
         self.seconds: dict[str, float] = {}
-        self.commands: dict[str, list[str]] = {}  # stage → the arguments it last ran
 
     def _command(self, stage: str, *args) -> object:
         """Run `mealv2 ARGS` here, echoed first, timed under ``stage``; returns what the command returns."""
         argv = [str(a) for a in args]
-        self.commands[stage] = argv
         click.secho(f"\n$ mealv2 {shlex.join(argv)}", bold=True)
         started = time.perf_counter()
         result = self.run_command(argv)
@@ -155,29 +153,28 @@ class Demo:
         """The teachers', the cache's and the baseline's crop range (the distilled student replays the store's)."""
         return ("--scale", *self.plan.crop_scale)
 
-    def _start(self) -> None:
-        """Refuse a used OUT, then write the data: the students' images, and the teachers' if they are trained."""
+    def _start(self) -> tuple[list[PinnedTeacher], str] | None:
+        """Refuse a used OUT or damaged pinned teachers, then write the data: the students' images, and the
+        teachers' if they are trained here. Returns the pinned teachers and their spec (None: trained here)."""
         plan = self.plan
         if self.out.exists() and any(self.out.iterdir()):
             raise click.ClickException(f"{self.out}: exists and is not empty; choose another --out or remove it")
+        try:
+            pinned = None if self.trains_teachers else verified_spec(self.teachers_folder)
+        except (OSError, ValueError) as err:
+            raise click.ClickException(str(err)) from None
         splits = {self.data: plan.limit_train} if self.trains_teachers else {}
         splits.setdefault(self.student_data, plan.limit_train if plan.student_images is None else plan.student_images)
         for folder, images in splits.items():
             options = {"--limit-train": images, "--limit-val": plan.limit_val, "--source": self.source}
             self._command("data", "data", "fashion-mnist", "--out", folder,
                           *[part for flag, value in options.items() if value is not None for part in (flag, value)])
+        return pinned
 
     def _score(self, model: str, weights: Path) -> float:
         """One teacher's top-1 on the test images."""
         return self._command("teachers", "evaluate", "--data", self.student_data, "--model", model,
                              "--checkpoint", weights, "--res", self.plan.res, "--json")["top1"]
-
-    def _pinned(self) -> tuple[list[PinnedTeacher], str]:
-        """The given (or shipped) pinned teachers and their --teachers spec, each file checked against its sha256."""
-        try:
-            return verified_spec(self.teachers_folder)
-        except (OSError, ValueError) as err:
-            raise click.ClickException(str(err)) from None
 
     def _teachers(self, curves: dict, pinned: tuple[list[PinnedTeacher], str] | None) -> tuple[list[PinnedTeacher], str]:
         """The teachers with their --teachers spec, each one's top-1 scored here.
@@ -193,14 +190,13 @@ class Demo:
         folder.mkdir()
         pinned = []
         for name in self.plan.teachers:
-            stage = f"teacher-{name}"
-            curves[f"teacher {name}"] = self._trained(stage, self.teacher_args(name))
+            stage, argv = f"teacher-{name}", [str(a) for a in self.teacher_args(name)]
+            curves[f"teacher {name}"] = self._trained(stage, argv)
             weights = folder / f"{name}.safetensors"
             sha256 = export_float16(self.out / stage / "model.safetensors", weights)
-            pinned.append(PinnedTeacher(name, weights.name, sha256, self._score(name, weights),
-                                        tuple(self.commands[stage])))
+            pinned.append(PinnedTeacher(name, weights.name, sha256, self._score(name, weights), tuple(argv)))
         write_manifest(folder, pinned)
-        return pinned, verified_spec(folder)[1]
+        return pinned, teachers_spec(folder, pinned)
 
     def _cache(self, spec: str, slots: int) -> Path:
         store = self.out / "labels.zarr"
@@ -211,8 +207,7 @@ class Demo:
     def run(self) -> dict:
         plan = self.plan
         started = time.perf_counter()
-        pinned = None if self.trains_teachers else self._pinned()
-        self._start()
+        pinned = self._start()
         curves = {}
         teachers, spec = self._teachers(curves, pinned)
         ensemble = self._command("ensemble", "evaluate", "--data", self.student_data, "--teachers", spec,

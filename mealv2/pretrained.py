@@ -41,8 +41,7 @@ def read_manifest(folder: str | Path) -> list[PinnedTeacher]:
 
 def write_manifest(folder: str | Path, teachers: list[PinnedTeacher]) -> Path:
     path = Path(folder) / MANIFEST
-    path.write_text(json.dumps({"teachers": [asdict(t) | {"command": list(t.command)} for t in teachers]},
-                               indent=2) + "\n")
+    path.write_text(json.dumps({"teachers": [asdict(t) for t in teachers]}, indent=2) + "\n")
     return path
 
 
@@ -58,7 +57,12 @@ def verified_spec(folder: str | Path) -> tuple[list[PinnedTeacher], str]:
         if file_sha256(path) != teacher.sha256:
             raise ValueError(f"{path}: sha256 differs from {MANIFEST}'s {teacher.sha256[:12]}…; the file is damaged "
                              "or was replaced (re-create it with `mealv2 demo --train-teachers`)")
-    return teachers, ",".join(f"{t.model}={Path(folder) / t.file}" for t in teachers)
+    return teachers, teachers_spec(folder, teachers)
+
+
+def teachers_spec(folder: str | Path, teachers: list[PinnedTeacher]) -> str:
+    """The `--teachers NAME=PATH,...` value for ``teachers`` stored in ``folder``."""
+    return ",".join(f"{t.model}={Path(folder) / t.file}" for t in teachers)
 
 
 def export_float16(checkpoint: str | Path, dest: str | Path) -> str:
@@ -67,6 +71,6 @@ def export_float16(checkpoint: str | Path, dest: str | Path) -> str:
 
     from softlabels.models import file_sha256, load_state_dict
 
-    state = {k: v.half() if v.is_floating_point() else v for k, v in load_state_dict(checkpoint).items()}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(dest))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in load_state_dict(checkpoint).items()},
+              str(dest))
     return file_sha256(dest)

@@ -29,9 +29,7 @@ class SlotsStudy(Demo):
 
     def run(self) -> dict:
         started = time.perf_counter()
-        pinned = None if self.trains_teachers else self._pinned()
-        self._start()
-        spec = self._teachers({}, pinned)[1]
+        spec = self._teachers({}, self._start())[1]
         store = self._cache(spec, self.slots[-1])
         info = self._command("store", "labels", "info", store, "--json")
         top1: dict[str, list[float]] = {}

@@ -149,9 +149,10 @@ class DaliStream:
         _require_dali()
         self.device = torch.device(device)
         self.prefetch = max(2, prefetch)
-        # Made with the first pipeline, whose workers remove it if this process is killed: a stream that never
-        # runs (a killed run's validation stream) leaves no folder behind.
+        # The plan folder is made with the first pipeline, whose workers remove it if this process is killed:
+        # a stream that never runs (a killed run's validation stream) leaves no folder behind.
         self._plans: tempfile.TemporaryDirectory | None = None
+        self._source: PlanSource | None = None
         on_gpu, device_id = _placement(self.device)
         build = pipeline_def(_planned_graph, batch_size=batch_size, num_threads=max(1, threads),
                              device_id=device_id, exec_pipelined=True, exec_async=True,
@@ -161,8 +162,9 @@ class DaliStream:
         def build_pipeline():
             if self._plans is None:
                 self._plans = tempfile.TemporaryDirectory(prefix="mealv2-plans-")
-            return build(source=PlanSource(index, self._plans.name, batch_size), prefetch=self.prefetch, res=res,
-                         interpolation=interpolation, on_gpu=on_gpu, hw_decoder_load=hw_decoder_load)
+                self._source = PlanSource(index, self._plans.name, batch_size)
+            return build(source=self._source, prefetch=self.prefetch, res=res, interpolation=interpolation,
+                         on_gpu=on_gpu, hw_decoder_load=hw_decoder_load)
 
         self._build = build_pipeline
         self._pipe = None
