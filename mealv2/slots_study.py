@@ -82,8 +82,10 @@ def plot_slots(result: dict, path: Path) -> None:
     for s in slots:
         ax.plot([s] * len(result["top1"][str(s)]), result["top1"][str(s)], "o", color="#3a7bd0", alpha=0.4)
     ax.plot(slots, means, "-o", color="#3a7bd0", label="from a store of S slots (mean of run seeds)")
-    ax.axhline(statistics.mean(result["online_top1"]), color="#d08c3a", linestyle="--",
-               label="teachers online (new crops every epoch)")
+    online = statistics.mean(result["online_top1"])
+    ax.axhline(online, color="#d08c3a", linestyle="--", label="teachers online (new crops every epoch)")
+    low, high = ax.get_ylim()
+    ax.set_ylim(min(low, online - 0.5), max(high, online + 0.5))  # the online line may lie above every store
     ax.set_xscale("log", base=2)
     ax.set(xlabel="seed slots S", ylabel="top-1 %",
            title=f"{result['student']}, {result['epochs']} epochs, {result['images']} images")
