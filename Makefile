@@ -36,6 +36,6 @@ bench: $(BIN)/.installed
 # generated photos through the real commands, and the GPU bench (docs/benchmarks.md).
 GPU_CHECK ?= runs/gpu-check
 gpu-check:
-	PYTHONPATH=. $(PYTHON) -m pytest -q
-	PYTHONPATH=. $(PYTHON) -m bench.gpu_check --out $(GPU_CHECK)
-	PYTHONPATH=. $(PYTHON) -m bench --device cuda --quick --out $(GPU_CHECK)
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m pytest -q
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m bench.gpu_check --out $(GPU_CHECK)
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m bench --device cuda --quick --out $(GPU_CHECK)

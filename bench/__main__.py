@@ -20,10 +20,10 @@ import torch
 
 from bench import measures
 from bench.imagegen import make_image_folder
-from pipeline.crops import sample_crops
-from pipeline.dataset import load_index
-from softlabels.cache import run_cache
-from softlabels.cache_config import CacheJob
+from mealv2.pipeline.crops import sample_crops
+from mealv2.pipeline.dataset import load_index
+from mealv2.softlabels.cache import run_cache
+from mealv2.softlabels.cache_config import CacheJob
 
 RES, CLASSES = 64, 10
 PHOTO_SIZE, PHOTO_RES = (375, 500), 224  # ImageNet's typical photo and the paper's resolution

@@ -22,11 +22,11 @@ import torch
 
 from bench import measures
 from bench.imagegen import make_image_folder
-from distill.trainer import TrainConfig, Trainer
-from pipeline.dataset import load_index
-from pipeline.distributed import default_workers
-from softlabels.cache import run_cache
-from softlabels.cache_config import CacheJob
+from mealv2.distill.trainer import TrainConfig, Trainer
+from mealv2.pipeline.dataset import load_index
+from mealv2.pipeline.distributed import default_workers
+from mealv2.softlabels.cache import run_cache
+from mealv2.softlabels.cache_config import CacheJob
 
 GPU_TEACHERS = ("senet154", "resnet152s")
 GPU_STUDENTS = ("resnet50", "mobilenetv3_small_075")

@@ -15,13 +15,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
-from distill.losses import Discriminator, discriminator_loss, soft_cross_entropy
-from distill.trainer import TrainConfig, Trainer
-from pipeline.crops import CropSpec
-from pipeline.dataset import DatasetIndex
-from pipeline.loader import ReplayLoader, epoch_order
-from softlabels.store import LabelStore, SlotLabels, label_spec
-from softlabels.teachers import TeacherEnsemble, parse_teachers
+from mealv2.distill.losses import Discriminator, discriminator_loss, soft_cross_entropy
+from mealv2.distill.trainer import TrainConfig, Trainer
+from mealv2.pipeline.crops import CropSpec
+from mealv2.pipeline.dataset import DatasetIndex
+from mealv2.pipeline.loader import ReplayLoader, epoch_order
+from mealv2.softlabels.store import LabelStore, SlotLabels, label_spec
+from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 
 TEACHERS = ("resnet10t", "resnet18")
 STUDENT = "mobilenetv3_small_050"

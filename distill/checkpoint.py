@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.files import atomic_write
+from mealv2.pipeline.files import atomic_write
 
 CHECKPOINT = "checkpoint-last.pth"
 # options a resumed run must share with the run it continues (the rest, like --epochs, may change)

@@ -40,7 +40,7 @@ class TrainConfig:
     drop: float | None = None  # timm's drop_rate and drop_path_rate; None keeps the model's own
     drop_path: float | None = None
     sync_bn: bool = False
-    cutmix: float = 0.0  # probability a pair of crops is mixed (pipeline.mix); a CutMix store mixes by itself
+    cutmix: float = 0.0  # probability a pair of crops is mixed (mealv2.pipeline.mix); a CutMix store mixes by itself
     seeds: int | None = None  # distill: seed slots read (epoch e reads slot e mod seeds); else crop seeds cycled
     scale: tuple[float, float] | None = None  # RandomResizedCrop ranges: None is the store's, or CropSpec's default
     ratio: tuple[float, float] | None = None

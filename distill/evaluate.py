@@ -18,14 +18,14 @@ import torch
 from timm.utils import accuracy
 from torch import nn
 
-from distill.student import create_student
-from pipeline.crops import CROP_MODES, center_boxes
-from pipeline.dataset import DatasetIndex, load_index
-from pipeline.distributed import World, resolve_device
-from pipeline.loader import ReplayLoader
-from pipeline.pil_replay import PIL_INTERPOLATION
-from softlabels.models import Normalize, autocast, normalization
-from softlabels.teachers import TeacherEnsemble, parse_teachers
+from mealv2.distill.student import create_student
+from mealv2.pipeline.crops import CROP_MODES, center_boxes
+from mealv2.pipeline.dataset import DatasetIndex, load_index
+from mealv2.pipeline.distributed import World, resolve_device
+from mealv2.pipeline.loader import ReplayLoader
+from mealv2.pipeline.pil_replay import PIL_INTERPOLATION
+from mealv2.softlabels.models import Normalize, autocast, normalization
+from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 
 
 @dataclass(frozen=True)

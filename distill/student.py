@@ -6,7 +6,7 @@ import timm
 from timm.layers import convert_sync_batchnorm
 from torch import nn
 
-from softlabels.models import ModelError, create_model
+from mealv2.softlabels.models import ModelError, create_model
 
 
 def create_student(name: str, num_classes: int, init: str = "pretrained", **timm_kwargs) -> nn.Module:

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.crops import CropSpec
-from pipeline.dataset import DatasetIndex
-from pipeline.mix import BatchMix, MixSpec, SlotMix
-from softlabels.store import LabelStore, SlotLabels
-from softlabels.teachers import TeacherEnsemble
-from softlabels.topk import expand
+from mealv2.pipeline.crops import CropSpec
+from mealv2.pipeline.dataset import DatasetIndex
+from mealv2.pipeline.mix import BatchMix, MixSpec, SlotMix
+from mealv2.softlabels.store import LabelStore, SlotLabels
+from mealv2.softlabels.teachers import TeacherEnsemble
+from mealv2.softlabels.topk import expand
 
 _LOG_FLOOR = 1e-8  # log of a renormalised top-k target has zeros elsewhere
 

@@ -20,22 +20,22 @@ from safetensors.torch import save_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from distill.checkpoint import (CHECKPOINT, check_same_run, check_same_store, load_checkpoint, restore_rng_state,
+from mealv2.distill.checkpoint import (CHECKPOINT, check_same_run, check_same_store, load_checkpoint, restore_rng_state,
                                 rng_state, save_checkpoint)
-from distill.config import TrainConfig
-from distill.evaluate import EvalTransform, evaluate
-from distill.losses import Discriminator, discriminator_loss, soft_cross_entropy
-from distill.student import create_student, synchronize_batchnorm
-from distill.targets import CachedTargets, HardTargets, OnlineTargets
-from pipeline.crops import CropSpec
-from pipeline.dataset import load_index
-from pipeline.distributed import setup
-from pipeline.files import atomic_write
-from pipeline.loader import ReplayLoader, epoch_order
-from pipeline.mix import MixSpec
-from softlabels.models import Normalize, autocast, normalization
-from softlabels.store import LabelStore, StoreError
-from softlabels.teachers import TeacherEnsemble, parse_teachers
+from mealv2.distill.config import TrainConfig
+from mealv2.distill.evaluate import EvalTransform, evaluate
+from mealv2.distill.losses import Discriminator, discriminator_loss, soft_cross_entropy
+from mealv2.distill.student import create_student, synchronize_batchnorm
+from mealv2.distill.targets import CachedTargets, HardTargets, OnlineTargets
+from mealv2.pipeline.crops import CropSpec
+from mealv2.pipeline.dataset import load_index
+from mealv2.pipeline.distributed import setup
+from mealv2.pipeline.files import atomic_write
+from mealv2.pipeline.loader import ReplayLoader, epoch_order
+from mealv2.pipeline.mix import MixSpec
+from mealv2.softlabels.models import Normalize, autocast, normalization
+from mealv2.softlabels.store import LabelStore, StoreError
+from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 
 OUTPUTS = ("config.json", "metrics.jsonl", "model.safetensors", CHECKPOINT)
 _POSTFIX_EVERY = 20  # steps between progress-bar loss updates (each one waits for the device)

@@ -7,11 +7,11 @@ import json
 
 import click
 
-from distill.config import AMP_MODES
-from distill.config import defaults as train_defaults
+from mealv2.distill.config import AMP_MODES
+from mealv2.distill.config import defaults as train_defaults
 from mealv2 import __version__
-from pipeline.decoders import DECODERS
-from softlabels.cache_config import RESIDUALS, CacheJob, parse_shard
+from mealv2.pipeline.decoders import DECODERS
+from mealv2.softlabels.cache_config import RESIDUALS, CacheJob, parse_shard
 
 CACHE = {f.name: f.default for f in dataclasses.fields(CacheJob)}  # cache-teachers defaults, declared once
 DISTILL = train_defaults("distill")
@@ -107,8 +107,8 @@ def storage_option(command):
 @storage_option
 def cache_teachers(storage_options, shard, scale, ratio, **options):
     """Stage one: run the teachers once per seed slot and store their top-k mean softmax."""
-    from pipeline.crops import CropSpec
-    from softlabels.cache import run_cache
+    from mealv2.pipeline.crops import CropSpec
+    from mealv2.softlabels.cache import run_cache
 
     def run():
         job = CacheJob(**options, shard=parse_shard(shard), crop=CropSpec.from_options(scale, ratio),
@@ -135,7 +135,7 @@ def labels():
 @storage_option
 def labels_info(store, as_json, storage_options):
     """Teachers, resolution, k, seed slots, images, completeness, bytes per crop."""
-    from softlabels.store import LabelStore
+    from mealv2.softlabels.store import LabelStore
 
     info = _fail_cleanly(lambda: LabelStore.open(store, "r", _storage_options(storage_options)).info())
     if as_json:
@@ -162,7 +162,7 @@ def labels_info(store, as_json, storage_options):
 @storage_option
 def labels_finalize(store, storage_options):
     """Mark a store filled by --shard jobs complete (the last job to finish does this too)."""
-    from softlabels.store import LabelStore, StoreError
+    from mealv2.softlabels.store import LabelStore, StoreError
 
     def run():
         opened = LabelStore.open(store, "r+", _storage_options(storage_options))
@@ -179,7 +179,7 @@ def labels_finalize(store, storage_options):
 @storage_option
 def labels_pack(store, out, storage_options):
     """Copy a complete store into one read-only zip; consumers open it as zip::OUT."""
-    from softlabels.store import LabelStore
+    from mealv2.softlabels.store import LabelStore
 
     nbytes = _fail_cleanly(lambda: LabelStore.open(store, "r", _storage_options(storage_options)).pack(out))
     click.echo(f"{out}: {nbytes / 1e6:.2f} MB; open it as zip::{out}")
@@ -197,7 +197,7 @@ def labels_pack(store, out, storage_options):
 @storage_option
 def labels_verify(store, data, recompute, teachers, max_dp, max_kl, device, decoder, workers, storage_options):
     """Completeness, chunk checksums, dataset fingerprint, and optionally recomputed labels."""
-    from softlabels.verify import verify
+    from mealv2.softlabels.verify import verify
 
     if recompute and not data:
         raise click.UsageError("--recompute needs --data")
@@ -274,8 +274,8 @@ def training_options(mode: str):
 
 
 def _fit(mode: str, options: dict, storage_options: tuple[str, ...] = ()) -> None:
-    from distill.trainer import TrainConfig, Trainer
-    from pipeline.distributed import leave
+    from mealv2.distill.trainer import TrainConfig, Trainer
+    from mealv2.pipeline.distributed import leave
 
     def run():
         steps = tuple(int(v) for v in options.pop("lr_steps").split(",") if v.strip())
@@ -332,7 +332,7 @@ def evaluate(as_json, predictions_path, **options):
     """Top-1 / top-5 on ROOT/val with the model's own eval transform (crop fraction, interpolation)."""
     import numpy as np
 
-    from distill.evaluate import evaluate_saved
+    from mealv2.distill.evaluate import evaluate_saved
 
     result = _fail_cleanly(lambda: evaluate_saved(**options, predictions=predictions_path is not None))
     if predictions_path is not None:
@@ -356,7 +356,7 @@ def data():
 @click.option("--source", type=click.Path(file_okay=False), default=None, help="folder of the four IDX files")
 def data_fashion_mnist(out, limit_train, limit_val, source):
     """Fashion-MNIST (Debian's dataset-fashion-mnist, --source, or torchvision's download) as JPEG folders."""
-    from pipeline.fashion_mnist import write_fashion_mnist
+    from mealv2.pipeline.fashion_mnist import write_fashion_mnist
 
     counts = _fail_cleanly(lambda: write_fashion_mnist(out, limit_train, limit_val, source))
     click.echo(f"{out}: {counts['train']} training and {counts['val']} validation images")
@@ -372,7 +372,7 @@ def data_check(root, decoder, workers):
     """Decode every image of ROOT/train and ROOT/val; list those that fail (exit status 1 if any)."""
     from pathlib import Path
 
-    from pipeline.check import check_split
+    from mealv2.pipeline.check import check_split
 
     splits = [Path(root) / name for name in ("train", "val") if (Path(root) / name).is_dir()]
     if not splits:

@@ -123,7 +123,7 @@ class Demo:
         import numpy as np
 
         from mealv2.paired import paired_gain
-        from pipeline.dataset import load_index
+        from mealv2.pipeline.dataset import load_index
 
         labels = load_index(self.student_data / "val").labels
         correct = {}

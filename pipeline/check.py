@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.dataset import load_index
-from pipeline.loader import ReplayLoader
+from mealv2.pipeline.dataset import load_index
+from mealv2.pipeline.loader import ReplayLoader
 
 _CHECK_RES = 16  # the decode is what can fail; a tiny resize keeps the check at decoding speed
 

@@ -30,7 +30,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def uniforms(seed: int, indices: np.ndarray, draws: int, first: int = 0) -> np.ndarray:
     """Float64 uniforms in [0, 1), shape (len(indices), draws), a pure function of (seed, index, draw number).
 
-    Draw numbers run from ``first``: the crops take 0-22, other consumers (pipeline.mix) later ones.
+    Draw numbers run from ``first``: the crops take 0-22, other consumers (mealv2.pipeline.mix) later ones.
     """
     with np.errstate(over="ignore"):
         key = _mix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * _GOLDEN + _GOLDEN)

@@ -25,7 +25,7 @@ try:
 except ImportError:  # not on this platform: pil_replay.PilDecoder serves
     DALI_AVAILABLE = False
 
-from pipeline.epoch_plan import PlanSource, plan_path, replay_inputs, write_plan
+from mealv2.pipeline.epoch_plan import PlanSource, plan_path, replay_inputs, write_plan
 
 _INPUTS = ("encoded", "anchor", "shape", "roi_start", "roi_end")
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pipeline.files import atomic_write
+from mealv2.pipeline.files import atomic_write
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 IMAGE_FORMATS = ("JPEG", "PNG")
@@ -256,7 +256,7 @@ def load_index(split_dir: str | os.PathLike, skip_bad: bool = False, cache: bool
                world=None) -> DatasetIndex:
     """The split's index, scanned once per job: under torchrun rank 0 scans and the other ranks receive it.
 
-    ``world`` is a pipeline.distributed.World; without one (or with one rank) this process scans.
+    ``world`` is a mealv2.pipeline.distributed.World; without one (or with one rank) this process scans.
     """
     if world is None or not world.distributed:
         return _scan_cached(split_dir, skip_bad, cache, workers)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.dataset import DatasetError, DatasetIndex
+from mealv2.pipeline.dataset import DatasetError, DatasetIndex
 
 PLAN_DTYPE = np.dtype([("index", np.int64), ("box", np.int32, (4,)), ("flip", np.bool_)])
 

@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.dali import DaliDecoder, DaliStream
-from pipeline.dataset import DatasetError, DatasetIndex
-from pipeline.decoders import resolve_decoder
-from pipeline.distributed import default_workers
-from pipeline.epoch_plan import read_bytes
-from pipeline.mix import SlotMix
-from pipeline.pil_replay import PilDecoder
-from pipeline.torch_replay import TorchDecoder
+from mealv2.pipeline.dali import DaliDecoder, DaliStream
+from mealv2.pipeline.dataset import DatasetError, DatasetIndex
+from mealv2.pipeline.decoders import resolve_decoder
+from mealv2.pipeline.distributed import default_workers
+from mealv2.pipeline.epoch_plan import read_bytes
+from mealv2.pipeline.mix import SlotMix
+from mealv2.pipeline.pil_replay import PilDecoder
+from mealv2.pipeline.torch_replay import TorchDecoder
 
 def epoch_order(images: int | np.ndarray, seed: int, epoch: int, shuffle: bool = True, rank: int = 0,
                 world_size: int = 1, mix: SlotMix | None = None) -> np.ndarray:

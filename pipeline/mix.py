@@ -1,6 +1,6 @@
 """Consistent CutMix: a fixed pairing of a seed slot's images, a box per mixed image, and the composite.
 
-Every draw comes from the crops' counter-based generator (pipeline.crops.uniforms, draw
+Every draw comes from the crops' counter-based generator (mealv2.pipeline.crops.uniforms, draw
 numbers of their own), so stage one labels the very composite that stage two rebuilds
 after decoding each image once: image i's composite is its replayed crop at ``res`` with
 the region of its box taken from its partner's replayed crop (docs/store-format.md).
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.crops import uniforms
+from mealv2.pipeline.crops import uniforms
 
 MIX_ALGORITHM = "cutmix-pairs-v1/splitmix64"
 _FIRST_DRAW = 64  # the crops use draw numbers 0-22: the mixes start well clear of them

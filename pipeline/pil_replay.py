@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.threaded import ThreadedDecoder
+from mealv2.pipeline.threaded import ThreadedDecoder
 
 PIL_INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 

@@ -13,7 +13,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.threaded import ThreadedDecoder
+from mealv2.pipeline.threaded import ThreadedDecoder
 
 TORCH_INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
 

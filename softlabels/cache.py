@@ -12,14 +12,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.dataset import load_index
-from pipeline.distributed import setup
-from pipeline.loader import ReplayLoader
-from pipeline.mix import SlotMix
-from softlabels.cache_config import CacheJob
-from softlabels.store import LabelStore, SlotLabels, label_spec
-from softlabels.teachers import TeacherEnsemble, parse_teachers
-from softlabels.topk import class_dtype, compress
+from mealv2.pipeline.dataset import load_index
+from mealv2.pipeline.distributed import setup
+from mealv2.pipeline.loader import ReplayLoader
+from mealv2.pipeline.mix import SlotMix
+from mealv2.softlabels.cache_config import CacheJob
+from mealv2.softlabels.store import LabelStore, SlotLabels, label_spec
+from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
+from mealv2.softlabels.topk import class_dtype, compress
 
 
 def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, rows: slice, boxes: np.ndarray,

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.crops import CropSpec
-from pipeline.mix import MixSpec
+from mealv2.pipeline.crops import CropSpec
+from mealv2.pipeline.mix import MixSpec
 
 CHUNK_ROWS = 65536  # images per store chunk: one (seed slot, chunk) unit is one writer's work
-RESIDUALS = ("uniform", "renorm")  # how a top-k row's missing mass is rebuilt (softlabels.topk.expand)
+RESIDUALS = ("uniform", "renorm")  # how a top-k row's missing mass is rebuilt (mealv2.softlabels.topk.expand)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -47,7 +47,7 @@ class CacheJob:
     skip_bad: bool = False
     chunk_rows: int = CHUNK_ROWS
     crop: CropSpec = CropSpec()
-    cutmix: float = 0.0  # probability that a pair of crops is mixed and labelled as one composite (pipeline.mix)
+    cutmix: float = 0.0  # probability that a pair of crops is mixed and labelled as one composite (mealv2.pipeline.mix)
     storage_options: dict = field(default_factory=dict)
     progress: bool = True
 

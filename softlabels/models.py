@@ -13,7 +13,7 @@ import timm
 import torch
 from torch import nn
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # distill.config.AMP_MODES
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # mealv2.distill.config.AMP_MODES
 
 
 class ModelError(ValueError):

@@ -20,12 +20,12 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from pipeline.crops import CropSpec
-from pipeline.dataset import DatasetIndex
-from pipeline.mix import MixSpec
-from softlabels.cache_config import CHUNK_ROWS
-from softlabels.site import CREATE_WAIT_SECONDS, StoreSite
-from softlabels.topk import class_dtype
+from mealv2.pipeline.crops import CropSpec
+from mealv2.pipeline.dataset import DatasetIndex
+from mealv2.pipeline.mix import MixSpec
+from mealv2.softlabels.cache_config import CHUNK_ROWS
+from mealv2.softlabels.site import CREATE_WAIT_SECONDS, StoreSite
+from mealv2.softlabels.topk import class_dtype
 
 FORMAT = 1
 LABEL_ARRAYS = ("probs", "classes", "boxes", "flips")
@@ -272,7 +272,7 @@ class LabelStore:
 
     @property
     def fingerprint(self) -> str:
-        """The dataset fingerprint its rows belong to (pipeline.dataset.DatasetIndex.fingerprint)."""
+        """The dataset fingerprint its rows belong to (mealv2.pipeline.dataset.DatasetIndex.fingerprint)."""
         return self.attrs["dataset"]["fingerprint"]
 
     @property

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from softlabels.models import Normalize, autocast, create_model, file_sha256, normalization
+from mealv2.softlabels.models import Normalize, autocast, create_model, file_sha256, normalization
 
 DEFAULT_TEACHERS = {
     224: ("senet154.gluon_in1k", "resnet152s.gluon_in1k"),

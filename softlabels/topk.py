@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from softlabels.cache_config import RESIDUALS
+from mealv2.softlabels.cache_config import RESIDUALS
 
 
 def class_dtype(num_classes: int) -> str:

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.dataset import load_index
-from pipeline.distributed import resolve_device
-from pipeline.loader import ReplayLoader
-from softlabels.store import LabelStore, SlotLabels, teacher_identity
-from softlabels.teachers import TeacherEnsemble, TeacherError, TeacherSpec, parse_teachers
-from softlabels.topk import compress, expand
+from mealv2.pipeline.dataset import load_index
+from mealv2.pipeline.distributed import resolve_device
+from mealv2.pipeline.loader import ReplayLoader
+from mealv2.softlabels.store import LabelStore, SlotLabels, teacher_identity
+from mealv2.softlabels.teachers import TeacherEnsemble, TeacherError, TeacherSpec, parse_teachers
+from mealv2.softlabels.topk import compress, expand
 
 
 def _store_teachers(store: LabelStore, given: str | None) -> list[TeacherSpec]:

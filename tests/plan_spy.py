@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pipeline.epoch_plan import PlanSource
+from mealv2.pipeline.epoch_plan import PlanSource
 
 
 class MarkingPlanSource(PlanSource):

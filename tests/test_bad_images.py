@@ -9,10 +9,10 @@ import torch
 from click.testing import CliRunner
 from conftest import cache_args
 
-from distill.targets import CachedTargets
+from mealv2.distill.targets import CachedTargets
 from mealv2.cli import main
-from pipeline.dataset import DatasetIndex
-from softlabels.store import LabelStore
+from mealv2.pipeline.dataset import DatasetIndex
+from mealv2.softlabels.store import LabelStore
 
 pytestmark = pytest.mark.slow
 TRUNCATED = "class_1/img_004.jpg"

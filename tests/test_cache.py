@@ -19,10 +19,10 @@ from click.testing import CliRunner
 from conftest import cache_args, store_files
 
 from mealv2.cli import main
-from pipeline.dataset import DatasetIndex
-from pipeline.pil_replay import replay_pil
-from softlabels.store import LabelStore
-from softlabels.teachers import TeacherEnsemble, parse_teachers
+from mealv2.pipeline.dataset import DatasetIndex
+from mealv2.pipeline.pil_replay import replay_pil
+from mealv2.softlabels.store import LabelStore
+from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ def test_labels_equal_teachers_on_reference_crops(reference_store, small_root, t
 
 
 def test_stored_boxes_are_the_seed_crops(reference_store, small_root):
-    from pipeline.crops import CropSpec
+    from mealv2.pipeline.crops import CropSpec
     store = LabelStore.open(str(reference_store))
     index = DatasetIndex.scan(small_root / "train")
     for slot, seed in enumerate(store.seeds):
@@ -159,7 +159,7 @@ def test_mismatched_jobs_are_refused(reference_store, small_root, teacher_files,
 
 
 def test_crop_ranges_are_recorded_and_guarded(mild_store, reference_store, small_root, teacher_files, tmp_path):
-    from pipeline.crops import CropSpec
+    from mealv2.pipeline.crops import CropSpec
     store = LabelStore.open(str(mild_store))
     assert store.attrs["crop"] == CropSpec(scale=(0.5, 1)).attrs()
     index = DatasetIndex.scan(small_root / "train")

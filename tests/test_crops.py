@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchvision.transforms import RandomResizedCrop
 
-from pipeline.crops import CROP_ALGORITHM, CropSpec, center_boxes, sample_crops
+from mealv2.pipeline.crops import CROP_ALGORITHM, CropSpec, center_boxes, sample_crops
 
 
 def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
@@ -89,7 +89,7 @@ def test_seeds_differ():
 
 
 def test_same_boxes_in_another_process():
-    code = ("import numpy as np; from pipeline.crops import sample_crops; "
+    code = ("import numpy as np; from mealv2.pipeline.crops import sample_crops; "
             "b, f = sample_crops(5, np.arange(2, 402).reshape(200, 2)); "
             "print(int(b.astype(np.int64).sum()), int((b * np.arange(4)).sum()), int(f.sum()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

@@ -11,13 +11,13 @@ from click.testing import CliRunner
 from conftest import cache_args, store_files
 
 from mealv2.cli import main
-from pipeline import mix as mixing
-from pipeline.crops import CropSpec
-from pipeline.dataset import DatasetIndex
-from pipeline.loader import epoch_order
-from pipeline.mix import MixSpec, SlotMix, cutmix_boxes
-from pipeline.pil_replay import PilDecoder
-from softlabels.store import LabelStore
+from mealv2.pipeline import mix as mixing
+from mealv2.pipeline.crops import CropSpec
+from mealv2.pipeline.dataset import DatasetIndex
+from mealv2.pipeline.loader import epoch_order
+from mealv2.pipeline.mix import MixSpec, SlotMix, cutmix_boxes
+from mealv2.pipeline.pil_replay import PilDecoder
+from mealv2.softlabels.store import LabelStore
 
 
 def run_cli(*args):
@@ -161,7 +161,7 @@ def test_verify_recomputes_mixed_rows_on_pil_composites(cutmix_store, small_root
 
 
 def _record_composites(monkeypatch) -> dict:
-    """Spy on pipeline.mix: every mixed image's composites, by dataset position."""
+    """Spy on mealv2.pipeline.mix: every mixed image's composites, by dataset position."""
     seen: dict[int, torch.Tensor] = {}
     batch, images = SlotMix.batch, mixing.BatchMix.images
 
@@ -211,7 +211,7 @@ def test_stage_two_replays_stage_ones_composites_decoding_each_image_once(small_
 
 
 def test_targets_blend_by_area_without_a_teacher_on_the_composite(reference_store, small_root):
-    from distill.targets import CachedTargets, HardTargets
+    from mealv2.distill.targets import CachedTargets, HardTargets
 
     index = DatasetIndex.scan(str(small_root / "train"))
     store = LabelStore.open(str(reference_store))

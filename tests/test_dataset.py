@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from bench.imagegen import make_image_folder, save, smooth_image
-from pipeline.dataset import DatasetError, DatasetIndex, load_index, safe_join
+from mealv2.pipeline.dataset import DatasetError, DatasetIndex, load_index, safe_join
 
 
 def test_scan_lists_classes_labels_and_upright_sizes(mixed_root):
@@ -47,7 +47,7 @@ def test_save_load_round_trip_is_pickle_free(mixed_root, tmp_path):
 def test_load_index_reuses_unchanged_headers(mixed_root, monkeypatch):
     first = load_index(mixed_root / "train")
     calls = []
-    import pipeline.dataset as dataset
+    import mealv2.pipeline.dataset as dataset
     original = dataset.read_header
     monkeypatch.setattr(dataset, "read_header", lambda path: calls.append(path) or original(path))
     second = load_index(mixed_root / "train")

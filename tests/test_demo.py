@@ -12,8 +12,8 @@ from test_fashion_mnist import write_idx_source
 from mealv2.cli import main
 from mealv2.demo import QUICK, Demo
 from mealv2.pretrained import read_manifest, verified_spec
-from pipeline.fashion_mnist import DEBIAN_SOURCE
-from softlabels.models import load_state_dict
+from mealv2.pipeline.fashion_mnist import DEBIAN_SOURCE
+from mealv2.softlabels.models import load_state_dict
 
 pytestmark = pytest.mark.slow
 

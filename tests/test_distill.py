@@ -10,14 +10,14 @@ import torch
 from click.testing import CliRunner
 from conftest import cache_args
 
-from distill.targets import CachedTargets, HardTargets, OnlineTargets
+from mealv2.distill.targets import CachedTargets, HardTargets, OnlineTargets
 from bench.imagegen import save
 from mealv2.cli import main
-from pipeline.crops import CropSpec
-from pipeline.dataset import DatasetIndex
-from pipeline.loader import ReplayLoader
-from softlabels.store import LabelStore
-from softlabels.teachers import TeacherEnsemble, parse_teachers
+from mealv2.pipeline.crops import CropSpec
+from mealv2.pipeline.dataset import DatasetIndex
+from mealv2.pipeline.loader import ReplayLoader
+from mealv2.softlabels.store import LabelStore
+from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 
 pytestmark = pytest.mark.slow
 

@@ -18,13 +18,13 @@ import pytest
 import timm
 import torch
 
-import pipeline.distributed as distributed
-from distill.evaluate import EvalTransform, evaluate
-from distill.student import synchronize_batchnorm
-from pipeline.dataset import DatasetIndex
-from pipeline.distributed import World
-from pipeline.loader import ReplayLoader
-from softlabels.models import Normalize, normalization
+import mealv2.pipeline.distributed as distributed
+from mealv2.distill.evaluate import EvalTransform, evaluate
+from mealv2.distill.student import synchronize_batchnorm
+from mealv2.pipeline.dataset import DatasetIndex
+from mealv2.pipeline.distributed import World
+from mealv2.pipeline.loader import ReplayLoader
+from mealv2.softlabels.models import Normalize, normalization
 
 
 class SpyWorld(World):
@@ -62,7 +62,7 @@ def test_sum_hands_the_collective_the_backend_device_whatever_the_caller_passes(
 
 
 def test_evaluation_and_a_training_epoch_run_collectives_on_the_backend_device(spy_world, small_root, tmp_path):
-    from distill.trainer import TrainConfig, Trainer
+    from mealv2.distill.trainer import TrainConfig, Trainer
 
     index = DatasetIndex.scan(small_root / "val")
     model = timm.create_model("test_resnet", num_classes=3)
@@ -92,8 +92,8 @@ def test_synchronised_batchnorm_keeps_timm_fused_activations():
 
 RANK = textwrap.dedent("""
     import json, sys
-    from pipeline.dataset import DatasetIndex, load_index
-    from pipeline.distributed import leave, setup
+    from mealv2.pipeline.dataset import DatasetIndex, load_index
+    from mealv2.pipeline.distributed import leave, setup
     scans = []
     original = DatasetIndex.scan.__func__
     DatasetIndex.scan = classmethod(lambda cls, *a, **k: scans.append(1) or original(cls, *a, **k))
@@ -149,7 +149,7 @@ def host_reads(monkeypatch) -> list:
 def test_a_training_epoch_reads_the_device_a_fixed_number_of_times_whatever_its_steps(
         mode, monkeypatch, small_root, reference_store, tmp_path):
     """No host synchronisation per step: an epoch of 8 steps reads tensors as often as one of 2."""
-    from distill.trainer import TrainConfig, Trainer
+    from mealv2.distill.trainer import TrainConfig, Trainer
 
     counts = []
     for batch in (4, 15):
@@ -168,9 +168,9 @@ def test_a_training_epoch_reads_the_device_a_fixed_number_of_times_whatever_its_
 def test_labelling_a_unit_reads_the_device_once_whatever_its_batches(monkeypatch, small_root, teacher_files):
     from tqdm import tqdm
 
-    from pipeline.crops import CropSpec
-    from softlabels.cache import label_unit
-    from softlabels.teachers import TeacherEnsemble, parse_teachers
+    from mealv2.pipeline.crops import CropSpec
+    from mealv2.softlabels.cache import label_unit
+    from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 
     index = DatasetIndex.scan(small_root / "train")
     ensemble = TeacherEnsemble(parse_teachers(teacher_files, 32), 3, "cpu")

@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from mealv2.cli import main
-from pipeline.dataset import DatasetIndex
-from pipeline.fashion_mnist import CLASSES, FILES
+from mealv2.pipeline.dataset import DatasetIndex
+from mealv2.pipeline.fashion_mnist import CLASSES, FILES
 
 
 def write_idx(path, array):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from bench.gpu import GPU_TARGETS, gpu_figures, gpu_verdicts, versions
-from distill.config import TrainConfig
-from distill.trainer import Trainer
-from softlabels.teachers import CPU_BATCH, TeacherEnsemble, fitting_batch, parse_teachers
+from mealv2.distill.config import TrainConfig
+from mealv2.distill.trainer import Trainer
+from mealv2.softlabels.teachers import CPU_BATCH, TeacherEnsemble, fitting_batch, parse_teachers
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from distill.losses import Discriminator, discriminator_loss, soft_cross_entropy
+from mealv2.distill.losses import Discriminator, discriminator_loss, soft_cross_entropy
 
 
 def test_soft_cross_entropy_value_and_gradient():

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from conftest import cache_args, store_files
 
 from mealv2.cli import main
-from softlabels.store import LabelStore
+from mealv2.softlabels.store import LabelStore
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -112,7 +112,7 @@ def test_full_disk_while_caching_fails_cleanly_and_resumes(reference_store, smal
 
 def test_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(small_root, reference_store, tmp_path,
                                                                       monkeypatch):
-    import distill.trainer
+    from mealv2.distill import trainer
 
     out = tmp_path / "run"
     real_save, saves = torch.save, {"count": 0}
@@ -124,13 +124,13 @@ def test_full_disk_while_checkpointing_keeps_the_last_good_checkpoint(small_root
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(distill.trainer.torch, "save", save_until_full)
+    monkeypatch.setattr(trainer.torch, "save", save_until_full)
     result = run_cli(*fit_args("distill", small_root, out, 2, reference_store))
     assert result.exit_code == 1 and "No space left on device" in result.output
     assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-last.pth", "config.json", "metrics.jsonl",
                                                      "model.safetensors"]
-    monkeypatch.setattr(distill.trainer.torch, "save", real_save)
+    monkeypatch.setattr(trainer.torch, "save", real_save)
     resumed = run_cli(*fit_args("distill", small_root, out, 2, reference_store), "--resume")
     assert resumed.exit_code == 0, resumed.output
 

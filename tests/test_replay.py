@@ -10,11 +10,11 @@ import pytest
 import torch
 from plan_spy import MarkingPlanSource
 
-from pipeline.crops import center_boxes, sample_crops
-from pipeline.dataset import DatasetError, DatasetIndex
-from pipeline.decoders import resolve_decoder
-from pipeline.loader import ReplayLoader, epoch_order
-from pipeline.pil_replay import replay_pil
+from mealv2.pipeline.crops import center_boxes, sample_crops
+from mealv2.pipeline.dataset import DatasetError, DatasetIndex
+from mealv2.pipeline.decoders import resolve_decoder
+from mealv2.pipeline.loader import ReplayLoader, epoch_order
+from mealv2.pipeline.pil_replay import replay_pil
 
 dali = pytest.importorskip("nvidia.dali", reason="DALI is not installable on this platform")
 
@@ -83,7 +83,7 @@ def test_dali_plan_folder_is_made_by_the_first_epoch_only(index, monkeypatch, tm
 def test_dali_epochs_run_pipelined_and_read_ahead(index, monkeypatch, device):
     """DALI's async executor with workers reading ahead; an abandoned epoch does not spoil the next;
     the pixels equal the batch-at-a-time decoder's (on a GPU: the copy out of DALI is complete)."""
-    monkeypatch.setattr("pipeline.dali.PlanSource", MarkingPlanSource)
+    monkeypatch.setattr("mealv2.pipeline.dali.PlanSource", MarkingPlanSource)
     boxes, flips = sample_crops(0, index.sizes)
     loader = ReplayLoader(index, res=16, batch_size=4, device=device, decoder="dali", prefetch=3)  # 6 batches
     order = epoch_order(len(index), seed=0, epoch=0)

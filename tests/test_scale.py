@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import cache_args, store_files
 
 from mealv2.cli import main
-from softlabels.store import LabelStore
+from mealv2.softlabels.store import LabelStore
 
 pytestmark = pytest.mark.slow
 
@@ -181,7 +181,7 @@ def test_s3_store_written_by_cache_and_read_by_distill(s3_endpoint, small_root, 
 
 
 def test_s3_prefix_holding_objects_is_refused_and_claims_are_exclusive(s3_endpoint, small_root, teacher_files):
-    from softlabels.site import StoreSite
+    from mealv2.softlabels.site import StoreSite
 
     options = {"endpoint_url": s3_endpoint, "key": "team-key", "secret": "s3cr3t-value"}
     fs = StoreSite("s3://labels/papers/x.zarr", options).fs

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from conftest import cache_args, store_files
 
 from mealv2.cli import main
-from softlabels.site import CLAIM
-from softlabels.store import LabelStore
+from mealv2.softlabels.site import CLAIM
+from mealv2.softlabels.store import LabelStore
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def test_pack_never_replaces_a_file(reference_store, tmp_path):
 # job always finds the first one's creation under way: the window a scheduler starting two jobs opens.
 RACER = textwrap.dedent("""
     import os, sys, time
-    from softlabels.store import LabelStore
+    from mealv2.softlabels.store import LabelStore
     meeting, me, args = sys.argv[1], sys.argv[2], sys.argv[3:]
     original_create, original_arrays = LabelStore.create_or_extend.__func__, LabelStore._create_arrays
 

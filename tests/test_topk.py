@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from softlabels.topk import compress, expand
+from mealv2.softlabels.topk import compress, expand
 
 
 def test_compress_keeps_the_k_largest_in_descending_order():

@@ -16,9 +16,9 @@ pytest.importorskip("nvidia.dali", reason="DALI is not installable on this platf
 
 PARENT = textwrap.dedent("""
     import sys, time, numpy as np
-    from pipeline.crops import sample_crops
-    from pipeline.dataset import DatasetIndex
-    from pipeline.loader import ReplayLoader
+    from mealv2.pipeline.crops import sample_crops
+    from mealv2.pipeline.dataset import DatasetIndex
+    from mealv2.pipeline.loader import ReplayLoader
     index = DatasetIndex.scan(sys.argv[1])
     boxes, flips = sample_crops(0, index.sizes)
     loader = ReplayLoader(index, 16, 4, "cpu", "dali")
