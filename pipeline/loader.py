@@ -1,8 +1,9 @@
 """Epoch iteration shared by both stages: order → file reads → replay decode → device batches.
 
 With DALI, epochs run on its asynchronous pipelined executor (``DaliStream``: worker
-processes read the files of the batches ahead while DALI decodes); with PIL, reader
-threads fetch batch b+1 while a thread pool decodes batch b. Either way a background
+processes read the files of the batches ahead while DALI decodes); with torchvision,
+torch's DataLoader replays image by image in worker processes (``worker_replay``); with
+PIL, reader threads fetch batch b+1 while a thread pool decodes batch b. Either way a background
 thread fills a queue ahead of the consumer, so the model waits on neither disk nor
 decoder while the queue holds batches. On a GPU the producer puts each
 batch on the device on a copy stream of its own and records an event; the consumer's
@@ -33,6 +34,7 @@ from mealv2.pipeline.epoch_plan import read_bytes
 from mealv2.pipeline.mix import SlotMix
 from mealv2.pipeline.pil_replay import PilDecoder
 from mealv2.pipeline.torch_replay import TorchDecoder
+from mealv2.pipeline.worker_replay import PlannedCrops, planned_batches
 
 def epoch_order(images: int | np.ndarray, seed: int, epoch: int, shuffle: bool = True, rank: int = 0,
                 world_size: int = 1, mix: SlotMix | None = None) -> np.ndarray:
@@ -173,6 +175,20 @@ class ReplayLoader:
                           "going on batch by batch", RuntimeWarning, stacklevel=2)
             yield from self._batches(order[delivered:], boxes, flips)
 
+    def _planned(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray):
+        """torchvision's epochs: image by image in worker processes (torch's DataLoader), batches in order."""
+        plan = PlannedCrops(self.index, order, boxes, flips, self.res, self.interpolation, self.decoder_name)
+        for images, positions, failed in planned_batches(plan, self.batch_size, self.workers,
+                                                         pin_memory=self._copy_stream is not None):
+            for position, reason in failed.items():
+                if self.on_bad is None:
+                    raise DatasetError(f"{self.index.file(position)}: cannot decode image ({reason}); "
+                                       "--skip-bad leaves such files out")
+                self.on_bad(position, reason)
+            if images is not None:
+                with self._on_copy_stream():
+                    yield self._handed_over(images.to(self.device, non_blocking=True), positions)
+
     def _batches(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray):
         """Yield decoded batches one at a time; the reads of batch b+1 run while batch b decodes."""
         spans = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
@@ -197,7 +213,12 @@ class ReplayLoader:
         if len(boxes) != len(self.index) or len(flips) != len(self.index):
             raise ValueError(f"{len(boxes)} boxes and {len(flips)} flips for {len(self.index)} images")
         order = np.asarray(order, np.int64)
-        batches = (self._streamed if self._stream is not None else self._batches)(order, boxes, flips)
+        if self._stream is not None:
+            batches = self._streamed(order, boxes, flips)
+        elif self.decoder_name == "torch":
+            batches = self._planned(order, boxes, flips)
+        else:
+            batches = self._batches(order, boxes, flips)
         return Epoch(batches, len(order), self.prefetch, desc, progress)
 
 

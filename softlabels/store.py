@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import fsspec
 import numpy as np
+import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
@@ -25,7 +26,7 @@ from mealv2.pipeline.dataset import DatasetIndex
 from mealv2.pipeline.mix import MixSpec
 from mealv2.softlabels.cache_config import CHUNK_ROWS
 from mealv2.softlabels.site import CREATE_WAIT_SECONDS, StoreSite
-from mealv2.softlabels.topk import class_dtype
+from mealv2.softlabels.topk import class_dtype, expand
 
 FORMAT = 1
 LABEL_ARRAYS = ("probs", "classes", "boxes", "flips")
@@ -131,6 +132,25 @@ class SlotLabels:
     mix_boxes: np.ndarray | None = None    # CutMix stores: (N, 4) int32 at the store's res
 
 
+@dataclass(frozen=True)
+class SlotCrops:
+    """What one seed slot replays: per image its box and flip, and in a CutMix store its partner and pasted box."""
+
+    boxes: np.ndarray    # (N, 4) int32 (top, left, height, width) in upright source pixels
+    flips: np.ndarray    # (N,) bool: flip horizontally after the crop
+    mix_partner: np.ndarray | None = None  # CutMix stores: (N,) int32, -1 where not mixed
+    mix_boxes: np.ndarray | None = None    # CutMix stores: (N, 4) int32 (top, left, height, width) at ``res``
+
+
+@dataclass(frozen=True)
+class StoreIndex:
+    """The images a store's rows belong to, in row order."""
+
+    paths: list[str]     # relative to the split folder, e.g. "n01440764/x.JPEG"
+    sizes: np.ndarray    # (N, 2) int32 (height, width) after EXIF orientation
+    labels: np.ndarray   # (N,) int32 ground-truth class (distillation never reads it)
+
+
 class LabelStore:
     """A label store opened by path or fsspec URL; read-only unless opened for writing."""
 
@@ -139,6 +159,7 @@ class LabelStore:
         self.group = group
         self.writable = writable
         self.storage_options = dict(storage_options or {})
+        self._held: tuple[int, SlotLabels] | None = None  # the slot crops()/targets() read last
 
     # -- opening -------------------------------------------------------------------------
 
@@ -434,3 +455,58 @@ class LabelStore:
                 except Exception as err:  # noqa: BLE001 - any decode failure is a damaged chunk
                     problems.append(f"{name} chunk {'.'.join(map(str, coords))}: {str(err).splitlines()[0]}")
         return problems
+
+    # -- the public reader (mealv2.open_store) -----------------------------------------------
+
+    @property
+    def num_slots(self) -> int:
+        """Seed slots; epoch e reads slot e mod num_slots."""
+        return len(self.seeds)
+
+    @property
+    def index(self) -> StoreIndex:
+        """Paths, upright sizes and labels of the images, in row order."""
+        return StoreIndex(paths=[str(p) for p in self.group["index/paths"][...]],
+                          sizes=self.group["index/sizes"][...], labels=self.group["index/labels"][...])
+
+    def skipped_rows(self) -> np.ndarray:
+        """Rows of the images listed in ``skipped`` that are rows (left out while decoding): they hold no labels."""
+        paths = {path: row for row, path in enumerate(self.index.paths)}
+        rows = set()
+        for entry in self.skipped:  # "path: reason"; a path may itself hold ": "
+            starts = [i for i in range(len(entry)) if entry.startswith(": ", i)]
+            rows.update(paths[entry[:i]] for i in starts if entry[:i] in paths)
+        return np.asarray(sorted(rows), np.int64)
+
+    def _slot_of(self, epoch: int) -> SlotLabels:
+        """Epoch ``epoch``'s slot, read whole once and held until another epoch's slot is asked for."""
+        slot = epoch % self.num_slots
+        if self._held is None or self._held[0] != slot:
+            self._held = (slot, self.read_slot(slot))
+        return self._held[1]
+
+    def crops(self, epoch: int) -> SlotCrops:
+        """The boxes and flips (and, in a CutMix store, the mixes) of slot ``epoch`` mod num_slots."""
+        labels = self._slot_of(epoch)
+        return SlotCrops(labels.boxes, labels.flips, labels.mix_partner, labels.mix_boxes)
+
+    def targets(self, epoch: int, indices, dense: bool = True):
+        """The soft targets of rows ``indices`` in slot ``epoch`` mod num_slots.
+
+        dense: float32 tensor (B, C) by the store's residual rule (mealv2.softlabels.topk.expand);
+        otherwise the stored top-k as tensors (values float16 (B, k), classes int64 (B, k)).
+        Rows of skipped images are all zero.
+        """
+        labels = self._slot_of(epoch)
+        rows = np.asarray(indices, np.int64).reshape(-1)
+        values = torch.from_numpy(labels.probs[rows])
+        classes = torch.from_numpy(labels.classes[rows].astype(np.int64))
+        if not dense:
+            return values, classes
+        skipped = values.float().sum(-1) == 0
+        return expand(values, classes, self.num_classes, self.residual).masked_fill_(skipped[:, None], 0.0)
+
+
+def open_store(url: str, storage_options: dict | None = None) -> LabelStore:
+    """Open a label store read-only from a path or any fsspec URL (``s3://``, ``zip::labels.zip``, ...)."""
+    return LabelStore.open(os.fspath(url), "r", storage_options)

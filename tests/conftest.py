@@ -103,3 +103,9 @@ def reference_store(tmp_path_factory, small_root, teacher_files) -> Path:
 def mild_store(tmp_path_factory, small_root, teacher_files) -> Path:
     """The reference run with milder crops: --scale 0.5 1."""
     return _cached_store(tmp_path_factory, small_root, teacher_files, "mild.zarr", "--scale", "0.5", "1")
+
+
+@pytest.fixture(scope="session")
+def cutmix_store(tmp_path_factory, small_root, teacher_files) -> Path:
+    """The reference run with --cutmix 0.5: 30 images in 8-row chunks, so partners cross chunks."""
+    return _cached_store(tmp_path_factory, small_root, teacher_files, "cutmix.zarr", "--cutmix", "0.5")

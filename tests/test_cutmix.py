@@ -24,15 +24,6 @@ def run_cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-@pytest.fixture(scope="module")
-def cutmix_store(tmp_path_factory, small_root, teacher_files):
-    """The reference cache-teachers run with --cutmix 0.5: 30 images in 8-row chunks, so partners cross chunks."""
-    store = tmp_path_factory.mktemp("cutmix") / "cutmix.zarr"
-    result = run_cli(*cache_args(small_root, store, teacher_files, "--cutmix", "0.5"))
-    assert result.exit_code == 0, result.output
-    return store
-
-
 def test_boxes_are_timms_rand_bbox(monkeypatch):
     import timm.data.mixup as timm_mixup
 

@@ -1,0 +1,140 @@
+"""The public Python API (`mealv2.open_store`, `ReplayDataset`, `StoreLoader`) and the one import namespace."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+import mealv2
+from mealv2.pipeline.pil_replay import replay_pil
+from mealv2.softlabels.topk import expand
+
+SHADOWED = ("pipeline", "softlabels", "distill")
+
+
+def contract_crop(root: Path, store, epoch: int, row: int) -> np.ndarray:
+    """The crop contract replayed with PIL (the oracle), composites included, straight from the store's arrays."""
+    crops, paths = store.crops(epoch), store.index.paths
+
+    def replay(i):
+        encoded = (root / "train" / paths[i]).read_bytes()
+        return replay_pil(encoded, crops.boxes[i], bool(crops.flips[i]), store.res, store.interpolation)
+
+    image = np.array(replay(row))
+    if crops.mix_partner is not None and crops.mix_partner[row] >= 0:
+        top, left, height, width = crops.mix_boxes[row]
+        image[:, top:top + height, left:left + width] = replay(crops.mix_partner[row])[:, top:top + height,
+                                                                                        left:left + width]
+    return image
+
+
+def assert_contract(root: Path, store, epoch: int, images: torch.Tensor, targets: torch.Tensor, rows) -> None:
+    values, classes = store.targets(epoch, rows, dense=False)
+    assert torch.equal(targets, expand(values, classes, store.num_classes, store.residual))
+    for image, row in zip(images, rows):
+        diff = np.abs(image.numpy().astype(int) - contract_crop(root, store, epoch, int(row)))
+        assert diff.mean() < 1.0 and diff.max() <= 8, row  # the decoders' tolerance (tests/test_replay.py)
+
+
+def test_open_store_reads_what_cache_teachers_wrote(reference_store):
+    import zarr
+
+    store = mealv2.open_store(str(reference_store))
+    group = zarr.open_group(str(reference_store), mode="r")
+    assert store.num_slots == 2 and store.num_images == 30 and store.num_classes == 3 and store.res == 32
+    assert store.index.paths == [str(p) for p in group["index/paths"][...]]
+    assert np.array_equal(store.index.sizes, group["index/sizes"][...])
+    crops = store.crops(3)  # epoch 3 reads slot 1
+    assert np.array_equal(crops.boxes, group["boxes"][1]) and np.array_equal(crops.flips, group["flips"][1])
+    assert crops.mix_partner is None
+    values, classes = store.targets(3, [4, 0], dense=False)
+    assert torch.equal(values, torch.from_numpy(group["probs"][1, [4, 0]]))
+    dense = store.targets(3, [4, 0])
+    assert dense.dtype == torch.float32 and dense.shape == (2, 3)
+    assert torch.allclose(dense.sum(1), torch.ones(2), atol=1e-3)
+    assert torch.equal(dense.argmax(1), classes[:, 0])
+    with pytest.raises(mealv2.StoreError, match="no label store"):
+        mealv2.open_store(str(reference_store.parent / "absent.zarr"))
+
+
+@pytest.mark.parametrize("store_name", ["reference_store", "cutmix_store"])
+def test_replay_dataset_through_worker_processes_keeps_the_crop_contract(store_name, small_root, request):
+    store = mealv2.open_store(str(request.getfixturevalue(store_name)))
+    dataset = mealv2.ReplayDataset(small_root, store)
+    assert len(dataset) == 30
+    loader = DataLoader(dataset, batch_size=8, num_workers=2, persistent_workers=True)
+    seen = []
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)  # reaches the persistent workers: the epoch is in shared memory
+        for images, targets, rows in loader:
+            assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
+            assert_contract(small_root, store, epoch, images, targets, rows)
+            seen.append((epoch, rows.tolist()))
+    assert sorted(r for e, rows in seen if e == 1 for r in rows) == list(range(30))
+    if store.mix.enabled:
+        assert (store.crops(0).mix_partner >= 0).any()  # the composites were exercised
+
+
+def test_replay_dataset_splits_with_distributed_sampler(reference_store, small_root):
+    dataset = mealv2.ReplayDataset(small_root, str(reference_store))
+    shares = []
+    for rank in (0, 1):
+        sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        sampler.set_epoch(1)
+        shares.append([int(r) for _, _, rows in DataLoader(dataset, batch_size=4, sampler=sampler) for r in rows])
+    assert len(shares[0]) == len(shares[1]) == 15 and sorted(shares[0] + shares[1]) == list(range(30))
+
+
+def test_replay_dataset_refuses_another_dataset(reference_store, mixed_root):
+    with pytest.raises(mealv2.StoreError, match="another dataset"):
+        mealv2.ReplayDataset(mixed_root, str(reference_store))
+
+
+@pytest.mark.parametrize("store_name", ["reference_store", "cutmix_store"])
+def test_store_loader_hands_a_loop_batches_with_their_targets(store_name, small_root, request):
+    store = mealv2.open_store(str(request.getfixturevalue(store_name)))
+    loader = mealv2.StoreLoader(small_root, store, batch_size=8, device="cpu", decoder="torch", workers=1)
+    rows_seen = []
+    for images, targets, rows in loader.epoch(1, progress=False):
+        assert_contract(small_root, store, 1, images, targets, rows)
+        rows_seen += rows.tolist()
+    assert sorted(rows_seen) == list(range(30))
+
+
+def test_one_namespace_a_users_own_packages_shadow_nothing(reference_store, small_root, tmp_path):
+    """Run from a folder holding its own pipeline/, softlabels/ and distill/: mealv2 imports only its own."""
+    for name in SHADOWED:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name} was imported')\n")
+    script = tmp_path / "read_store.py"
+    script.write_text(textwrap.dedent(f"""
+        import mealv2
+        from torch.utils.data import DataLoader
+        if __name__ == "__main__":
+            dataset = mealv2.ReplayDataset({str(small_root)!r}, mealv2.open_store({str(reference_store)!r}))
+            for epoch in range(2):
+                dataset.set_epoch(epoch)
+                print(sum(len(rows) for _, _, rows in DataLoader(dataset, batch_size=8, num_workers=2)))
+    """))
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["30", "30"]
+    cli = subprocess.run([str(Path(sys.executable).parent / "mealv2"), "--help"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert cli.returncode == 0 and "cache-teachers" in cli.stdout, cli.stderr
+
+
+def test_the_distribution_installs_only_the_mealv2_name(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = "import importlib.util as u; print([n for n in ('pipeline', 'softlabels', 'distill') if u.find_spec(n)])"
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
