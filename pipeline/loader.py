@@ -33,6 +33,7 @@ from mealv2.pipeline.distributed import default_workers
 from mealv2.pipeline.epoch_plan import read_bytes
 from mealv2.pipeline.mix import SlotMix
 from mealv2.pipeline.pil_replay import PilDecoder
+from mealv2.pipeline.spawn_guard import check_main_is_guarded
 from mealv2.pipeline.torch_replay import TorchDecoder
 from mealv2.pipeline.worker_replay import PlannedCrops, planned_batches
 
@@ -92,6 +93,7 @@ class ReplayLoader:
         self.decoder_name = resolve_decoder(self.decoder, self.device.type, self.index.sizes)
         self._stream = None
         if self.decoder_name == "dali":
+            check_main_is_guarded("a DALI loader")
             self._stream = DaliStream(self.index, self.res, self.interpolation, self.batch_size, self.device,
                                       self.workers, self.hw_decoder_load, self.prefetch)
         self._batch_decoder = None  # made when first needed: PIL's epochs, or one DALI batch gone wrong

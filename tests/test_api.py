@@ -138,3 +138,25 @@ def test_the_distribution_installs_only_the_mealv2_name(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
                          timeout=60)
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
+
+
+def _run_script(folder: Path, body: str) -> subprocess.CompletedProcess:
+    script = folder / "train_at_import.py"
+    script.write_text(textwrap.dedent(body))
+    return subprocess.run([sys.executable, str(script)], cwd=folder, capture_output=True, text=True, timeout=300)
+
+
+def test_a_dali_loader_built_at_import_time_is_one_clear_error(reference_store, small_root, tmp_path):
+    """DALI spawns its workers, which import the main script again: unguarded, it would run (and train) twice."""
+    build = (f"import mealv2\n"
+             f"loader = mealv2.StoreLoader({str(small_root)!r}, {str(reference_store)!r}, 8, 'cpu', decoder='dali')\n"
+             f"print('batches', len(list(loader.epoch(0, progress=False))))\n")
+    trapped = _run_script(tmp_path, build)
+    assert trapped.returncode == 1 and "batches" not in trapped.stdout
+    assert trapped.stderr.count("SpawnTrap:") == 1  # raised once, in the script itself, before any worker
+    assert 'train_at_import.py:2: builds a DALI loader at import time' in trapped.stderr
+    assert 'put that code under `if __name__ == "__main__":`' in trapped.stderr
+    guarded = _run_script(tmp_path, "import mealv2\nif __name__ == \"__main__\":\n" + textwrap.indent(
+        build.split("\n", 1)[1], "    "))
+    assert guarded.returncode == 0, guarded.stderr
+    assert guarded.stdout.split() == ["batches", "4"] and "RuntimeWarning" not in guarded.stderr
