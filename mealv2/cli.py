@@ -155,6 +155,10 @@ def labels_info(store, as_json, storage_options):
                        ("bytes", f"{info['bytes']} ({info['bytes_per_crop']:.1f} per crop)"),
                        ("fingerprint", info["fingerprint"]), ("skipped images", info["skipped"])]:
         click.echo(f"{key:>15}: {value}")
+    for made in info["made_with"]:  # one line per kind of job that wrote units (stores made before say nothing)
+        versions = ", ".join(f"{name} {made[name]}" for name in ("torch", "timm", "dali", "zarr") if made.get(name))
+        click.echo(f"{'made with':>15}: {made['decoder']} decoder on {made.get('device_name') or made['device']}, "
+                   f"autocast {made['autocast']}; {versions}")
 
 
 @labels.command("finalize")

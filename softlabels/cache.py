@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -69,6 +70,22 @@ def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, rows: slice, box
             labelled.mix_boxes = np.where(composed[:, None], mix.boxes[rows], 0).astype(np.int32)
         return labelled
     return labels
+
+
+def provenance(decoder: str, device: torch.device) -> dict:
+    """How a job made its labels: what a teammate recomputing a row on other hardware needs to know."""
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    dali = next((v for v in map(version, ("nvidia-dali-cuda120", "nvidia-dali-cuda130")) if v), None)
+    return {"decoder": decoder, "device": device.type,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "autocast": "bfloat16" if device.type == "cuda" else "off",  # the teachers' autocast (models.autocast)
+            "torch": torch.__version__, "timm": version("timm"), "dali": dali,
+            "zarr": version("zarr")}
 
 
 class UnitWriter:
@@ -145,6 +162,8 @@ def run_cache(job: CacheJob, log=print) -> dict:
     if left_out and world.is_main:
         store.add_skipped([f"{path}: cannot decode image ({reason})" for path, reason in sorted(left_out.items())])
         log(f"left out {len(left_out)} undecodable image(s), listed in the store: " + ", ".join(sorted(left_out)[:5]))
+    if world.is_main and units:
+        store.add_provenance(provenance(loader.decoder_name, device))
     todo = int(world.sum(torch.tensor(todo)))  # waits until every rank has written its units
     complete = store.finalize() if world.is_main else bool(store.done().all())
     finished = time.perf_counter()

@@ -378,6 +378,13 @@ class LabelStore:
         self.group.attrs["mealv2"] = {**attrs, "skipped": list(attrs.get("skipped", [])) +
                                       [entry for entry in entries if entry not in known]}
 
+    def add_provenance(self, record: dict) -> None:
+        """Coordinator: record how this job made its labels (decoder, device, precision, versions), once per kind."""
+        attrs = self.attrs
+        made_with = list(attrs.get("made_with", []))
+        if record not in made_with:
+            self.group.attrs["mealv2"] = {**attrs, "made_with": made_with + [record]}
+
     def finalize(self) -> bool:
         """Coordinator: mark complete and consolidate metadata once every unit is done; returns completeness."""
         complete = bool(self.done().all())
@@ -439,7 +446,7 @@ class LabelStore:
             "complete": attrs["complete"], "units_done": int(done.sum()), "units": int(done.size),
             "bytes": nbytes, "bytes_per_crop": nbytes / crops if crops else 0.0,
             "fingerprint": attrs["dataset"]["fingerprint"], "created": attrs["created"],
-            "skipped": len(attrs.get("skipped", [])),
+            "skipped": len(attrs.get("skipped", [])), "made_with": attrs.get("made_with", []),
         }
 
     def verify_chunks(self) -> list[str]:

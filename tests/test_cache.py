@@ -244,3 +244,16 @@ def test_info_reports_the_store(reference_store):
     info = json.loads(result.output)
     assert info["images"] == 30 and info["seeds"] == [0, 1] and info["complete"]
     assert info["bytes_per_crop"] > 0 and len(info["teachers"]) == 2
+
+
+def test_a_store_records_how_its_labels_were_made(reference_store):
+    import timm
+    import zarr
+
+    info = json.loads(run_cli("labels", "info", reference_store, "--json").output)
+    assert info["made_with"] == [{"decoder": "dali", "device": "cpu", "device_name": None, "autocast": "off",
+                                  "torch": torch.__version__, "timm": timm.__version__,
+                                  "dali": info["made_with"][0]["dali"], "zarr": zarr.__version__}]
+    assert info["made_with"][0]["dali"]  # the installed DALI build's version
+    shown = run_cli("labels", "info", reference_store).output
+    assert f"made with: dali decoder on cpu, autocast off; torch {torch.__version__}" in shown
