@@ -35,7 +35,7 @@ from mealv2.pipeline.mix import SlotMix
 from mealv2.pipeline.pil_replay import PilDecoder
 from mealv2.pipeline.spawn_guard import check_main_is_guarded
 from mealv2.pipeline.torch_replay import TorchDecoder
-from mealv2.pipeline.worker_replay import PlannedCrops, planned_batches
+from mealv2.pipeline.worker_replay import WorkerReplay
 
 def epoch_order(images: int | np.ndarray, seed: int, epoch: int, shuffle: bool = True, rank: int = 0,
                 world_size: int = 1, mix: SlotMix | None = None) -> np.ndarray:
@@ -96,6 +96,7 @@ class ReplayLoader:
             check_main_is_guarded("a DALI loader")
             self._stream = DaliStream(self.index, self.res, self.interpolation, self.batch_size, self.device,
                                       self.workers, self.hw_decoder_load, self.prefetch)
+        self._workers = None  # torchvision's worker processes, started with the first epoch
         self._batch_decoder = None  # made when first needed: PIL's epochs, or one DALI batch gone wrong
         self._readers = ThreadPoolExecutor(max(2, 2 * self.workers))
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -179,9 +180,10 @@ class ReplayLoader:
 
     def _planned(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray):
         """torchvision's epochs: image by image in worker processes (torch's DataLoader), batches in order."""
-        plan = PlannedCrops(self.index, order, boxes, flips, self.res, self.interpolation, self.decoder_name)
-        for images, positions, failed in planned_batches(plan, self.batch_size, self.workers,
-                                                         pin_memory=self._copy_stream is not None):
+        if self._workers is None:  # started once: later epochs hand the same processes their plans
+            self._workers = WorkerReplay(self.index, self.res, self.interpolation, self.decoder_name,
+                                         self.batch_size, self.workers, pin_memory=self._copy_stream is not None)
+        for images, positions, failed in self._workers.batches(order, boxes, flips):
             for position, reason in failed.items():
                 if self.on_bad is None:
                     raise DatasetError(f"{self.index.file(position)}: cannot decode image ({reason}); "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default_collate
 
 from mealv2.pipeline.dataset import DatasetError, DatasetIndex
 from mealv2.pipeline.epoch_plan import read_bytes
@@ -39,37 +39,67 @@ def replay_crop(index: DatasetIndex, position: int, box, flip: bool, res: int, i
         raise UndecodableImage(path, (lines or [type(err).__name__])[0][:200]) from None
 
 
-class PlannedCrops(Dataset):
-    """Item k of an epoch plan: (the crop of ``order[k]`` as uint8 CHW, or None if it failed; the position; the reason)."""
+class _PlannedCrops(Dataset):
+    """Item ``position``: (its crop as uint8 CHW, or None if it failed; the position; the reason).
 
-    def __init__(self, index: DatasetIndex, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray, res: int,
-                 interpolation: str, decoder: str = "torch"):
-        self.index, self.order = index, np.asarray(order, np.int64)
-        self.boxes, self.flips = boxes, flips
-        self.res, self.interpolation, self.decoder = res, interpolation, decoder
+    The boxes and flips sit in shared memory, so persistent workers replay each new epoch's plan.
+    """
+
+    def __init__(self, index: DatasetIndex, res: int, interpolation: str, decoder: str):
+        self.index, self.res, self.interpolation, self.decoder = index, res, interpolation, decoder
+        self.boxes = torch.zeros((len(index), 4), dtype=torch.int32).share_memory_()
+        self.flips = torch.zeros(len(index), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
-        return len(self.order)
+        return len(self.index)
 
-    def __getitem__(self, k: int):
-        position = int(self.order[k])
+    def __getitem__(self, position: int):
         try:
-            crop = replay_crop(self.index, position, self.boxes[position], bool(self.flips[position]), self.res,
-                               self.interpolation, self.decoder)
+            crop = replay_crop(self.index, position, self.boxes[position].tolist(), bool(self.flips[position]),
+                               self.res, self.interpolation, self.decoder)
         except UndecodableImage as err:  # reported by the consumer, which stops or leaves the file out (--skip-bad)
             return None, position, err.reason
         return torch.from_numpy(crop), position, ""
 
 
-def collate_planned(items: list) -> tuple[torch.Tensor | None, np.ndarray, dict[int, str]]:
-    """(the decoded crops stacked, their positions, {position: error} of the files that failed)."""
+class _Order(Sampler):
+    """The epoch's dataset positions, set before each pass."""
+
+    def __init__(self):
+        self.order: list[int] = []
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def _collate(items: list) -> tuple[torch.Tensor | None, np.ndarray, dict[int, str]]:
+    """(the decoded crops stacked, their positions, {position: reason} of the files that failed)."""
     good = [(crop, position) for crop, position, _ in items if crop is not None]
     failed = {position: reason for crop, position, reason in items if crop is None}
-    images = torch.stack([crop for crop, _ in good]) if good else None
+    images = default_collate([crop for crop, _ in good]) if good else None  # in a worker: stacked into shared memory
     return images, np.asarray([position for _, position in good], np.int64), failed
 
 
-def planned_batches(plan: PlannedCrops, batch_size: int, workers: int, pin_memory: bool = False) -> DataLoader:
-    """The plan in order, ``batch_size`` at a time, decoded by ``workers`` processes (0: in this process)."""
-    return DataLoader(plan, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_planned,
-                      pin_memory=pin_memory, prefetch_factor=2 if workers else None)
+class WorkerReplay:
+    """Replays epoch plans in ``workers`` persistent DataLoader processes (0: in this process), batches in order."""
+
+    def __init__(self, index: DatasetIndex, res: int, interpolation: str, decoder: str, batch_size: int,
+                 workers: int, pin_memory: bool = False):
+        self._crops = _PlannedCrops(index, res, interpolation, decoder)
+        self._order = _Order()
+        self._loader = DataLoader(self._crops, batch_sampler=BatchSampler(self._order, batch_size, drop_last=False),
+                                  num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
+                                  persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
+
+    def batches(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray):
+        """Iterate (images uint8 (B, 3, res, res) or None, positions, {position: reason}) over ``order``.
+
+        ``boxes`` (N, 4) and ``flips`` (N,) are indexed by dataset position. One pass at a time.
+        """
+        self._crops.boxes.copy_(torch.from_numpy(np.ascontiguousarray(boxes, np.int32)))
+        self._crops.flips.copy_(torch.from_numpy(np.ascontiguousarray(flips, np.bool_)))
+        self._order.order = np.asarray(order, np.int64).tolist()
+        return iter(self._loader)

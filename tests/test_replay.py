@@ -158,16 +158,37 @@ def test_epoch_order_shuffles_by_epoch_and_shards_evenly():
     np.testing.assert_array_equal(epoch_order(5, 0, 0, shuffle=False), np.arange(5))
 
 
-def test_corrupt_file_is_named(tmp_path):
+@pytest.mark.parametrize("decoder", ["pil", "torch"])
+def test_corrupt_file_is_named_or_left_out(tmp_path, decoder):
     from bench.imagegen import make_image_folder
     split = make_image_folder(tmp_path, classes=1, per_class=3, mixed=False)
     index = DatasetIndex.scan(split)
     path = split / index.paths[1]
     path.write_bytes(path.read_bytes()[:200])  # header intact, data truncated
     boxes, flips = sample_crops(0, index.sizes)
-    loader = ReplayLoader(index, res=16, batch_size=3, device="cpu", decoder="pil")
+    loader = ReplayLoader(index, res=16, batch_size=3, device="cpu", decoder=decoder)
     with pytest.raises(DatasetError, match=r"img_001\.jpg: cannot decode image"):
         run_epoch(loader, np.arange(3), boxes, flips)
+    left_out = {}
+    skipping = ReplayLoader(index, res=16, batch_size=3, device="cpu", decoder=decoder, on_bad=left_out.setdefault)
+    _, positions = run_epoch(skipping, np.arange(3), boxes, flips)
+    assert positions.tolist() == [0, 2] and list(left_out) == [1]
+
+
+def test_torchvision_workers_replay_each_epochs_own_plan(index):
+    """The worker processes persist across epochs: an abandoned epoch's plan must not leak into the next."""
+    loader = ReplayLoader(index, res=16, batch_size=4, device="cpu", decoder="torch", workers=2)
+    first_boxes, first_flips = sample_crops(0, index.sizes)
+    boxes, flips = sample_crops(1, index.sizes)
+    abandoned = iter(loader.epoch(epoch_order(len(index), 0, 0), first_boxes, first_flips, progress=False))
+    next(abandoned)
+    abandoned.close()
+    order = epoch_order(len(index), 0, 1)
+    images, positions = run_epoch(loader, order, boxes, flips)
+    np.testing.assert_array_equal(positions.numpy(), order)
+    reference, _ = run_epoch(ReplayLoader(index, res=16, batch_size=4, device="cpu", decoder="torch", workers=0),
+                             order, boxes, flips)
+    assert torch.equal(images, reference)
 
 
 def test_bad_loader_arguments():
