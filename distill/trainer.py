@@ -25,6 +25,7 @@ from mealv2.distill.checkpoint import (CHECKPOINT, check_same_run, check_same_st
 from mealv2.distill.config import TrainConfig
 from mealv2.distill.evaluate import EvalTransform, evaluate
 from mealv2.distill.losses import Discriminator, discriminator_loss, soft_cross_entropy
+from mealv2.distill.run_lock import holding_run_folder
 from mealv2.distill.student import create_student, synchronize_batchnorm
 from mealv2.distill.targets import CachedTargets, HardTargets, OnlineTargets
 from mealv2.pipeline.crops import CropSpec
@@ -108,6 +109,8 @@ class Trainer:
             raise StoreError(f"{config.labels}: labels are for another dataset than "
                              f"{config.data}/train (fingerprint differs)")
         self.config = resolve_config(config, self.store, self.resumed["options"] if self.resumed else None)
+        if self.store:  # every slot the run will read, before the first step (a missing chunk reads as zeros)
+            self.store.check_slots(self.config.seeds)
         rank_batch = self.config.batch_size // self.world.world_size
         if (self.config.cutmix or (self.store and self.store.mix.enabled)) and rank_batch % 2:
             raise ValueError(f"--batch-size {self.config.batch_size}: CutMix batches whole pairs; expected an even "
@@ -303,6 +306,7 @@ class Trainer:
         if self.world.is_main:
             (self.out / "metrics.jsonl").unlink(missing_ok=True)  # a killed first epoch's line, never checkpointed
 
+    @holding_run_folder
     def fit(self) -> list[dict]:
         """Train from the start (or the checkpoint with resume) to the last epoch; returns the new metrics."""
         self.out.mkdir(parents=True, exist_ok=True)

@@ -151,7 +151,8 @@ def labels_info(store, as_json, storage_options):
                        ("cutmix", f"pairs mixed with p = {info['mix']['prob']:g}" if info["mix"] else "none"),
                        ("seed slots", info["seeds"]), ("images", info["images"]),
                        ("classes", info["classes"]),
-                       ("complete", f"{info['complete']} ({info['units_done']}/{info['units']} units)"),
+                       ("complete", f"{info['complete']} ({info['units_done']}/{info['units']} units"
+                                    + (f", {info['missing_chunks']} chunk(s) missing)" if info["missing_chunks"] else ")")),
                        ("bytes", f"{info['bytes']} ({info['bytes_per_crop']:.1f} per crop)"),
                        ("fingerprint", info["fingerprint"]), ("skipped images", info["skipped"])]:
         click.echo(f"{key:>15}: {value}")
@@ -208,6 +209,8 @@ def labels_verify(store, data, recompute, teachers, max_dp, max_kl, device, deco
         worst = f" (slot {r['worst_slot']})" if r["worst_slot"] is not None else ""
         click.echo(f"recomputed {r['crops']} crops over {r['slots']} seed slot(s): max |dp| {r['max_abs_dp']:.5f}"
                    f"{worst}, mean KL {r['mean_kl']:.2e}")
+    if "recompute_skipped" in report:
+        click.echo(f"recompute skipped: {report['recompute_skipped']}", err=True)
     for problem in report["problems"]:
         click.echo(f"FAIL {problem}", err=True)
     if report["problems"]:

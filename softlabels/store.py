@@ -19,11 +19,13 @@ import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import sync
 
 from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import DatasetIndex
 from mealv2.pipeline.mix import MixSpec
 from mealv2.softlabels.cache_config import CHUNK_ROWS
+from mealv2.softlabels.integrity import WRITTEN, record_mismatches, unit_record
 from mealv2.softlabels.site import CREATE_WAIT_SECONDS, StoreSite
 from mealv2.softlabels.topk import class_dtype
 
@@ -218,6 +220,8 @@ class LabelStore:
         if mixes:
             arrays += [("mix_partner", (num_seeds, n), (1, rows), "int32"),
                        ("mix_boxes", (num_seeds, n, 4), (1, rows, 4), "int32")]
+        columns = 1 + len(LABEL_ARRAYS) + (len(MIX_ARRAYS) if mixes else 0)
+        arrays.append((WRITTEN, (num_seeds, units, columns), (1, 1, columns), "uint64"))
         for name, shape, chunks, dtype in arrays:
             self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=_compressors(),
                                     fill_value=0, overwrite=True)
@@ -236,7 +240,7 @@ class LabelStore:
             raise StoreError(f"{self.url}: holds seeds {stored}, this job asks for {seeds}")
         if len(seeds) <= len(stored):
             return
-        for name in self.arrays + ("done",):
+        for name in self.arrays + ("done",) + self._record:
             array = self.group[name]
             array.resize((len(seeds),) + array.shape[1:])
         self.group.attrs["mealv2"] = {**attrs, "seeds": list(seeds), "complete": False}
@@ -331,24 +335,100 @@ class LabelStore:
 
     # -- writing and reading ---------------------------------------------------------------
 
+    @property
+    def _record(self) -> tuple[str, ...]:
+        """The written-units record array, where the store has one (stores made before it existed have not)."""
+        return (WRITTEN,) if WRITTEN in self.group else ()
+
     def write_unit(self, slot: int, chunk: int, labels: SlotLabels) -> None:
-        """Write one unit, each array in one assignment of whole chunks, then mark it done."""
+        """Write one unit, each array in one assignment of whole chunks, record what was written, then mark it done.
+
+        Every chunk is stored even when it holds only the fill value, so that an absent chunk is always a loss.
+        """
         if not self.writable:
             raise StoreError(f"{self.url}: opened read-only")
         rows = self.rows(chunk)
         expected = rows.stop - rows.start
         if len(labels.probs) != expected:
             raise ValueError(f"unit ({slot}, {chunk}) holds {expected} rows, got {len(labels.probs)}")
+        written = []
         for name in self.arrays:
             values = getattr(labels, name)
             if values is None:
                 raise ValueError(f"unit ({slot}, {chunk}): a CutMix store needs {name} for every unit")
-            self.group[name][slot, rows] = values
+            array = self.group[name].with_config({"write_empty_chunks": True})
+            written.append(np.asarray(values, dtype=array.dtype))
+            array[slot, rows] = written[-1]
+        if self._record:
+            self.group[WRITTEN][slot, chunk] = unit_record(expected, written)
         self.group["done"][slot, chunk] = True
 
-    def read_slot(self, slot: int) -> SlotLabels:
-        """Seed slot ``slot``'s rows whole (stage two reads one per epoch; never random rows per batch)."""
-        return SlotLabels(**{name: self.group[name][slot] for name in self.arrays})
+    def read_slot(self, slot: int, checked: bool = True) -> SlotLabels:
+        """Seed slot ``slot``'s rows whole (stage two reads one per epoch; never random rows per batch).
+
+        ``checked``: refuse rows that differ from what their writers recorded, and empty rows of images
+        not listed as skipped (StoreError naming the first problem).
+        """
+        labels = SlotLabels(**{name: self.group[name][slot] for name in self.arrays})
+        if checked:
+            problems = self.slot_problems(slot, labels)
+            if problems:
+                raise StoreError(f"{self.url}: {problems[0]}" + (f" (and {len(problems) - 1} more)"
+                                 if len(problems) > 1 else "") + f"; refused before training on it: run "
+                                 f"`mealv2 labels verify {self.url}` for the whole list")
+        return labels
+
+    def skipped_paths(self) -> set[str]:
+        """The paths of the images listed under ``skipped`` (entries are "path: reason")."""
+        return {entry.split(": ", 1)[0] for entry in self.skipped}
+
+    def slot_problems(self, slot: int, labels: SlotLabels) -> list[str]:
+        """One line per unit of ``slot`` whose rows differ from the record, and for empty rows not listed as skipped."""
+        problems = []
+        record = self.group[WRITTEN][slot] if self._record else None
+        for chunk in range(self.num_chunks):
+            rows = self.rows(chunk)
+            if record is not None:
+                values = [getattr(labels, name)[rows] for name in self.arrays]
+                problems += [f"slot {slot} chunk {chunk} (rows {rows.start}-{rows.stop - 1}): {what}"
+                             for what in record_mismatches(self.arrays, record[chunk], rows.stop - rows.start, values)]
+        empty = np.flatnonzero(labels.probs[:, 0] == 0)
+        if len(empty):
+            paths, skipped = self.group["index/paths"][...], self.skipped_paths()
+            unlisted = [str(paths[i]) for i in empty if str(paths[i]) not in skipped]
+            if unlisted:
+                problems.append(f"slot {slot}: {len(unlisted)} row(s) hold no labels but their images are not "
+                                f"listed as skipped ({', '.join(unlisted[:3])})")
+        return problems
+
+    def missing_chunks(self, slots: int | None = None) -> list[str]:
+        """One line per chunk of the first ``slots`` slots (default all) that storage does not hold; reads no chunk.
+
+        A store made before the written-units record may lack chunks that held only zeros: only its
+        probs and boxes, never all zero, are looked for there.
+        """
+        slots = len(self.seeds) if slots is None else slots
+        names = self.arrays + self._record if self._record else ("probs", "boxes")
+        missing = []
+        for name in names:
+            array = self.group[name]
+            prefix = array.store_path.path
+
+            async def listing():
+                return {key async for key in array.store_path.store.list_prefix(prefix)}
+            held = sync(listing())
+            for coords in np.ndindex(*array.cdata_shape):
+                if coords[0] < slots and f"{prefix}/{array.metadata.encode_chunk_key(coords)}" not in held:
+                    missing.append(f"{name} chunk {'.'.join(map(str, coords))} is missing")
+        return missing
+
+    def check_slots(self, slots: int) -> None:
+        """Refuse, before any training, a run whose first ``slots`` slots lack a chunk (one listing per array)."""
+        missing = self.missing_chunks(slots)
+        if missing:
+            raise StoreError(f"{self.url}: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
+                             else "") + "; nothing was trained: restore the missing files from a copy of the "
+                             "store, or rebuild it with cache-teachers into a new --store")
 
     def add_skipped(self, entries: list[str]) -> None:
         """Coordinator: list more images as holding no labels ("path: reason"); their rows stay zero."""
@@ -410,12 +490,13 @@ class LabelStore:
         done = self.done()
         crops = len(attrs["seeds"]) * self.num_images
         nbytes = self.nbytes_stored()
+        missing = self.missing_chunks()
         return {
             "url": self.url, "teachers": attrs["teachers"], "res": attrs["res"],
             "interpolation": attrs["interpolation"], "topk": attrs["topk"], "residual": attrs["residual"],
             "crop": attrs["crop"], "mix": attrs.get("mix"), "seeds": attrs["seeds"], "images": self.num_images,
             "classes": attrs["dataset"]["num_classes"],
-            "complete": attrs["complete"], "units_done": int(done.sum()), "units": int(done.size),
+            "complete": self.is_complete and not missing, "missing_chunks": len(missing), "units_done": int(done.sum()), "units": int(done.size),
             "bytes": nbytes, "bytes_per_crop": nbytes / crops if crops else 0.0,
             "fingerprint": attrs["dataset"]["fingerprint"], "created": attrs["created"],
             "skipped": len(attrs.get("skipped", [])),
@@ -424,7 +505,7 @@ class LabelStore:
     def verify_chunks(self) -> list[str]:
         """Decode every chunk of every array (crc32c checked); one line per damaged chunk."""
         problems = []
-        for name in self.arrays + ("done",) + INDEX_ARRAYS:
+        for name in self.arrays + ("done",) + self._record + INDEX_ARRAYS:
             array = self.group[name]
             for coords in np.ndindex(*array.cdata_shape):
                 region = tuple(slice(c * size, min((c + 1) * size, extent))

@@ -1,4 +1,5 @@
-"""`labels verify`: completeness, chunk checksums, dataset fingerprint, and teachers recomputed on stored crops.
+"""`labels verify`: completeness, chunk checksums and presence, the written-units record, checks of the rows that
+need no teachers, the dataset fingerprint, and teachers recomputed on stored crops.
 
 In a CutMix store the mixed rows are recomputed on composites made here with PIL, apart
 from the code both stages compose with (pipeline.mix), so a fault there shows up too.
@@ -15,6 +16,7 @@ from PIL import Image
 from mealv2.pipeline.dataset import load_index
 from mealv2.pipeline.distributed import resolve_device
 from mealv2.pipeline.loader import ReplayLoader
+from mealv2.softlabels.integrity import structure_problems
 from mealv2.softlabels.store import LabelStore, SlotLabels, teacher_identity
 from mealv2.softlabels.teachers import TeacherEnsemble, TeacherError, TeacherSpec, parse_teachers
 from mealv2.softlabels.topk import compress, expand
@@ -91,6 +93,27 @@ def recompute(store: LabelStore, data: str, count: int, teachers: str | None = N
             "mean_kl": float(np.mean(kls)) if kls else 0.0}
 
 
+def row_problems(store: LabelStore) -> list[str]:
+    """Per slot: units that differ from the written-units record, unlisted empty rows, and malformed rows.
+
+    Slots holding an undecodable chunk are left to ``verify_chunks``, which names the chunk.
+    """
+    problems = []
+    sizes = store.group["index/sizes"][...]
+    for slot in range(len(store.seeds)):
+        try:
+            labels = store.read_slot(slot, checked=False)
+        except Exception:  # noqa: BLE001 - a damaged chunk: verify_chunks reports it by name
+            continue
+        problems += store.slot_problems(slot, labels)
+        for chunk in range(store.num_chunks):
+            rows = store.rows(chunk)
+            unit = SlotLabels(**{name: getattr(labels, name)[rows] for name in store.arrays})
+            problems += [f"slot {slot} chunk {chunk}: {what}" for what in structure_problems(
+                unit, sizes[rows], store.num_classes, store.res, rows.start, unit.probs[:, 0] > 0)]
+    return problems
+
+
 def verify(url: str, data: str | None = None, recompute_count: int = 0, teachers: str | None = None,
            device: str = "auto", decoder: str = "auto", max_dp: float = 0.02, max_kl: float = 1e-3,
            storage_options: dict | None = None, workers: int | None = None) -> dict:
@@ -99,11 +122,13 @@ def verify(url: str, data: str | None = None, recompute_count: int = 0, teachers
     report = {"complete": store.is_complete, "problems": []}
     if not report["complete"]:
         report["problems"].append(f"incomplete: {int((~store.done()).sum())} unit(s) not written")
-    report["problems"] += store.verify_chunks()
+    report["problems"] += store.verify_chunks() + store.missing_chunks() + row_problems(store)
     if data is not None:
         index = load_index(Path(data) / "train", skip_bad=bool(store.skipped))
         if index.fingerprint != store.fingerprint:
             report["problems"].append(f"{data}/train does not match the store's dataset fingerprint")
+        elif recompute_count and report["problems"]:
+            report["recompute_skipped"] = "the store has the problems listed: recomputing would read damaged rows"
         elif recompute_count:
             report["recompute"] = recompute(store, data, recompute_count, teachers, device, decoder, workers)
             if report["recompute"]["max_abs_dp"] > max_dp or report["recompute"]["mean_kl"] > max_kl:
