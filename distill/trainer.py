@@ -105,9 +105,8 @@ class Trainer:
         # files the store left out (cache-teachers --skip-bad) are left out here too
         skip_bad = config.skip_bad or bool(self.store and self.store.skipped)
         self.index = load_index(Path(config.data) / "train", skip_bad=skip_bad, world=self.world)
-        if self.store and self.store.fingerprint != self.index.fingerprint:
-            raise StoreError(f"{config.labels}: labels are for another dataset than "
-                             f"{config.data}/train (fingerprint differs)")
+        if self.store:
+            self.store.check_dataset(self.index, f"{config.data}/train")
         self.config = resolve_config(config, self.store, self.resumed["options"] if self.resumed else None)
         if self.store:  # every slot the run will read, before the first step (a missing chunk reads as zeros)
             self.store.check_slots(self.config.seeds)

@@ -96,6 +96,9 @@ def storage_option(command):
 @click.option("--shard", default="{}/{}".format(*CACHE["shard"]), show_default=True,
               help="I/N: do only units u with u % N == I")
 @click.option("--skip-bad", is_flag=True, help="leave unreadable images out (recorded in the store)")
+@click.option("--fingerprint", type=click.Choice(["size", "content"]), default=CACHE["fingerprint"],
+              show_default=True, help="what identifies the data beside paths and labels: byte sizes, or every "
+              "file's bytes (hashed once here and at each distill start; catches an image edited at equal size)")
 @click.option("--chunk-rows", type=int, default=CACHE["chunk_rows"], show_default=True,
               help="images per store chunk")
 @click.option("--cutmix", type=click.FloatRange(0, 1), default=CACHE["cutmix"], show_default=True, metavar="P",

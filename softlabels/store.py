@@ -85,7 +85,10 @@ def teacher_identity(records: list[dict]) -> list[tuple]:
 def _differences(stored: dict, wanted: dict) -> list[str]:
     """Human-readable list of what makes two label specs disagree."""
     diffs = []
-    if stored["dataset"]["fingerprint"] != wanted["dataset"]["fingerprint"]:
+    modes = [spec["dataset"].get("fingerprint_mode", "size") for spec in (stored, wanted)]
+    if modes[0] != modes[1]:
+        diffs.append(f"--fingerprint {modes[0]} vs {modes[1]}")
+    elif stored["dataset"]["fingerprint"] != wanted["dataset"]["fingerprint"]:
         diffs.append(f"dataset fingerprint {stored['dataset']['fingerprint'][:12]}… vs "
                      f"{wanted['dataset']['fingerprint'][:12]}…")
     for key in IDENTITY_KEYS:
@@ -97,14 +100,16 @@ def _differences(stored: dict, wanted: dict) -> list[str]:
 
 
 def label_spec(index: DatasetIndex, teachers: list[dict], res: int, interpolation: str, topk: int, residual: str,
-               crop: dict, mix: dict | None = None) -> dict:
+               crop: dict, mix: dict | None = None, fingerprint: str = "size") -> dict:
     """The attributes (less seeds, dates and completeness) that define a store's labels.
 
     ``mix`` (MixSpec.attrs) only for a CutMix store: a store without it mixes nothing, as before mixing existed.
+    ``fingerprint`` "content" also hashes every image's bytes (DatasetIndex.fingerprint_of), and is recorded.
     """
+    dataset = {"fingerprint": index.fingerprint_of(fingerprint), "num_images": len(index),
+               "num_classes": index.num_classes, "classes": list(index.classes)}
     spec = {
-        "dataset": {"fingerprint": index.fingerprint, "num_images": len(index),
-                    "num_classes": index.num_classes, "classes": list(index.classes)},
+        "dataset": dataset | ({"fingerprint_mode": fingerprint} if fingerprint != "size" else {}),
         "teachers": teachers, "res": res, "interpolation": interpolation, "topk": topk,
         "residual": residual, "crop": crop,
     }
@@ -278,6 +283,18 @@ class LabelStore:
     def fingerprint(self) -> str:
         """The dataset fingerprint its rows belong to (mealv2.pipeline.dataset.DatasetIndex.fingerprint)."""
         return self.attrs["dataset"]["fingerprint"]
+
+    def check_dataset(self, index: DatasetIndex, where: str) -> None:
+        """Refuse a split other than the one the labels are for: the fingerprint (in the store's mode), then the
+        upright sizes, which the scan reads anyway and which change when a picture is replaced at equal byte size."""
+        mode = self.attrs["dataset"].get("fingerprint_mode", "size")
+        if index.fingerprint_of(mode) != self.fingerprint:
+            raise StoreError(f"{self.url}: labels are for another dataset than {where} (fingerprint differs)")
+        changed = np.flatnonzero((self.group["index/sizes"][...] != index.sizes).any(axis=1))
+        if len(changed):
+            raise StoreError(f"{self.url}: {len(changed)} image(s) of {where} changed since their labels were made "
+                             f"(other height × width): {', '.join(index.paths[i] for i in changed[:3])}; nothing "
+                             "was trained: restore them, or cache the changed split into a new --store")
 
     @property
     def skipped(self) -> list[str]:

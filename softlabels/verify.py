@@ -17,7 +17,7 @@ from mealv2.pipeline.dataset import load_index
 from mealv2.pipeline.distributed import resolve_device
 from mealv2.pipeline.loader import ReplayLoader
 from mealv2.softlabels.integrity import structure_problems
-from mealv2.softlabels.store import LabelStore, SlotLabels, teacher_identity
+from mealv2.softlabels.store import LabelStore, SlotLabels, StoreError, teacher_identity
 from mealv2.softlabels.teachers import TeacherEnsemble, TeacherError, TeacherSpec, parse_teachers
 from mealv2.softlabels.topk import compress, expand
 
@@ -125,9 +125,11 @@ def verify(url: str, data: str | None = None, recompute_count: int = 0, teachers
     report["problems"] += store.verify_chunks() + store.missing_chunks() + row_problems(store)
     if data is not None:
         index = load_index(Path(data) / "train", skip_bad=bool(store.skipped))
-        if index.fingerprint != store.fingerprint:
-            report["problems"].append(f"{data}/train does not match the store's dataset fingerprint")
-        elif recompute_count and report["problems"]:
+        try:
+            store.check_dataset(index, f"{data}/train")
+        except StoreError as err:
+            report["problems"].append(str(err))
+        if recompute_count and report["problems"]:
             report["recompute_skipped"] = "the store has the problems listed: recomputing would read damaged rows"
         elif recompute_count:
             report["recompute"] = recompute(store, data, recompute_count, teachers, device, decoder, workers)

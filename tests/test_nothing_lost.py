@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from PIL import Image
 from click.testing import CliRunner
 from conftest import cache_args, store_files
 
@@ -144,3 +145,41 @@ def test_a_creation_interrupted_by_ctrl_c_resumes_on_rerun(reference_store, smal
     rerun = run_cli(*cache_args(small_root, store, teacher_files))  # the same process: its pid is still alive
     assert rerun.exit_code == 0, rerun.output
     assert store_files(store) == store_files(reference_store)
+
+
+def replace_at_equal_size(path: Path, height: int, width: int) -> None:
+    """Put another picture of ``height`` × ``width`` in ``path``'s place, padded to its byte size (as an edit might)."""
+    size = path.stat().st_size
+    Image.new("RGB", (width, height), (200, 30, 90)).save(path, format="PNG")
+    assert path.stat().st_size < size
+    with open(path, "ab") as handle:  # bytes after the PNG's end: readers ignore them
+        handle.write(b"\0" * (size - path.stat().st_size))
+
+
+@pytest.fixture
+def data_copy(small_root, tmp_path) -> Path:
+    return Path(shutil.copytree(small_root, tmp_path / "data"))
+
+
+def test_an_image_replaced_at_equal_byte_size_is_refused_by_its_upright_size(data_copy, reference_store, tmp_path):
+    picture = data_copy / "train" / "class_0" / "img_003.png"
+    replace_at_equal_size(picture, 7, 5)
+    result = run_cli(*distill_args(data_copy, reference_store, tmp_path / "run"))
+    assert result.exit_code == 1
+    assert f"{reference_store}: 1 image(s) of {data_copy}/train changed since their labels were made (other " \
+           "height × width): class_0/img_003.png" in result.output
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_fingerprint_content_catches_an_image_replaced_at_equal_size_and_dimensions(data_copy, teacher_files,
+                                                                                      tmp_path):
+    store = tmp_path / "content.zarr"
+    made = run_cli(*cache_args(data_copy, store, teacher_files, "--seeds", "1", "--fingerprint", "content"))
+    assert made.exit_code == 0, made.output
+    picture = data_copy / "train" / "class_0" / "img_003.png"
+    with Image.open(picture) as image:
+        width, height = image.size
+    replace_at_equal_size(picture, height, width)
+    result = run_cli(*distill_args(data_copy, store, tmp_path / "run"))
+    assert result.exit_code == 1
+    assert f"{store}: labels are for another dataset than {data_copy}/train (fingerprint differs)" in result.output
