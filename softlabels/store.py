@@ -7,13 +7,13 @@ attributes; workers write whole units in one assignment each and then set the un
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import errno
 import importlib.metadata
 import os
 import warnings
 import zipfile
-from dataclasses import dataclass
 
 import fsspec
 import numpy as np
@@ -126,7 +126,7 @@ class _Attribute:
         return self if store is None else self.convert(store.attrs[self.key])
 
 
-@dataclass
+@dataclasses.dataclass
 class SlotLabels:
     """One seed slot's rows, whole, in memory: what stage two indexes by sample."""
 
@@ -136,6 +136,11 @@ class SlotLabels:
     flips: np.ndarray    # (N,) bool
     mix_partner: np.ndarray | None = None  # CutMix stores: (N,) int32, -1 where not mixed
     mix_boxes: np.ndarray | None = None    # CutMix stores: (N, 4) int32 at the store's res
+
+    def take(self, rows: slice) -> SlotLabels:
+        """The labels of ``rows`` only."""
+        return SlotLabels(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+                             for f in dataclasses.fields(self)})
 
 
 class LabelStore:
@@ -399,17 +404,21 @@ class LabelStore:
         """The paths of the images listed under ``skipped`` (entries are "path: reason")."""
         return {entry.split(": ", 1)[0] for entry in self.skipped}
 
-    def slot_problems(self, slot: int, labels: SlotLabels) -> list[str]:
-        """One line per unit of ``slot`` whose rows differ from the record, and for empty rows not listed as skipped."""
-        problems = []
-        record = self.group[WRITTEN][slot] if self._record else None
-        for chunk in range(self.num_chunks):
+    def slot_problems(self, slot: int, labels: SlotLabels, first_chunk: int = 0) -> list[str]:
+        """One line per unit whose rows differ from the record, and for empty rows not listed as skipped.
+
+        ``labels``: the rows of slot ``slot`` from chunk ``first_chunk`` on (a whole slot, or one unit).
+        """
+        problems, offset = [], self.rows(first_chunk).start
+        chunks = range(first_chunk, self.num_chunks if offset + len(labels.probs) >= self.num_images
+                       else first_chunk + len(labels.probs) // self.chunk_rows)
+        for chunk in chunks if self._record else ():
             rows = self.rows(chunk)
-            if record is not None:
-                values = [getattr(labels, name)[rows] for name in self.arrays]
-                problems += [f"slot {slot} chunk {chunk} (rows {rows.start}-{rows.stop - 1}): {what}"
-                             for what in record_mismatches(self.arrays, record[chunk], rows.stop - rows.start, values)]
-        empty = np.flatnonzero(labels.probs[:, 0] == 0)
+            unit = labels.take(slice(rows.start - offset, rows.stop - offset))
+            problems += [f"slot {slot} chunk {chunk} (rows {rows.start}-{rows.stop - 1}): {what}" for what in
+                         record_mismatches(self.arrays, self.group[WRITTEN][slot, chunk], rows.stop - rows.start,
+                                           [getattr(unit, name) for name in self.arrays])]
+        empty = offset + np.flatnonzero(labels.probs[:, 0] == 0)
         if len(empty):
             paths, skipped = self.group["index/paths"][...], self.skipped_paths()
             unlisted = [str(paths[i]) for i in empty if str(paths[i]) not in skipped]

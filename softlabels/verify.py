@@ -75,7 +75,7 @@ def recompute(store: LabelStore, data: str, count: int, teachers: str | None = N
     per_slot = [len(part) for part in np.array_split(np.arange(count), slots)]
     max_dp, kls, worst_slot, crops = 0.0, [], None, 0
     for slot, wanted in enumerate(per_slot):
-        labels = store.read_slot(slot)
+        labels = store.read_slot(slot, checked=False)  # the record's verdict is reported apart
         labelled = np.flatnonzero(labels.probs[:, 0] > 0)  # rows of images left out hold zeros
         rows = labelled[np.unique(np.linspace(0, len(labelled) - 1, min(wanted, len(labelled))).astype(np.int64))]
         for images, at in _as_labelled(loader, rows, labels, f"recompute slot {slot}"):
@@ -94,23 +94,21 @@ def recompute(store: LabelStore, data: str, count: int, teachers: str | None = N
 
 
 def row_problems(store: LabelStore) -> list[str]:
-    """Per slot: units that differ from the written-units record, unlisted empty rows, and malformed rows.
+    """Per unit: rows that differ from the written-units record, unlisted empty rows, and malformed rows.
 
-    Slots holding an undecodable chunk are left to ``verify_chunks``, which names the chunk.
+    A unit holding an undecodable chunk is left to ``verify_chunks``, which names the chunk.
     """
     problems = []
     sizes = store.group["index/sizes"][...]
-    for slot in range(len(store.seeds)):
+    for slot, chunk in np.ndindex(len(store.seeds), store.num_chunks):
+        rows = store.rows(chunk)
         try:
-            labels = store.read_slot(slot, checked=False)
-        except Exception:  # noqa: BLE001 - a damaged chunk: verify_chunks reports it by name
+            unit = SlotLabels(**{name: store.group[name][slot, rows] for name in store.arrays})
+        except (ValueError, RuntimeError, OSError):  # a damaged chunk: verify_chunks reports it by name
             continue
-        problems += store.slot_problems(slot, labels)
-        for chunk in range(store.num_chunks):
-            rows = store.rows(chunk)
-            unit = SlotLabels(**{name: getattr(labels, name)[rows] for name in store.arrays})
-            problems += [f"slot {slot} chunk {chunk}: {what}" for what in structure_problems(
-                unit, sizes[rows], store.num_classes, store.res, rows.start, unit.probs[:, 0] > 0)]
+        problems += store.slot_problems(slot, unit, chunk)
+        problems += [f"slot {slot} chunk {chunk}: {what}" for what in structure_problems(
+            unit, sizes[rows], store.num_classes, store.res, rows.start, unit.probs[:, 0] > 0)]
     return problems
 
 
@@ -123,18 +121,22 @@ def verify(url: str, data: str | None = None, recompute_count: int = 0, teachers
     if not report["complete"]:
         report["problems"].append(f"incomplete: {int((~store.done()).sum())} unit(s) not written")
     report["problems"] += store.verify_chunks() + store.missing_chunks() + row_problems(store)
-    if data is not None:
-        index = load_index(Path(data) / "train", skip_bad=bool(store.skipped))
+    if data is None:
+        return report
+    index = load_index(Path(data) / "train", skip_bad=bool(store.skipped))
+    try:
+        store.check_dataset(index, f"{data}/train")
+    except StoreError as err:
+        report["problems"].append(str(err))
+        return report
+    if recompute_count:
         try:
-            store.check_dataset(index, f"{data}/train")
-        except StoreError as err:
-            report["problems"].append(str(err))
-        if recompute_count and report["problems"]:
-            report["recompute_skipped"] = "the store has the problems listed: recomputing would read damaged rows"
-        elif recompute_count:
             report["recompute"] = recompute(store, data, recompute_count, teachers, device, decoder, workers)
-            if report["recompute"]["max_abs_dp"] > max_dp or report["recompute"]["mean_kl"] > max_kl:
-                report["problems"].append(
-                    f"recomputed labels differ: max |dp| {report['recompute']['max_abs_dp']:.4f} "
-                    f"(tolerance {max_dp}), mean KL {report['recompute']['mean_kl']:.2e} (tolerance {max_kl})")
+        except (ValueError, RuntimeError, OSError) as err:  # a damaged chunk: the report above still stands
+            report["problems"].append(f"recompute stopped: {str(err).splitlines()[0]}")
+            return report
+        if report["recompute"]["max_abs_dp"] > max_dp or report["recompute"]["mean_kl"] > max_kl:
+            report["problems"].append(
+                f"recomputed labels differ: max |dp| {report['recompute']['max_abs_dp']:.4f} "
+                f"(tolerance {max_dp}), mean KL {report['recompute']['mean_kl']:.2e} (tolerance {max_kl})")
     return report

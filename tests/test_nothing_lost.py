@@ -68,17 +68,22 @@ def test_only_rows_listed_as_skipped_may_be_empty(store_copy):
         store.read_slot(0)
 
 
-def test_verify_checks_rows_without_teachers_and_keeps_the_per_chunk_report(store_copy, small_root):
+def test_verify_checks_rows_without_teachers_and_keeps_the_per_chunk_report(store_copy, small_root, teacher_files):
     classes = zarr.open_array(store_copy / "classes", mode="r+")
     classes[0, 9] = [1, 1]  # a repeated class
     boxes = zarr.open_array(store_copy / "boxes", mode="r+")
     boxes[1, 29] = [0, 0, 10_000, 5]  # taller than any image
-    result = run_cli("labels", "verify", store_copy, "--data", small_root, "--recompute", "4")
+    chunk = store_copy / "flips" / "c" / "1" / "1"
+    damaged = bytearray(chunk.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # fails its checksum, so recomputing slot 1 cannot read it
+    chunk.write_bytes(bytes(damaged))
+    result = run_cli("labels", "verify", store_copy, "--data", small_root, "--recompute", "4",
+                     "--teachers", teacher_files)
     assert result.exit_code == 1
     assert "slot 0 chunk 1: classes repeat within a row: 1 row(s), first 9" in result.output
     assert "slot 1 chunk 3: boxes outside the image: 1 row(s), first 29" in result.output
     assert "slot 0 chunk 1 (rows 8-15): classes differs from what its writer wrote" in result.output
-    assert "recompute skipped" in result.output
+    assert "flips chunk 1.1" in result.output and "recompute stopped" in result.output
 
 
 def test_a_second_run_on_one_folder_is_refused_and_a_killed_holder_is_taken_over(small_root, reference_store,
