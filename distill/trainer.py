@@ -20,8 +20,8 @@ from safetensors.torch import save_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mealv2.distill.checkpoint import (CHECKPOINT, check_same_run, check_same_store, load_checkpoint, restore_rng_state,
-                                rng_state, save_checkpoint)
+from mealv2.distill.checkpoint import (CHECKPOINT, check_same_run, check_same_store, load_checkpoint, metrics_until,
+                                restore_rng_state, rng_state, save_checkpoint)
 from mealv2.distill.config import TrainConfig
 from mealv2.distill.evaluate import EvalTransform, evaluate
 from mealv2.distill.losses import Discriminator, discriminator_loss, soft_cross_entropy
@@ -289,8 +289,7 @@ class Trainer:
                      "random draws (dropout, drop-path) start from new seeds")
         metrics = self.out / "metrics.jsonl"
         if metrics.exists() and self.world.is_main:
-            kept = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line)["epoch"] <= self.start_epoch]
+            kept = metrics_until(metrics, self.start_epoch, self.log)
             atomic_write(metrics, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
         self.log(f"resumed from {self.out / CHECKPOINT} after epoch {self.start_epoch}")
 

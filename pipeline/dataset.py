@@ -46,12 +46,17 @@ def safe_join(root: str | os.PathLike, relative: str) -> str:
 
 def read_header(path: str) -> tuple[int, int]:
     """(height, width) after EXIF orientation, from the header alone; DatasetError if not a JPEG/PNG."""
+    limit = f"over the limit of {Image.MAX_IMAGE_PIXELS} pixels (PIL's Image.MAX_IMAGE_PIXELS; a decompression bomb?)"
     try:
         with Image.open(path) as im:
             if im.format not in IMAGE_FORMATS:
                 raise DatasetError(f"{path}: expected a JPEG or PNG image, found {im.format}")
             width, height = im.size
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                raise DatasetError(f"{path}: {width}×{height} image, {limit}")
             orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if im.format == "JPEG" else 1
+    except Image.DecompressionBombError:
+        raise DatasetError(f"{path}: image {limit}") from None
     except UnidentifiedImageError:
         raise DatasetError(f"{path}: not a readable JPEG or PNG image") from None
     except OSError as err:
@@ -72,6 +77,17 @@ class _Listing:
     classes: list[str]
 
 
+def _listed(entry: os.DirEntry) -> bool:
+    """Whether a folder entry is an image candidate: a file, or an entry that cannot be looked at (a symlink loop).
+
+    The header scan then names such an entry as a bad file, instead of the whole listing failing.
+    """
+    try:
+        return entry.is_file()
+    except OSError:
+        return True
+
+
 def _list_split(split_dir: Path) -> _Listing:
     if not split_dir.is_dir():
         raise DatasetError(f"{split_dir}: no such split folder (expected <root>/{split_dir.name}/<class>/<image>)")
@@ -81,17 +97,21 @@ def _list_split(split_dir: Path) -> _Listing:
     paths, labels, byte_sizes, mtimes = [], [], [], []
     for label, name in enumerate(classes):
         entries = sorted(
-            (e for e in os.scandir(split_dir / name) if e.is_file() and not e.name.startswith(".")),
+            (e for e in os.scandir(split_dir / name) if _listed(e) and not e.name.startswith(".")),
             key=lambda e: e.name,
         )
         if not entries:
             raise DatasetError(f"{split_dir / name}: class folder holds no images")
         for entry in entries:
-            stat = entry.stat()
+            try:
+                stat = entry.stat()
+                size, mtime = stat.st_size, stat.st_mtime_ns
+            except OSError:  # the header scan names it as a bad file
+                size, mtime = -1, 0
             paths.append(f"{name}/{entry.name}")
             labels.append(label)
-            byte_sizes.append(stat.st_size)
-            mtimes.append(stat.st_mtime_ns)
+            byte_sizes.append(size)
+            mtimes.append(mtime)
     return _Listing(paths, np.asarray(labels, np.int32), np.asarray(byte_sizes, np.int64),
                     np.asarray(mtimes, np.int64), classes)
 

@@ -165,6 +165,11 @@ class LabelStore:
                                     use_consolidated=None if mode == "r" else False)
         except FileNotFoundError:
             raise StoreError(f"{url}: no label store there") from None
+        except StoreError:
+            raise
+        except ValueError as err:  # a torn or edited zarr.json
+            raise StoreError(f"{url}: its metadata (zarr.json) cannot be read ({str(err).splitlines()[0]}); "
+                             "restore the store from a copy") from None
         attrs = group.attrs.get("mealv2")
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
             raise StoreError(f"{url}: not a mealv2 label store of format {FORMAT}")
@@ -391,7 +396,14 @@ class LabelStore:
         ``checked``: refuse rows that differ from what their writers recorded, and empty rows of images
         not listed as skipped (StoreError naming the first problem).
         """
-        labels = SlotLabels(**{name: self.group[name][slot] for name in self.arrays})
+        values = {}
+        for name in self.arrays:
+            try:
+                values[name] = self.group[name][slot]
+            except (ValueError, RuntimeError, OSError) as err:  # a checksum that fails, a torn chunk
+                raise StoreError(f"{self.url}: {name} of slot {slot} cannot be read ({str(err).splitlines()[0]}); "
+                                 f"`mealv2 labels verify {self.url}` names the damaged chunk") from None
+        labels = SlotLabels(**values)
         if checked:
             problems = self.slot_problems(slot, labels)
             if problems:

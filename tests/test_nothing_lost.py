@@ -11,12 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from PIL import Image
 from click.testing import CliRunner
 from conftest import cache_args, store_files
 
+from bench.imagegen import make_image_folder
+
 from mealv2.cli import main
+from mealv2.pipeline.dataset import DatasetError, DatasetIndex
 from mealv2.softlabels.store import LabelStore, StoreError
 
 
@@ -118,7 +122,7 @@ def full_disk(tmp_path):
                                            capture_output=True).returncode:
         pytest.skip("mounting a tmpfs needs root; the injected ENOSPC of test_reliability.py covers the rest")
     yield folder, lambda: subprocess.run(["mount", "-o", "remount,size=64m", str(folder)], check=True)
-    subprocess.run(["umount", str(folder)], check=True)
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)  # a finished run may still hold a handle
 
 
 def test_a_creation_that_met_a_full_disk_resumes_on_rerun(full_disk, reference_store, small_root, teacher_files):
@@ -188,3 +192,59 @@ def test_fingerprint_content_catches_an_image_replaced_at_equal_size_and_dimensi
     result = run_cli(*distill_args(data_copy, store, tmp_path / "run"))
     assert result.exit_code == 1
     assert f"{store}: labels are for another dataset than {data_copy}/train (fingerprint differs)" in result.output
+
+
+def test_a_decompression_bomb_and_a_symlink_loop_are_named_bad_files(tmp_path):
+    root = tmp_path / "data"
+    make_image_folder(root, "train", classes=2, per_class=2, mixed=False)
+    bomb = root / "train" / "class_0" / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # 400 Mpixels in a few kB
+    (root / "train" / "class_1" / "loop.jpg").symlink_to("loop.jpg")
+    result = run_cli("data", "check", root)
+    assert result.exit_code == 1, result.output
+    assert f"BAD {bomb}: image over the limit of {Image.MAX_IMAGE_PIXELS} pixels" in result.output
+    assert "loop.jpg: cannot read image header ([Errno 40] Too many levels of symbolic links" in result.output
+    with pytest.raises(DatasetError, match="bomb.png: image over the limit"):
+        DatasetIndex.scan(root / "train")
+
+
+def test_a_pickle_payload_given_to_resume_is_one_line(small_root, reference_store, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"epoch": 1, "payload": os.getcwd}, out / "checkpoint-last.pth")  # a global: pickle code to run
+    result = run_cli(*distill_args(small_root, reference_store, out), "--resume")
+    assert result.exit_code == 1
+    assert f"{out / 'checkpoint-last.pth'}: not a checkpoint mealv2 can load" in result.output.splitlines()[-1]
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(small_root, reference_store, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*distill_args(small_root, reference_store, out, epochs=1)).exit_code == 0
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write('{"epoch": 2, "lr": 0.0')  # killed while writing epoch 2's line
+    resumed = run_cli(*distill_args(small_root, reference_store, out, epochs=2), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "ignored its torn last line" in resumed.output
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_full_disk_while_checkpointing_names_the_folder(full_disk, small_root, reference_store):
+    folder, free_space = full_disk
+    subprocess.run(["mount", "-o", "remount,size=3m", str(folder)], check=True)  # the weights fit, the checkpoint not
+    result = run_cli(*distill_args(small_root, reference_store, folder, epochs=1))
+    assert result.exit_code == 1
+    assert f"No space left on device: {folder} (writing checkpoint-last.pth)" in result.output
+    free_space()
+    assert run_cli(*distill_args(small_root, reference_store, folder, epochs=1)).exit_code == 0
+
+
+def test_damaged_metadata_and_chunks_name_the_store_and_array(store_copy):
+    chunk = store_copy / "probs" / "c" / "1" / "1" / "0"
+    damaged = bytearray(chunk.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(damaged))
+    with pytest.raises(StoreError, match=f"{store_copy}: probs of slot 1 cannot be read"):
+        LabelStore.open(str(store_copy)).read_slot(1)
+    (store_copy / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gr')
+    result = run_cli("labels", "info", store_copy)
+    assert result.exit_code == 1 and f"{store_copy}: its metadata (zarr.json) cannot be read" in result.output
