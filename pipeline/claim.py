@@ -14,19 +14,9 @@ import socket
 import time
 import uuid
 
-from mealv2.pipeline.files import atomic_write
+from mealv2.pipeline.files import atomic_write, pid_alive
 
 _ABANDONED: set[str] = set()  # tokens this process gave up, even where marking the file failed (a full disk)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 class Claim:
@@ -89,7 +79,7 @@ class Claim:
         if not held.get("token"):
             return False
         return held["token"] in _ABANDONED or bool(held.get("abandoned")) or (
-            held.get("host") == socket.gethostname() and not _pid_alive(int(held.get("pid", 0))))
+            held.get("host") == socket.gethostname() and not pid_alive(int(held.get("pid", 0))))
 
     def _exclusive_create(self, path: str, data: bytes = b"") -> bool:
         """Create ``path`` holding ``data`` unless it exists (False then)."""

@@ -23,6 +23,7 @@ from zarr.core.sync import sync
 
 from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import DatasetIndex
+from mealv2.pipeline.files import temporary_path
 from mealv2.pipeline.mix import MixSpec
 from mealv2.softlabels.cache_config import CHUNK_ROWS
 from mealv2.softlabels.integrity import WRITTEN, record_mismatches, unit_record
@@ -488,16 +489,26 @@ class LabelStore:
 
         Readers open the result as ``zip::OUT.zip``; the zip is written to a temporary name
         and linked into place, so a failed pack leaves nothing behind and an existing OUT is
-        never replaced.
+        never replaced. A symbolic link inside a local store is refused: packing would copy
+        what it points to, outside the store.
         """
         if not self.attrs["complete"]:
             raise StoreError(f"{self.url}: store is incomplete; finish cache-teachers (or labels finalize) first")
         fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         root = root.rstrip("/")
         out = os.fspath(out)
+        tmp = os.fspath(temporary_path(out))  # and a killed pack's temporary is removed
         if os.path.lexists(out):
             raise StoreError(f"{out}: exists already; nothing was changed: pack into a new file")
-        tmp = f"{out}.{os.getpid()}.tmp"
+        missing = self.missing_chunks()
+        if missing:
+            raise StoreError(f"{self.url}: {missing[0]}; nothing was packed: `mealv2 labels verify {self.url}`")
+        if "file" in fs.protocol:
+            links = [os.path.join(folder, name) for folder, dirs, files in os.walk(root) for name in dirs + files
+                     if os.path.islink(os.path.join(folder, name))]
+            if links:
+                raise StoreError(f"{links[0]}: a symbolic link inside the store; nothing was packed: replace it "
+                                 "with the file itself (packing copies files, and would copy what it points to)")
         try:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
                 for path in sorted(fs.find(root)):

@@ -248,3 +248,23 @@ def test_damaged_metadata_and_chunks_name_the_store_and_array(store_copy):
     (store_copy / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gr')
     result = run_cli("labels", "info", store_copy)
     assert result.exit_code == 1 and f"{store_copy}: its metadata (zarr.json) cannot be read" in result.output
+
+
+def test_pack_refuses_links_and_removes_what_a_killed_pack_left(store_copy, tmp_path):
+    secret = tmp_path / "id_rsa"
+    secret.write_text("private key")
+    chunk = store_copy / "probs" / "c" / "0" / "0" / "0"
+    chunk.unlink()
+    chunk.symlink_to(secret)
+    out = tmp_path / "labels.zip"
+    refused = run_cli("labels", "pack", store_copy, out)
+    assert refused.exit_code == 1 and f"{chunk}: a symbolic link inside the store" in refused.output
+    assert not out.exists()
+    chunk.unlink()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f".labels.zip.{dead.pid}.tmp"  # what a pack SIGKILLed mid-write leaves
+    left.write_bytes(b"PK half a zip")
+    missing = run_cli("labels", "pack", store_copy, out)  # the link is gone, and with it a chunk
+    assert missing.exit_code == 1 and "probs chunk 0.0.0 is missing; nothing was packed" in missing.output
+    assert not left.exists() and not out.exists()
