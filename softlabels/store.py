@@ -304,8 +304,8 @@ class LabelStore:
         changed = np.flatnonzero((self.group["index/sizes"][...] != index.sizes).any(axis=1))
         if len(changed):
             raise StoreError(f"{self.url}: {len(changed)} image(s) of {where} changed since their labels were made "
-                             f"(other height × width): {', '.join(index.paths[i] for i in changed[:3])}; nothing "
-                             "was trained: restore them, or cache the changed split into a new --store")
+                             f"(other height × width): {', '.join(index.paths[i] for i in changed[:3])}; their "
+                             "labels are for the pictures cached: restore those, or cache the split into a new --store")
 
     @property
     def skipped(self) -> list[str]:
