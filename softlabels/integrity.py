@@ -35,9 +35,10 @@ def record_mismatches(names: tuple[str, ...], record: np.ndarray, rows: int, val
             for name, wanted, value in zip(names, record[1:], values) if digest(value) != int(wanted)]
 
 
-def structure_problems(labels, sizes: np.ndarray, num_classes: int, res: int, start: int,
+def structure_problems(labels, sizes: np.ndarray, num_classes: int, num_images: int, res: int, start: int,
                        labelled: np.ndarray) -> list[str]:
-    """Checks one unit's rows need no teachers for (``labels``: a SlotLabels of those rows; ``labelled``: bool rows).
+    """Checks one unit's rows need no teachers for (``labels``: a SlotLabels of those rows, ``sizes`` their
+    upright sizes, ``start`` the first row's position; ``labelled``: bool rows).
 
     Classes unique per row and below the class count, probs descending with a sum of at most 1
     (plus float16 rounding), boxes inside the image's upright size, mix partners and boxes valid.
@@ -59,7 +60,8 @@ def structure_problems(labels, sizes: np.ndarray, num_classes: int, res: int, st
         partner = labels.mix_partner[labelled].astype(np.int64)
         mtop, mleft, mheight, mwidth = labels.mix_boxes[labelled].T.astype(np.int64)
         mixed = partner >= 0
-        checks.append(("mix partners invalid", (partner < -1) | (partner >= len(sizes))))
+        checks.append(("mix partners invalid", (partner < -1) | (partner >= num_images) |
+                       (partner == start + np.flatnonzero(labelled))))
         checks.append(("mix boxes outside the crop", mixed & ((mtop < 0) | (mleft < 0) | (mtop + mheight > res) |
                                                              (mleft + mwidth > res))))
     at = start + np.flatnonzero(labelled)  # the rows' positions in the store

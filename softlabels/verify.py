@@ -108,7 +108,7 @@ def row_problems(store: LabelStore) -> list[str]:
             continue
         problems += store.slot_problems(slot, unit, chunk)
         problems += [f"slot {slot} chunk {chunk}: {what}" for what in structure_problems(
-            unit, sizes[rows], store.num_classes, store.res, rows.start, unit.probs[:, 0] > 0)]
+            unit, sizes[rows], store.num_classes, store.num_images, store.res, rows.start, unit.probs[:, 0] > 0)]
     return problems
 
 
