@@ -63,8 +63,10 @@ def _photo_loader(tmp: Path, per_class: int, workers: int, rounds: int) -> dict:
     index = load_index(root / "train")
     auto, torchvision = measures.loader_rates(index, PHOTO_RES, workers, rounds, decoder="auto")
     dali, torchvision_again = measures.loader_rates(index, PHOTO_RES, workers, rounds)
+    fingerprint = measures.content_fingerprint_seconds(index, workers)
     return {"loader_auto_vs_torch_375x500_to_224": auto / torchvision,
-            "loader_dali_vs_torch_375x500_to_224": dali / torchvision_again}
+            "loader_dali_vs_torch_375x500_to_224": dali / torchvision_again,
+            "fingerprint_content_s_per_10k_photos": fingerprint / len(index) * 10_000}
 
 
 def _stage_two(root: Path, tmp: Path, spec: str, epochs: int, repeats: int, teacher_seconds: float,

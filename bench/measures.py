@@ -157,6 +157,13 @@ def training_rates(root: Path, out: Path, epochs: int, **modes: dict) -> dict[st
     return {mode: float(np.median(values[1:])) for mode, values in rates.items()}
 
 
+def content_fingerprint_seconds(index: DatasetIndex, workers: int) -> float:
+    """Seconds `--fingerprint content` takes over ``index``'s files (hashing every byte; warm page cache here)."""
+    started = time.perf_counter()
+    index.fingerprint_of("content", workers)
+    return time.perf_counter() - started
+
+
 def slot_load_seconds(folder: Path, num_images: int, topk: int = 5, classes: int = 1000) -> float:
     """Seconds to read one seed slot whole from a synthetic store of ``num_images`` rows (median of 3)."""
     rng = np.random.default_rng(0)

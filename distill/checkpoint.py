@@ -59,14 +59,40 @@ def load_checkpoint(path: Path, device: torch.device) -> dict:
     """The checkpoint's state with ``options`` and ``store`` decoded and ``rng`` as bytes per rank."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-    state = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(state.get("rng"), list):
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a pickle payload, a torn or foreign file: torch raises many kinds
+        raise ValueError(f"{path}: not a checkpoint mealv2 can load ({str(err).splitlines()[0][:200]}); nothing "
+                         "was loaded: resume from a run folder mealv2 wrote") from None
+    if not isinstance(state, dict) or not isinstance(state.get("rng"), list):
         raise ValueError(f"{path}: a checkpoint of an older mealv2 (one random state for all ranks); "
                          "it cannot resume exactly: start the run again")
     state["options"] = json.loads(state["options"])
     state["store"] = state.get("store") or {}
     state["rng"] = [t.cpu().numpy().tobytes() for t in state["rng"]]
     return state
+
+
+def metrics_until(path: Path, epoch: int, log=print) -> list[str]:
+    """The lines of a run's metrics.jsonl up to ``epoch`` (what a resume keeps).
+
+    A torn last line (a run killed while writing it) is dropped with a warning; a bad line elsewhere is an error.
+    """
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not JSON; repair or remove that line, then resume") from None
+            log(f"warning: {path}: ignored its torn last line (a run killed while writing it)")
+            continue
+        if record["epoch"] <= epoch:
+            kept.append(line)
+    return kept
 
 
 def saved_options(out: Path) -> dict:

@@ -20,11 +20,12 @@ from safetensors.torch import save_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mealv2.distill.checkpoint import (CHECKPOINT, check_same_run, check_same_store, load_checkpoint, restore_rng_state,
-                                rng_state, save_checkpoint)
+from mealv2.distill.checkpoint import (CHECKPOINT, check_same_run, check_same_store, load_checkpoint, metrics_until,
+                                restore_rng_state, rng_state, save_checkpoint)
 from mealv2.distill.config import TrainConfig
 from mealv2.distill.evaluate import EvalTransform, evaluate
 from mealv2.distill.losses import Discriminator, discriminator_loss, soft_cross_entropy
+from mealv2.distill.run_lock import holding_run_folder
 from mealv2.distill.student import create_student, synchronize_batchnorm
 from mealv2.distill.targets import CachedTargets, HardTargets, OnlineTargets
 from mealv2.pipeline.crops import CropSpec
@@ -104,10 +105,11 @@ class Trainer:
         # files the store left out (cache-teachers --skip-bad) are left out here too
         skip_bad = config.skip_bad or bool(self.store and self.store.skipped)
         self.index = load_index(Path(config.data) / "train", skip_bad=skip_bad, world=self.world)
-        if self.store and self.store.fingerprint != self.index.fingerprint:
-            raise StoreError(f"{config.labels}: labels are for another dataset than "
-                             f"{config.data}/train (fingerprint differs)")
+        if self.store:
+            self.store.check_dataset(self.index, f"{config.data}/train")
         self.config = resolve_config(config, self.store, self.resumed["options"] if self.resumed else None)
+        if self.store:  # every slot the run will read, before the first step (a missing chunk reads as zeros)
+            self.store.check_slots(self.config.seeds)
         rank_batch = self.config.batch_size // self.world.world_size
         if (self.config.cutmix or (self.store and self.store.mix.enabled)) and rank_batch % 2:
             raise ValueError(f"--batch-size {self.config.batch_size}: CutMix batches whole pairs; expected an even "
@@ -287,8 +289,7 @@ class Trainer:
                      "random draws (dropout, drop-path) start from new seeds")
         metrics = self.out / "metrics.jsonl"
         if metrics.exists() and self.world.is_main:
-            kept = [line for line in metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line)["epoch"] <= self.start_epoch]
+            kept = metrics_until(metrics, self.start_epoch, self.log)
             atomic_write(metrics, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
         self.log(f"resumed from {self.out / CHECKPOINT} after epoch {self.start_epoch}")
 
@@ -303,6 +304,7 @@ class Trainer:
         if self.world.is_main:
             (self.out / "metrics.jsonl").unlink(missing_ok=True)  # a killed first epoch's line, never checkpointed
 
+    @holding_run_folder
     def fit(self) -> list[dict]:
         """Train from the start (or the checkpoint with resume) to the last epoch; returns the new metrics."""
         self.out.mkdir(parents=True, exist_ok=True)

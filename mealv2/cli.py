@@ -96,6 +96,9 @@ def storage_option(command):
 @click.option("--shard", default="{}/{}".format(*CACHE["shard"]), show_default=True,
               help="I/N: do only units u with u % N == I")
 @click.option("--skip-bad", is_flag=True, help="leave unreadable images out (recorded in the store)")
+@click.option("--fingerprint", type=click.Choice(["size", "content"]), default=CACHE["fingerprint"],
+              show_default=True, help="what identifies the data beside paths and labels: byte sizes, or every "
+              "file's bytes (hashed once here and at each distill start; catches an image edited at equal size)")
 @click.option("--chunk-rows", type=int, default=CACHE["chunk_rows"], show_default=True,
               help="images per store chunk")
 @click.option("--cutmix", type=click.FloatRange(0, 1), default=CACHE["cutmix"], show_default=True, metavar="P",
@@ -151,7 +154,8 @@ def labels_info(store, as_json, storage_options):
                        ("cutmix", f"pairs mixed with p = {info['mix']['prob']:g}" if info["mix"] else "none"),
                        ("seed slots", info["seeds"]), ("images", info["images"]),
                        ("classes", info["classes"]),
-                       ("complete", f"{info['complete']} ({info['units_done']}/{info['units']} units)"),
+                       ("complete", f"{info['complete']} ({info['units_done']}/{info['units']} units"
+                                    + (f", {info['missing_chunks']} chunk(s) missing)" if info["missing_chunks"] else ")")),
                        ("bytes", f"{info['bytes']} ({info['bytes_per_crop']:.1f} per crop)"),
                        ("fingerprint", info["fingerprint"]), ("skipped images", info["skipped"])]:
         click.echo(f"{key:>15}: {value}")

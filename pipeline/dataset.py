@@ -26,6 +26,8 @@ IMAGE_FORMATS = ("JPEG", "PNG")
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # these swap height and width
 _INDEX_FORMAT = 1
+FINGERPRINTS = ("size", "content")  # what a fingerprint hashes beside path and label: byte sizes, or every byte
+_READ_BYTES = 1 << 20
 
 
 class DatasetError(ValueError):
@@ -44,12 +46,17 @@ def safe_join(root: str | os.PathLike, relative: str) -> str:
 
 def read_header(path: str) -> tuple[int, int]:
     """(height, width) after EXIF orientation, from the header alone; DatasetError if not a JPEG/PNG."""
+    limit = f"over the limit of {Image.MAX_IMAGE_PIXELS} pixels (PIL's Image.MAX_IMAGE_PIXELS; a decompression bomb?)"
     try:
         with Image.open(path) as im:
             if im.format not in IMAGE_FORMATS:
                 raise DatasetError(f"{path}: expected a JPEG or PNG image, found {im.format}")
             width, height = im.size
+            if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+                raise DatasetError(f"{path}: {width}×{height} image, {limit}")
             orientation = im.getexif().get(_EXIF_ORIENTATION, 1) if im.format == "JPEG" else 1
+    except Image.DecompressionBombError:
+        raise DatasetError(f"{path}: image {limit}") from None
     except UnidentifiedImageError:
         raise DatasetError(f"{path}: not a readable JPEG or PNG image") from None
     except OSError as err:
@@ -70,6 +77,17 @@ class _Listing:
     classes: list[str]
 
 
+def _listed(entry: os.DirEntry) -> bool:
+    """Whether a folder entry is an image candidate: a file, or an entry that cannot be looked at (a symlink loop).
+
+    The header scan then names such an entry as a bad file, instead of the whole listing failing.
+    """
+    try:
+        return entry.is_file()
+    except OSError:
+        return True
+
+
 def _list_split(split_dir: Path) -> _Listing:
     if not split_dir.is_dir():
         raise DatasetError(f"{split_dir}: no such split folder (expected <root>/{split_dir.name}/<class>/<image>)")
@@ -79,19 +97,32 @@ def _list_split(split_dir: Path) -> _Listing:
     paths, labels, byte_sizes, mtimes = [], [], [], []
     for label, name in enumerate(classes):
         entries = sorted(
-            (e for e in os.scandir(split_dir / name) if e.is_file() and not e.name.startswith(".")),
+            (e for e in os.scandir(split_dir / name) if _listed(e) and not e.name.startswith(".")),
             key=lambda e: e.name,
         )
         if not entries:
             raise DatasetError(f"{split_dir / name}: class folder holds no images")
         for entry in entries:
-            stat = entry.stat()
+            try:
+                stat = entry.stat()
+                size, mtime = stat.st_size, stat.st_mtime_ns
+            except OSError:  # the header scan names it as a bad file
+                size, mtime = -1, 0
             paths.append(f"{name}/{entry.name}")
             labels.append(label)
-            byte_sizes.append(stat.st_size)
-            mtimes.append(stat.st_mtime_ns)
+            byte_sizes.append(size)
+            mtimes.append(mtime)
     return _Listing(paths, np.asarray(labels, np.int32), np.asarray(byte_sizes, np.int64),
                     np.asarray(mtimes, np.int64), classes)
+
+
+def _file_digest(path: str) -> bytes:
+    """sha256 of a file's bytes, read in pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while piece := handle.read(_READ_BYTES):
+            digest.update(piece)
+    return digest.digest()
 
 
 def _pack_strings(strings: list[str]) -> np.ndarray:
@@ -129,6 +160,23 @@ class DatasetIndex:
         digest = hashlib.sha256()
         for path, nbytes, label in zip(self.paths, self.byte_sizes.tolist(), self.labels.tolist()):
             digest.update(f"{path}\0{nbytes}\0{label}\n".encode("utf-8"))
+        return digest.hexdigest()
+
+    def fingerprint_of(self, mode: str = "size", workers: int = 8) -> str:
+        """The fingerprint in ``mode``: "size" (``fingerprint``), or "content", which also hashes every file's bytes
+
+        (read in parallel threads, with a progress bar), so that a picture replaced at the same byte size shows.
+        """
+        if mode == "size":
+            return self.fingerprint
+        if mode != "content":
+            raise DatasetError(f"--fingerprint {mode!r}: expected one of {FINGERPRINTS}")
+        digest = hashlib.sha256(self.fingerprint.encode())
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            files = pool.map(_file_digest, map(self.file, range(len(self))), chunksize=64)
+            for value in tqdm(files, total=len(self), desc="fingerprint content", unit="img", disable=None,
+                              leave=False):
+                digest.update(value)
         return digest.hexdigest()
 
     def file(self, i: int) -> str:

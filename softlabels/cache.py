@@ -130,7 +130,7 @@ def run_cache(job: CacheJob, log=print) -> dict:
     if job.mix.enabled:  # whole pairs in every batch
         batch_size = max(2, batch_size - batch_size % 2)
     spec = label_spec(index, ensemble.records, job.res, job.interpolation, job.topk, job.residual, job.crop.attrs(),
-                      job.mix.attrs())
+                      job.mix.attrs(), job.fingerprint)
     def create_or_extend() -> None:
         LabelStore.create_or_extend(job.store, spec, index, list(range(job.seeds)), job.chunk_rows,
                                     job.storage_options)

@@ -45,6 +45,7 @@ class CacheJob:
     workers: int | None = None  # decoder threads; None: this machine's CPUs per process
     shard: tuple[int, int] = (0, 1)
     skip_bad: bool = False
+    fingerprint: str = "size"  # "content": the dataset fingerprint also hashes every image's bytes
     chunk_rows: int = CHUNK_ROWS
     crop: CropSpec = CropSpec()
     cutmix: float = 0.0  # probability that a pair of crops is mixed and labelled as one composite (mealv2.pipeline.mix)

@@ -7,24 +7,27 @@ attributes; workers write whole units in one assignment each and then set the un
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import errno
 import importlib.metadata
 import os
 import warnings
 import zipfile
-from dataclasses import dataclass
 
 import fsspec
 import numpy as np
 import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import sync
 
 from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import DatasetIndex
+from mealv2.pipeline.files import temporary_path
 from mealv2.pipeline.mix import MixSpec
 from mealv2.softlabels.cache_config import CHUNK_ROWS
+from mealv2.softlabels.integrity import WRITTEN, record_mismatches, unit_record
 from mealv2.softlabels.site import CREATE_WAIT_SECONDS, StoreSite
 from mealv2.softlabels.topk import class_dtype, expand
 
@@ -84,7 +87,10 @@ def teacher_identity(records: list[dict]) -> list[tuple]:
 def _differences(stored: dict, wanted: dict) -> list[str]:
     """Human-readable list of what makes two label specs disagree."""
     diffs = []
-    if stored["dataset"]["fingerprint"] != wanted["dataset"]["fingerprint"]:
+    modes = [spec["dataset"].get("fingerprint_mode", "size") for spec in (stored, wanted)]
+    if modes[0] != modes[1]:
+        diffs.append(f"--fingerprint {modes[0]} vs {modes[1]}")
+    elif stored["dataset"]["fingerprint"] != wanted["dataset"]["fingerprint"]:
         diffs.append(f"dataset fingerprint {stored['dataset']['fingerprint'][:12]}… vs "
                      f"{wanted['dataset']['fingerprint'][:12]}…")
     for key in IDENTITY_KEYS:
@@ -96,14 +102,16 @@ def _differences(stored: dict, wanted: dict) -> list[str]:
 
 
 def label_spec(index: DatasetIndex, teachers: list[dict], res: int, interpolation: str, topk: int, residual: str,
-               crop: dict, mix: dict | None = None) -> dict:
+               crop: dict, mix: dict | None = None, fingerprint: str = "size") -> dict:
     """The attributes (less seeds, dates and completeness) that define a store's labels.
 
     ``mix`` (MixSpec.attrs) only for a CutMix store: a store without it mixes nothing, as before mixing existed.
+    ``fingerprint`` "content" also hashes every image's bytes (DatasetIndex.fingerprint_of), and is recorded.
     """
+    dataset = {"fingerprint": index.fingerprint_of(fingerprint), "num_images": len(index),
+               "num_classes": index.num_classes, "classes": list(index.classes)}
     spec = {
-        "dataset": {"fingerprint": index.fingerprint, "num_images": len(index),
-                    "num_classes": index.num_classes, "classes": list(index.classes)},
+        "dataset": dataset | ({"fingerprint_mode": fingerprint} if fingerprint != "size" else {}),
         "teachers": teachers, "res": res, "interpolation": interpolation, "topk": topk,
         "residual": residual, "crop": crop,
     }
@@ -120,7 +128,7 @@ class _Attribute:
         return self if store is None else self.convert(store.attrs[self.key])
 
 
-@dataclass
+@dataclasses.dataclass
 class SlotLabels:
     """One seed slot's rows, whole, in memory: what stage two indexes by sample."""
 
@@ -130,6 +138,11 @@ class SlotLabels:
     flips: np.ndarray    # (N,) bool
     mix_partner: np.ndarray | None = None  # CutMix stores: (N,) int32, -1 where not mixed
     mix_boxes: np.ndarray | None = None    # CutMix stores: (N, 4) int32 at the store's res
+
+    def take(self, rows: slice) -> SlotLabels:
+        """The labels of ``rows`` only."""
+        return SlotLabels(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+                             for f in dataclasses.fields(self)})
 
 
 @dataclass(frozen=True)
@@ -174,6 +187,11 @@ class LabelStore:
                                     use_consolidated=None if mode == "r" else False)
         except FileNotFoundError:
             raise StoreError(f"{url}: no label store there") from None
+        except StoreError:
+            raise
+        except ValueError as err:  # a torn or edited zarr.json
+            raise StoreError(f"{url}: its metadata (zarr.json) cannot be read ({str(err).splitlines()[0]}); "
+                             "restore the store from a copy") from None
         attrs = group.attrs.get("mealv2")
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
             raise StoreError(f"{url}: not a mealv2 label store of format {FORMAT}")
@@ -239,6 +257,8 @@ class LabelStore:
         if mixes:
             arrays += [("mix_partner", (num_seeds, n), (1, rows), "int32"),
                        ("mix_boxes", (num_seeds, n, 4), (1, rows, 4), "int32")]
+        columns = 1 + len(LABEL_ARRAYS) + (len(MIX_ARRAYS) if mixes else 0)
+        arrays.append((WRITTEN, (num_seeds, units, columns), (1, 1, columns), "uint64"))
         for name, shape, chunks, dtype in arrays:
             self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=_compressors(),
                                     fill_value=0, overwrite=True)
@@ -257,7 +277,7 @@ class LabelStore:
             raise StoreError(f"{self.url}: holds seeds {stored}, this job asks for {seeds}")
         if len(seeds) <= len(stored):
             return
-        for name in self.arrays + ("done",):
+        for name in self.arrays + ("done",) + self._record:
             array = self.group[name]
             array.resize((len(seeds),) + array.shape[1:])
         self.group.attrs["mealv2"] = {**attrs, "seeds": list(seeds), "complete": False}
@@ -295,6 +315,18 @@ class LabelStore:
     def fingerprint(self) -> str:
         """The dataset fingerprint its rows belong to (mealv2.pipeline.dataset.DatasetIndex.fingerprint)."""
         return self.attrs["dataset"]["fingerprint"]
+
+    def check_dataset(self, index: DatasetIndex, where: str) -> None:
+        """Refuse a split other than the one the labels are for: the fingerprint (in the store's mode), then the
+        upright sizes, which the scan reads anyway and which change when a picture is replaced at equal byte size."""
+        mode = self.attrs["dataset"].get("fingerprint_mode", "size")
+        if index.fingerprint_of(mode) != self.fingerprint:
+            raise StoreError(f"{self.url}: labels are for another dataset than {where} (fingerprint differs)")
+        changed = np.flatnonzero((self.group["index/sizes"][...] != index.sizes).any(axis=1))
+        if len(changed):
+            raise StoreError(f"{self.url}: {len(changed)} image(s) of {where} changed since their labels were made "
+                             f"(other height × width): {', '.join(index.paths[i] for i in changed[:3])}; their "
+                             "labels are for the pictures cached: restore those, or cache the split into a new --store")
 
     @property
     def skipped(self) -> list[str]:
@@ -352,24 +384,111 @@ class LabelStore:
 
     # -- writing and reading ---------------------------------------------------------------
 
+    @property
+    def _record(self) -> tuple[str, ...]:
+        """The written-units record array, where the store has one (stores made before it existed have not)."""
+        return (WRITTEN,) if WRITTEN in self.group else ()
+
     def write_unit(self, slot: int, chunk: int, labels: SlotLabels) -> None:
-        """Write one unit, each array in one assignment of whole chunks, then mark it done."""
+        """Write one unit, each array in one assignment of whole chunks, record what was written, then mark it done.
+
+        Every chunk is stored even when it holds only the fill value, so that an absent chunk is always a loss.
+        """
         if not self.writable:
             raise StoreError(f"{self.url}: opened read-only")
         rows = self.rows(chunk)
         expected = rows.stop - rows.start
         if len(labels.probs) != expected:
             raise ValueError(f"unit ({slot}, {chunk}) holds {expected} rows, got {len(labels.probs)}")
+        written = []
         for name in self.arrays:
             values = getattr(labels, name)
             if values is None:
                 raise ValueError(f"unit ({slot}, {chunk}): a CutMix store needs {name} for every unit")
-            self.group[name][slot, rows] = values
+            array = self.group[name].with_config({"write_empty_chunks": True})
+            written.append(np.asarray(values, dtype=array.dtype))
+            array[slot, rows] = written[-1]
+        if self._record:
+            self.group[WRITTEN][slot, chunk] = unit_record(expected, written)
         self.group["done"][slot, chunk] = True
 
-    def read_slot(self, slot: int) -> SlotLabels:
-        """Seed slot ``slot``'s rows whole (stage two reads one per epoch; never random rows per batch)."""
-        return SlotLabels(**{name: self.group[name][slot] for name in self.arrays})
+    def read_slot(self, slot: int, checked: bool = True) -> SlotLabels:
+        """Seed slot ``slot``'s rows whole (stage two reads one per epoch; never random rows per batch).
+
+        ``checked``: refuse rows that differ from what their writers recorded, and empty rows of images
+        not listed as skipped (StoreError naming the first problem).
+        """
+        values = {}
+        for name in self.arrays:
+            try:
+                values[name] = self.group[name][slot]
+            except (ValueError, RuntimeError, OSError) as err:  # a checksum that fails, a torn chunk
+                raise StoreError(f"{self.url}: {name} of slot {slot} cannot be read ({str(err).splitlines()[0]}); "
+                                 f"`mealv2 labels verify {self.url}` names the damaged chunk") from None
+        labels = SlotLabels(**values)
+        if checked:
+            problems = self.slot_problems(slot, labels)
+            if problems:
+                raise StoreError(f"{self.url}: {problems[0]}" + (f" (and {len(problems) - 1} more)"
+                                 if len(problems) > 1 else "") + f"; refused before training on it: run "
+                                 f"`mealv2 labels verify {self.url}` for the whole list")
+        return labels
+
+    def skipped_paths(self) -> set[str]:
+        """The paths of the images listed under ``skipped`` (entries are "path: reason")."""
+        return {entry.split(": ", 1)[0] for entry in self.skipped}
+
+    def slot_problems(self, slot: int, labels: SlotLabels, first_chunk: int = 0) -> list[str]:
+        """One line per unit whose rows differ from the record, and for empty rows not listed as skipped.
+
+        ``labels``: the rows of slot ``slot`` from chunk ``first_chunk`` on (a whole slot, or one unit).
+        """
+        problems, offset = [], self.rows(first_chunk).start
+        chunks = range(first_chunk, self.num_chunks if offset + len(labels.probs) >= self.num_images
+                       else first_chunk + len(labels.probs) // self.chunk_rows)
+        for chunk in chunks if self._record else ():
+            rows = self.rows(chunk)
+            unit = labels.take(slice(rows.start - offset, rows.stop - offset))
+            problems += [f"slot {slot} chunk {chunk} (rows {rows.start}-{rows.stop - 1}): {what}" for what in
+                         record_mismatches(self.arrays, self.group[WRITTEN][slot, chunk], rows.stop - rows.start,
+                                           [getattr(unit, name) for name in self.arrays])]
+        empty = offset + np.flatnonzero(labels.probs[:, 0] == 0)
+        if len(empty):
+            paths, skipped = self.group["index/paths"][...], self.skipped_paths()
+            unlisted = [str(paths[i]) for i in empty if str(paths[i]) not in skipped]
+            if unlisted:
+                problems.append(f"slot {slot}: {len(unlisted)} row(s) hold no labels but their images are not "
+                                f"listed as skipped ({', '.join(unlisted[:3])})")
+        return problems
+
+    def missing_chunks(self, slots: int | None = None) -> list[str]:
+        """One line per chunk of the first ``slots`` slots (default all) that storage does not hold; reads no chunk.
+
+        A store made before the written-units record may lack chunks that held only zeros: only its
+        probs and boxes, never all zero, are looked for there.
+        """
+        slots = len(self.seeds) if slots is None else slots
+        names = self.arrays + self._record if self._record else ("probs", "boxes")
+        missing = []
+        for name in names:
+            array = self.group[name]
+            prefix = array.store_path.path
+
+            async def listing():
+                return {key async for key in array.store_path.store.list_prefix(prefix)}
+            held = sync(listing())
+            for coords in np.ndindex(*array.cdata_shape):
+                if coords[0] < slots and f"{prefix}/{array.metadata.encode_chunk_key(coords)}" not in held:
+                    missing.append(f"{name} chunk {'.'.join(map(str, coords))} is missing")
+        return missing
+
+    def check_slots(self, slots: int) -> None:
+        """Refuse, before any training, a run whose first ``slots`` slots lack a chunk (one listing per array)."""
+        missing = self.missing_chunks(slots)
+        if missing:
+            raise StoreError(f"{self.url}: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
+                             else "") + "; nothing was trained: restore the missing files from a copy of the "
+                             "store, or rebuild it with cache-teachers into a new --store")
 
     def add_skipped(self, entries: list[str]) -> None:
         """Coordinator: list more images as holding no labels ("path: reason"); their rows stay zero."""
@@ -398,16 +517,26 @@ class LabelStore:
 
         Readers open the result as ``zip::OUT.zip``; the zip is written to a temporary name
         and linked into place, so a failed pack leaves nothing behind and an existing OUT is
-        never replaced.
+        never replaced. A symbolic link inside a local store is refused: packing would copy
+        what it points to, outside the store.
         """
         if not self.attrs["complete"]:
             raise StoreError(f"{self.url}: store is incomplete; finish cache-teachers (or labels finalize) first")
         fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         root = root.rstrip("/")
         out = os.fspath(out)
+        tmp = os.fspath(temporary_path(out))  # and a killed pack's temporary is removed
         if os.path.lexists(out):
             raise StoreError(f"{out}: exists already; nothing was changed: pack into a new file")
-        tmp = f"{out}.{os.getpid()}.tmp"
+        missing = self.missing_chunks()
+        if missing:
+            raise StoreError(f"{self.url}: {missing[0]}; nothing was packed: `mealv2 labels verify {self.url}`")
+        if "file" in fs.protocol:
+            links = [os.path.join(folder, name) for folder, dirs, files in os.walk(root) for name in dirs + files
+                     if os.path.islink(os.path.join(folder, name))]
+            if links:
+                raise StoreError(f"{links[0]}: a symbolic link inside the store; nothing was packed: replace it "
+                                 "with the file itself (packing copies files, and would copy what it points to)")
         try:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
                 for path in sorted(fs.find(root)):
@@ -438,12 +567,13 @@ class LabelStore:
         done = self.done()
         crops = len(attrs["seeds"]) * self.num_images
         nbytes = self.nbytes_stored()
+        missing = self.missing_chunks()
         return {
             "url": self.url, "teachers": attrs["teachers"], "res": attrs["res"],
             "interpolation": attrs["interpolation"], "topk": attrs["topk"], "residual": attrs["residual"],
             "crop": attrs["crop"], "mix": attrs.get("mix"), "seeds": attrs["seeds"], "images": self.num_images,
             "classes": attrs["dataset"]["num_classes"],
-            "complete": attrs["complete"], "units_done": int(done.sum()), "units": int(done.size),
+            "complete": self.is_complete and not missing, "missing_chunks": len(missing), "units_done": int(done.sum()), "units": int(done.size),
             "bytes": nbytes, "bytes_per_crop": nbytes / crops if crops else 0.0,
             "fingerprint": attrs["dataset"]["fingerprint"], "created": attrs["created"],
             "skipped": len(attrs.get("skipped", [])), "made_with": attrs.get("made_with", []),
@@ -452,7 +582,7 @@ class LabelStore:
     def verify_chunks(self) -> list[str]:
         """Decode every chunk of every array (crc32c checked); one line per damaged chunk."""
         problems = []
-        for name in self.arrays + ("done",) + INDEX_ARRAYS:
+        for name in self.arrays + ("done",) + self._record + INDEX_ARRAYS:
             array = self.group[name]
             for coords in np.ndindex(*array.cdata_shape):
                 region = tuple(slice(c * size, min((c + 1) * size, extent))

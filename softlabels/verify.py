@@ -1,4 +1,5 @@
-"""`labels verify`: completeness, chunk checksums, dataset fingerprint, and teachers recomputed on stored crops.
+"""`labels verify`: completeness, chunk checksums and presence, the written-units record, checks of the rows that
+need no teachers, the dataset fingerprint, and teachers recomputed on stored crops.
 
 In a CutMix store the mixed rows are recomputed on composites made here with PIL, apart
 from the code both stages compose with (pipeline.mix), so a fault there shows up too.
@@ -15,7 +16,8 @@ from PIL import Image
 from mealv2.pipeline.dataset import load_index
 from mealv2.pipeline.distributed import resolve_device
 from mealv2.pipeline.loader import ReplayLoader
-from mealv2.softlabels.store import LabelStore, SlotLabels, teacher_identity
+from mealv2.softlabels.integrity import structure_problems
+from mealv2.softlabels.store import LabelStore, SlotLabels, StoreError, teacher_identity
 from mealv2.softlabels.teachers import TeacherEnsemble, TeacherError, TeacherSpec, parse_teachers
 from mealv2.softlabels.topk import compress, expand
 
@@ -73,7 +75,7 @@ def recompute(store: LabelStore, data: str, count: int, teachers: str | None = N
     per_slot = [len(part) for part in np.array_split(np.arange(count), slots)]
     max_dp, kls, worst_slot, crops = 0.0, [], None, 0
     for slot, wanted in enumerate(per_slot):
-        labels = store.read_slot(slot)
+        labels = store.read_slot(slot, checked=False)  # the record's verdict is reported apart
         labelled = np.flatnonzero(labels.probs[:, 0] > 0)  # rows of images left out hold zeros
         rows = labelled[np.unique(np.linspace(0, len(labelled) - 1, min(wanted, len(labelled))).astype(np.int64))]
         for images, at in _as_labelled(loader, rows, labels, f"recompute slot {slot}"):
@@ -91,6 +93,25 @@ def recompute(store: LabelStore, data: str, count: int, teachers: str | None = N
             "mean_kl": float(np.mean(kls)) if kls else 0.0}
 
 
+def row_problems(store: LabelStore) -> list[str]:
+    """Per unit: rows that differ from the written-units record, unlisted empty rows, and malformed rows.
+
+    A unit holding an undecodable chunk is left to ``verify_chunks``, which names the chunk.
+    """
+    problems = []
+    sizes = store.group["index/sizes"][...]
+    for slot, chunk in np.ndindex(len(store.seeds), store.num_chunks):
+        rows = store.rows(chunk)
+        try:
+            unit = SlotLabels(**{name: store.group[name][slot, rows] for name in store.arrays})
+        except (ValueError, RuntimeError, OSError):  # a damaged chunk: verify_chunks reports it by name
+            continue
+        problems += store.slot_problems(slot, unit, chunk)
+        problems += [f"slot {slot} chunk {chunk}: {what}" for what in structure_problems(
+            unit, sizes[rows], store.num_classes, store.num_images, store.res, rows.start, unit.probs[:, 0] > 0)]
+    return problems
+
+
 def verify(url: str, data: str | None = None, recompute_count: int = 0, teachers: str | None = None,
            device: str = "auto", decoder: str = "auto", max_dp: float = 0.02, max_kl: float = 1e-3,
            storage_options: dict | None = None, workers: int | None = None) -> dict:
@@ -99,15 +120,23 @@ def verify(url: str, data: str | None = None, recompute_count: int = 0, teachers
     report = {"complete": store.is_complete, "problems": []}
     if not report["complete"]:
         report["problems"].append(f"incomplete: {int((~store.done()).sum())} unit(s) not written")
-    report["problems"] += store.verify_chunks()
-    if data is not None:
-        index = load_index(Path(data) / "train", skip_bad=bool(store.skipped))
-        if index.fingerprint != store.fingerprint:
-            report["problems"].append(f"{data}/train does not match the store's dataset fingerprint")
-        elif recompute_count:
+    report["problems"] += store.verify_chunks() + store.missing_chunks() + row_problems(store)
+    if data is None:
+        return report
+    index = load_index(Path(data) / "train", skip_bad=bool(store.skipped))
+    try:
+        store.check_dataset(index, f"{data}/train")
+    except StoreError as err:
+        report["problems"].append(str(err))
+        return report
+    if recompute_count:
+        try:
             report["recompute"] = recompute(store, data, recompute_count, teachers, device, decoder, workers)
-            if report["recompute"]["max_abs_dp"] > max_dp or report["recompute"]["mean_kl"] > max_kl:
-                report["problems"].append(
-                    f"recomputed labels differ: max |dp| {report['recompute']['max_abs_dp']:.4f} "
-                    f"(tolerance {max_dp}), mean KL {report['recompute']['mean_kl']:.2e} (tolerance {max_kl})")
+        except (ValueError, RuntimeError, OSError) as err:  # a damaged chunk: the report above still stands
+            report["problems"].append(f"recompute stopped: {str(err).splitlines()[0]}")
+            return report
+        if report["recompute"]["max_abs_dp"] > max_dp or report["recompute"]["mean_kl"] > max_kl:
+            report["problems"].append(
+                f"recomputed labels differ: max |dp| {report['recompute']['max_abs_dp']:.4f} "
+                f"(tolerance {max_dp}), mean KL {report['recompute']['mean_kl']:.2e} (tolerance {max_kl})")
     return report

@@ -191,9 +191,9 @@ def test_s3_prefix_holding_objects_is_refused_and_claims_are_exclusive(s3_endpoi
     assert refused.exit_code == 1 and "holds draft.pdf" in refused.output
     assert fs.cat_file("labels/papers/draft.pdf") == b"%PDF" and fs.ls("labels/papers") == ["labels/papers/draft.pdf"]
     first, second = StoreSite("s3://labels/claimed.zarr", options), StoreSite("s3://labels/claimed.zarr", options)
-    assert first._exclusive_create(first.claim_path, b"first")  # a conditional put, not a listing
-    assert not second._exclusive_create(second.claim_path, b"second")
-    assert fs.cat_file(first.claim_path) == b"first"
+    assert first.claim._exclusive_create(first.claim.path, b"first")  # a conditional put, not a listing
+    assert not second.claim._exclusive_create(second.claim.path, b"second")
+    assert fs.cat_file(first.claim.path) == b"first"
 
 
 def test_each_rank_resumes_its_own_random_state(small_root, reference_store, tmp_path):

@@ -1,0 +1,270 @@
+"""Faults that once lost data without a word: each is now a refusal naming the file, before anything is trained."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+from click.testing import CliRunner
+from conftest import cache_args, store_files
+
+from bench.imagegen import make_image_folder
+
+from mealv2.cli import main
+from mealv2.pipeline.dataset import DatasetError, DatasetIndex
+from mealv2.softlabels.store import LabelStore, StoreError
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def distill_args(root, store, out, epochs=1):
+    return ["distill", "--data", root, "--student", "test_resnet", "--labels", store, "--init", "scratch",
+            "--out", out, "--epochs", epochs, "--batch-size", "8", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture
+def store_copy(reference_store, tmp_path) -> Path:
+    """A finished store (2 slots × 4 chunks of 8 rows) to damage."""
+    return Path(shutil.copytree(reference_store, tmp_path / "copy.zarr"))
+
+
+@pytest.mark.parametrize("name", ["probs", "classes", "boxes"])
+def test_a_deleted_chunk_is_named_by_info_verify_and_distill_before_training(name, store_copy, small_root, tmp_path):
+    (store_copy / name / "c" / "1" / "2" / "0").unlink()  # slot 1, rows 16-23: what a partial upload leaves
+    info = run_cli("labels", "info", store_copy)
+    assert "complete: False (8/8 units, 1 chunk(s) missing)" in info.output
+    verified = run_cli("labels", "verify", store_copy)
+    assert verified.exit_code == 1 and f"{name} chunk 1.2.0 is missing" in verified.output
+    assert f"slot 1 chunk 2 (rows 16-23): {name} differs from what its writer wrote" in verified.output
+    out = tmp_path / "run"
+    result = run_cli(*distill_args(small_root, store_copy, out))
+    assert result.exit_code == 1 and f"{store_copy}: {name} chunk 1.2.0 is missing" in result.output
+    assert not (out / "metrics.jsonl").exists()  # refused before the first step: slot 1 is read in epoch 2 only
+
+
+def test_a_chunk_replaced_by_another_is_refused_when_its_slot_is_read(store_copy):
+    chunks = store_copy / "probs" / "c" / "1"
+    shutil.copy(chunks / "1" / "0", chunks / "2" / "0")  # a whole, checksummed chunk in the wrong place
+    store = LabelStore.open(str(store_copy))
+    store.read_slot(0)
+    with pytest.raises(StoreError, match=r"slot 1 chunk 2 \(rows 16-23\): probs differs from what its writer wrote"):
+        store.read_slot(1)
+
+
+def test_only_rows_listed_as_skipped_may_be_empty(store_copy):
+    zarr.open_array(store_copy / "probs", mode="r+")[0, 3:5] = 0  # two rows that lost their labels
+    paths = zarr.open_array(store_copy / "index" / "paths")[3:5]
+    store = LabelStore.open(str(store_copy))
+    assert f"slot 0: 2 row(s) hold no labels but their images are not listed as skipped ({paths[0]}, {paths[1]})" \
+        in store.slot_problems(0, store.read_slot(0, checked=False))
+    with pytest.raises(StoreError, match="slot 0 chunk 0"):
+        store.read_slot(0)
+
+
+def test_verify_checks_rows_without_teachers_and_keeps_the_per_chunk_report(store_copy, small_root, teacher_files):
+    classes = zarr.open_array(store_copy / "classes", mode="r+")
+    classes[0, 9] = [1, 1]  # a repeated class
+    boxes = zarr.open_array(store_copy / "boxes", mode="r+")
+    boxes[1, 29] = [0, 0, 10_000, 5]  # taller than any image
+    chunk = store_copy / "flips" / "c" / "1" / "1"
+    damaged = bytearray(chunk.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # fails its checksum, so recomputing slot 1 cannot read it
+    chunk.write_bytes(bytes(damaged))
+    result = run_cli("labels", "verify", store_copy, "--data", small_root, "--recompute", "4",
+                     "--teachers", teacher_files)
+    assert result.exit_code == 1
+    assert "slot 0 chunk 1: classes repeat within a row: 1 row(s), first 9" in result.output
+    assert "slot 1 chunk 3: boxes outside the image: 1 row(s), first 29" in result.output
+    assert "slot 0 chunk 1 (rows 8-15): classes differs from what its writer wrote" in result.output
+    assert "flips chunk 1.1" in result.output and "recompute stopped" in result.output
+
+
+def test_a_second_run_on_one_folder_is_refused_and_a_killed_holder_is_taken_over(small_root, reference_store,
+                                                                                  tmp_path):
+    out = tmp_path / "shared"
+    first = subprocess.Popen([sys.executable, "-m", "mealv2", *map(str, distill_args(small_root, reference_store, out,
+                                                                                      epochs=50))],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-last.pth").exists():  # the first run is training
+        assert first.poll() is None and time.time() < deadline, "the first run ended before its first checkpoint"
+        time.sleep(0.05)
+    second = run_cli(*distill_args(small_root, reference_store, out, epochs=2), "--resume")
+    first.poll()
+    assert first.returncode is None, "the first run ended while the second was refused"
+    assert second.exit_code == 1
+    assert f"{out}: another run is training in this folder (pid {first.pid} on" in second.output
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    resumed = run_cli(*distill_args(small_root, reference_store, out, epochs=2), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, len(epochs) + 1))  # one run's lines, in order
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """(a folder on a 24 KiB tmpfs, a call that frees space): a real full disk where this process may mount one."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(folder)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root; the injected ENOSPC of test_reliability.py covers the rest")
+    yield folder, lambda: subprocess.run(["mount", "-o", "remount,size=64m", str(folder)], check=True)
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)  # a finished run may still hold a handle
+
+
+def test_a_creation_that_met_a_full_disk_resumes_on_rerun(full_disk, reference_store, small_root, teacher_files):
+    folder, free_space = full_disk
+    store = folder / "labels.zarr"
+    failed = run_cli(*cache_args(small_root, store, teacher_files))
+    assert failed.exit_code == 1 and "No space left on device" in failed.output
+    assert not LabelStore.exists(str(store))  # creation did not finish
+    free_space()
+    rerun = run_cli(*cache_args(small_root, store, teacher_files))
+    assert rerun.exit_code == 0, rerun.output
+    assert store_files(store) == store_files(reference_store)
+
+
+def test_a_creation_interrupted_by_ctrl_c_resumes_on_rerun(reference_store, small_root, teacher_files, tmp_path,
+                                                           monkeypatch):
+    store = tmp_path / "labels.zarr"
+    real_create = zarr.Group.create_array
+
+    def interrupted(group, name, **kwargs):
+        if name == "index/sizes":  # half the arrays exist: a real SIGINT, as Ctrl-C sends
+            signal.raise_signal(signal.SIGINT)
+        return real_create(group, name, **kwargs)
+
+    monkeypatch.setattr(zarr.Group, "create_array", interrupted)
+    assert run_cli(*cache_args(small_root, store, teacher_files)).exit_code == 1
+    monkeypatch.setattr(zarr.Group, "create_array", real_create)
+    assert (store / "probs" / "zarr.json").exists() and not LabelStore.exists(str(store))
+    rerun = run_cli(*cache_args(small_root, store, teacher_files))  # the same process: its pid is still alive
+    assert rerun.exit_code == 0, rerun.output
+    assert store_files(store) == store_files(reference_store)
+
+
+def replace_at_equal_size(path: Path, height: int, width: int) -> None:
+    """Put another picture of ``height`` × ``width`` in ``path``'s place, padded to its byte size (as an edit might)."""
+    size = path.stat().st_size
+    Image.new("RGB", (width, height), (200, 30, 90)).save(path, format="PNG")
+    assert path.stat().st_size < size
+    with open(path, "ab") as handle:  # bytes after the PNG's end: readers ignore them
+        handle.write(b"\0" * (size - path.stat().st_size))
+
+
+@pytest.fixture
+def data_copy(small_root, tmp_path) -> Path:
+    return Path(shutil.copytree(small_root, tmp_path / "data"))
+
+
+def test_an_image_replaced_at_equal_byte_size_is_refused_by_its_upright_size(data_copy, reference_store, tmp_path):
+    picture = data_copy / "train" / "class_0" / "img_003.png"
+    replace_at_equal_size(picture, 7, 5)
+    result = run_cli(*distill_args(data_copy, reference_store, tmp_path / "run"))
+    assert result.exit_code == 1
+    assert f"{reference_store}: 1 image(s) of {data_copy}/train changed since their labels were made (other " \
+           "height × width): class_0/img_003.png" in result.output
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_fingerprint_content_catches_an_image_replaced_at_equal_size_and_dimensions(data_copy, teacher_files,
+                                                                                      tmp_path):
+    store = tmp_path / "content.zarr"
+    made = run_cli(*cache_args(data_copy, store, teacher_files, "--seeds", "1", "--fingerprint", "content"))
+    assert made.exit_code == 0, made.output
+    picture = data_copy / "train" / "class_0" / "img_003.png"
+    with Image.open(picture) as image:
+        width, height = image.size
+    replace_at_equal_size(picture, height, width)
+    result = run_cli(*distill_args(data_copy, store, tmp_path / "run"))
+    assert result.exit_code == 1
+    assert f"{store}: labels are for another dataset than {data_copy}/train (fingerprint differs)" in result.output
+
+
+def test_a_decompression_bomb_and_a_symlink_loop_are_named_bad_files(tmp_path):
+    root = tmp_path / "data"
+    make_image_folder(root, "train", classes=2, per_class=2, mixed=False)
+    bomb = root / "train" / "class_0" / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # 400 Mpixels in a few kB
+    (root / "train" / "class_1" / "loop.jpg").symlink_to("loop.jpg")
+    result = run_cli("data", "check", root)
+    assert result.exit_code == 1, result.output
+    assert f"BAD {bomb}: image over the limit of {Image.MAX_IMAGE_PIXELS} pixels" in result.output
+    assert "loop.jpg: cannot read image header ([Errno 40] Too many levels of symbolic links" in result.output
+    with pytest.raises(DatasetError, match="bomb.png: image over the limit"):
+        DatasetIndex.scan(root / "train")
+
+
+def test_a_pickle_payload_given_to_resume_is_one_line(small_root, reference_store, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"epoch": 1, "payload": os.getcwd}, out / "checkpoint-last.pth")  # a global: pickle code to run
+    result = run_cli(*distill_args(small_root, reference_store, out), "--resume")
+    assert result.exit_code == 1
+    assert f"{out / 'checkpoint-last.pth'}: not a checkpoint mealv2 can load" in result.output.splitlines()[-1]
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(small_root, reference_store, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*distill_args(small_root, reference_store, out, epochs=1)).exit_code == 0
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write('{"epoch": 2, "lr": 0.0')  # killed while writing epoch 2's line
+    resumed = run_cli(*distill_args(small_root, reference_store, out, epochs=2), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "ignored its torn last line" in resumed.output
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_full_disk_while_checkpointing_names_the_folder(full_disk, small_root, reference_store):
+    folder, free_space = full_disk
+    subprocess.run(["mount", "-o", "remount,size=3m", str(folder)], check=True)  # the weights fit, the checkpoint not
+    result = run_cli(*distill_args(small_root, reference_store, folder, epochs=1))
+    assert result.exit_code == 1
+    assert f"No space left on device: {folder} (writing checkpoint-last.pth)" in result.output
+    free_space()
+    assert run_cli(*distill_args(small_root, reference_store, folder, epochs=1)).exit_code == 0
+
+
+def test_damaged_metadata_and_chunks_name_the_store_and_array(store_copy):
+    chunk = store_copy / "probs" / "c" / "1" / "1" / "0"
+    damaged = bytearray(chunk.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(damaged))
+    with pytest.raises(StoreError, match=f"{store_copy}: probs of slot 1 cannot be read"):
+        LabelStore.open(str(store_copy)).read_slot(1)
+    (store_copy / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gr')
+    result = run_cli("labels", "info", store_copy)
+    assert result.exit_code == 1 and f"{store_copy}: its metadata (zarr.json) cannot be read" in result.output
+
+
+def test_pack_refuses_links_and_removes_what_a_killed_pack_left(store_copy, tmp_path):
+    secret = tmp_path / "id_rsa"
+    secret.write_text("private key")
+    chunk = store_copy / "probs" / "c" / "0" / "0" / "0"
+    chunk.unlink()
+    chunk.symlink_to(secret)
+    out = tmp_path / "labels.zip"
+    refused = run_cli("labels", "pack", store_copy, out)
+    assert refused.exit_code == 1 and f"{chunk}: a symbolic link inside the store" in refused.output
+    assert not out.exists()
+    chunk.unlink()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = tmp_path / f".labels.zip.{dead.pid}.tmp"  # what a pack SIGKILLed mid-write leaves
+    left.write_bytes(b"PK half a zip")
+    missing = run_cli("labels", "pack", store_copy, out)  # the link is gone, and with it a chunk
+    assert missing.exit_code == 1 and "probs chunk 0.0.0 is missing; nothing was packed" in missing.output
+    assert not left.exists() and not out.exists()
