@@ -117,17 +117,31 @@ class UnitWriter:
     """Writes labelled units to the store on a thread of its own, one behind the labelling.
 
     The thread waits on the copies' CUDA events, so it first makes ``device`` its current one.
+    ``written`` holds (time, rows) of each unit written, for the steady rate.
     """
 
     def __init__(self, store: LabelStore, device: torch.device = torch.device("cpu")):
         self.store = store
         self._pool = ThreadPoolExecutor(1, initializer=use_device, initargs=(device,))
         self._pending: Future | None = None
+        self.written: list[tuple[float, int]] = []
 
     def submit(self, slot: int, chunk: int, labels: Callable[[], SlotLabels]) -> None:
         """Write a unit once its labels are on the host; waits for the previous write first."""
         self.wait()
-        self._pending = self._pool.submit(lambda: self.store.write_unit(slot, chunk, labels()))
+
+        def write():
+            unit = labels()
+            self.store.write_unit(slot, chunk, unit)
+            self.written.append((time.perf_counter(), len(unit.probs)))
+        self._pending = self._pool.submit(write)
+
+    def steady_rate(self) -> float | None:
+        """Rows/s from the first unit's end to the last's (warm-up left out); None with fewer than two units."""
+        if len(self.written) < 2:
+            return None
+        (first, _), (last, _) = self.written[0], self.written[-1]
+        return sum(rows for _, rows in self.written[1:]) / (last - first)
 
     def wait(self) -> None:
         """Block until every submitted unit is written (re-raising a failed write)."""
@@ -198,4 +212,4 @@ def run_cache(job: CacheJob, log=print) -> dict:
     return {"store": job.store, "images": len(index), "seed_slots": len(store.seeds), "complete": complete,
             "rank": world.rank, "images_labelled": todo, "bytes": info["bytes"], "bytes_per_crop": info["bytes_per_crop"],
             "batch_size": batch_size, "seconds": seconds, "labelling_seconds": labelling,
-            "images_per_sec": todo / labelling if labelling else 0.0}
+            "images_per_sec": todo / labelling if labelling else 0.0, "steady_images_per_sec": writer.steady_rate()}

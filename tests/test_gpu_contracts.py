@@ -23,7 +23,7 @@ from mealv2.pipeline.decoders import dali_installed
 from mealv2.pipeline.distributed import setup
 from mealv2.pipeline.loader import ReplayLoader
 from mealv2.pipeline.mix import MixSpec
-from mealv2.softlabels import teachers
+from mealv2.softlabels import cache, teachers
 from mealv2.softlabels.cache import UnitWriter, label_unit, to_host
 from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 from mealv2.softlabels.topk import compress
@@ -184,3 +184,19 @@ def test_the_batch_probe_leaves_room_for_the_replays_buffers(teacher_files, monk
     photos = np.tile([375, 500], (100, 1))
     assert ensemble.batch_size(224) == 1024
     assert ensemble.batch_size(224, photos) == 512
+
+
+def test_the_steady_stage_one_rate_leaves_the_first_unit_out(monkeypatch):
+    """The first unit pays cuDNN's autotuning and DALI's start: the steady rate runs from its end to the last's."""
+    clock = iter([10.0, 11.0, 13.0])
+    monkeypatch.setattr(cache.time, "perf_counter", lambda: next(clock))
+
+    class Store:
+        def write_unit(self, slot, chunk, labels):
+            pass
+
+    writer = UnitWriter(Store())
+    for chunk in range(3):
+        writer.submit(0, chunk, lambda: SimpleNamespace(probs=np.zeros((100, 2))))
+    writer.wait()
+    assert writer.steady_rate() == 200 / 3.0
