@@ -82,9 +82,22 @@ def _placement(device: torch.device) -> tuple[bool, int | None]:
     return on_gpu, ((device.index or 0) if on_gpu else None)
 
 
+# The oldest DALI whose contract DaliStream relies on: the dynamic executor (stable since 1.44) returning
+# outputs ordered on the stream given to ``pipe.run(cuda_stream)``; 1.51.2 is also the oldest release built
+# for CUDA 13 (nvidia-dali-cuda130). Only 2.4.0 has been run here (on the CPU).
+DALI_FLOOR = "1.51.2"
+
+
 def _require_dali():
+    """Refuse a missing or too old DALI in one line, instead of a pipelined path that cannot run."""
     if not DALI_AVAILABLE:
         raise RuntimeError("DALI is not installed on this platform: use --decoder torch or pil")
+    import nvidia.dali
+    from packaging.version import Version
+
+    if Version(nvidia.dali.__version__) < Version(DALI_FLOOR):
+        raise RuntimeError(f"DALI {nvidia.dali.__version__} is older than {DALI_FLOOR}, the oldest whose pipelined "
+                           "executor mealv2 can run: upgrade nvidia-dali-cuda120 (or -cuda130), or use --decoder torch")
 
 
 class DaliDecoder:
@@ -135,7 +148,7 @@ class DaliDecoder:
 
 
 class DaliStream:
-    """Whole epochs through DALI's asynchronous pipelined executor, ``prefetch`` batches in flight.
+    """Whole epochs through DALI's asynchronous pipelined (dynamic) executor, ``prefetch`` batches in flight.
 
     Python worker processes (spawned: CUDA may already be initialised here) read the files
     of the batches ahead from the epoch's plan, while DALI decodes, resizes and flips the
@@ -155,7 +168,7 @@ class DaliStream:
         self._source: PlanSource | None = None
         on_gpu, device_id = _placement(self.device)
         build = pipeline_def(_planned_graph, batch_size=batch_size, num_threads=max(1, threads),
-                             device_id=device_id, exec_pipelined=True, exec_async=True,
+                             device_id=device_id, exec_pipelined=True, exec_async=True, exec_dynamic=True,
                              prefetch_queue_depth=self.prefetch, py_num_workers=self.prefetch,
                              py_start_method="spawn")
 

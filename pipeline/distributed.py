@@ -37,6 +37,17 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def use_device(device: torch.device) -> None:
+    """Make ``device`` the calling thread's current CUDA device; nothing on the CPU.
+
+    CUDA's current device is per host thread and a new thread starts on GPU 0, so a thread
+    that touches CUDA (streams, events, pinned memory) calls this first: otherwise every rank
+    opens a context on GPU 0 (about 0.5 GiB each; refused on GPUs in exclusive-process mode).
+    """
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def default_workers() -> int:
     """Decoder threads for this process: the CPUs it may use, shared by the processes torchrun starts here."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -141,18 +152,19 @@ class World:
 def setup(device: str = "auto") -> World:
     """This rank's world and device: join the group torchrun describes (NCCL on GPUs, gloo on the CPU).
 
-    Call once per job, before building models or loaders: under NCCL the rank's GPU becomes
-    the current device, so every later CUDA call lands on it.
+    Call once per job, before building models or loaders: the job's GPU becomes this
+    thread's current device (``--device cuda:1`` without torchrun too), so every later CUDA
+    call of this thread lands on it; threads of its own call use_device.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0
     resolved = resolve_device(device, local_rank)
+    use_device(resolved)
     if world_size <= 1:
         return World(device=resolved)
     world = World(int(os.environ["RANK"]), world_size, local_rank, resolved)
     if not dist.is_initialized():
         if resolved.type == "cuda":
-            torch.cuda.set_device(resolved)
             dist.init_process_group("nccl", timeout=datetime.timedelta(hours=2),  # a rank may label for long
                                     device_id=resolved)
         else:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from mealv2.pipeline.dali import DaliDecoder, DaliStream
 from mealv2.pipeline.dataset import DatasetError, DatasetIndex
 from mealv2.pipeline.decoders import resolve_decoder
-from mealv2.pipeline.distributed import default_workers
+from mealv2.pipeline.distributed import default_workers, use_device
 from mealv2.pipeline.epoch_plan import read_bytes
 from mealv2.pipeline.mix import SlotMix
 from mealv2.pipeline.pil_replay import PilDecoder
@@ -166,17 +166,37 @@ class ReplayLoader:
         return bad
 
     def _streamed(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray):
-        """Yield DALI's pipelined batches; from a batch it fails on, go on batch by batch (which names the file)."""
+        """Yield DALI's pipelined batches; from a batch it fails on, go on batch by batch (which names the file).
+
+        Only a file explains such a failure: if the batch-at-a-time decoder decodes the batches
+        that were in flight, the pipelined path itself cannot run here, and that is the error.
+        """
         delivered = 0
         try:
             with self._on_copy_stream():
                 for images, positions in self._stream.epoch(order, boxes, flips, self._copy_stream):
                     delivered += len(positions)
                     yield self._handed_over(images, positions.numpy())
-        except Exception as err:  # noqa: BLE001 - the batch-by-batch path below reports or skips the culprit
+        except Exception as err:  # noqa: BLE001 - a bad file goes on batch by batch below, anything else re-raises
+            rest = order[delivered:]
+            if not self._fails_on_a_file(rest[:(self._stream.prefetch + 1) * self.batch_size], boxes, flips):
+                raise RuntimeError(f"DALI's pipelined executor failed on batches that decode one at a time: "
+                                   f"{_first_line(err)}") from err
             warnings.warn(f"DALI's pipelined epoch stopped after {delivered} images ({_first_line(err)}); "
                           "going on batch by batch", RuntimeWarning, stacklevel=2)
-            yield from self._batches(order[delivered:], boxes, flips)
+            yield from self._batches(rest, boxes, flips)
+
+    def _fails_on_a_file(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray) -> bool:
+        """Whether the batch-at-a-time decoder fails on a batch of ``order`` (a file it cannot read raises here)."""
+        for start in range(0, len(order), self.batch_size):
+            span = order[start:start + self.batch_size]
+            try:
+                self._to_device(span, boxes, flips, [read_bytes(self.index.file(int(i))) for i in span])
+            except DatasetError:
+                raise
+            except Exception:  # noqa: BLE001 - any decoder failure is a file's, found out batch by batch
+                return True
+        return False
 
     def _planned(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray):
         """torchvision's epochs: image by image in worker processes (torch's DataLoader), batches in order."""
@@ -223,15 +243,21 @@ class ReplayLoader:
             batches = self._planned(order, boxes, flips)
         else:
             batches = self._batches(order, boxes, flips)
-        return Epoch(batches, len(order), self.prefetch, desc, progress)
+        return Epoch(batches, len(order), self.prefetch, desc, progress, self.device)
 
 
 class Epoch:
-    """One pass: a producer thread fills a bounded queue; ``bar`` is the images/s progress bar."""
+    """One pass: a producer thread fills a bounded queue; ``bar`` is the images/s progress bar.
+
+    The producer decodes and copies on ``device``, which it makes its current device first
+    (a new thread's is GPU 0, see distributed.use_device).
+    """
 
     _DONE = object()
 
-    def __init__(self, batches, total: int, prefetch: int, desc: str, progress: bool):
+    def __init__(self, batches, total: int, prefetch: int, desc: str, progress: bool,
+                 device: torch.device = torch.device("cpu")):
+        self.device = device
         self.bar = tqdm(total=total, desc=desc, unit="img", disable=None if progress else True,
                         dynamic_ncols=True, leave=False)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -241,6 +267,7 @@ class Epoch:
 
     def _produce(self, batches):
         try:
+            use_device(self.device)
             for batch in batches:
                 while not self._stop.is_set():
                     try:

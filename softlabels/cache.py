@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from mealv2.pipeline.dataset import load_index
-from mealv2.pipeline.distributed import setup
+from mealv2.pipeline.distributed import setup, use_device
 from mealv2.pipeline.loader import ReplayLoader
 from mealv2.pipeline.mix import SlotMix
 from mealv2.softlabels.cache_config import CacheJob
@@ -23,15 +23,56 @@ from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 from mealv2.softlabels.topk import class_dtype, compress
 
 
+def to_host(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[list[torch.Tensor], Callable[[], None]]:
+    """Queue the copies of ``tensors`` (on ``device``) to the host; returns the host tensors and a call that
+    waits until they have landed.
+
+    On a GPU the copies go to pinned memory without waiting, on ``device``'s current stream,
+    so the event that ends them is recorded on that stream, not the thread's current
+    device's (which is GPU 0 with ``--device cuda:1`` and no torchrun).
+    """
+    if device.type != "cuda":
+        return [t.cpu() for t in tensors], lambda: None
+    host = [t.to("cpu", non_blocking=True) for t in tensors]
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(device))
+    return host, copied.synchronize
+
+
+def fixed_batches(batches, size: int):
+    """Regroup (images, indices) batches of any sizes into batches of exactly ``size`` rows: (images, indices, n).
+
+    The last is padded with zero rows after its ``n`` real ones, so the teachers see a single
+    shape (cuDNN autotunes once, not at every new size that CutMix's partners or --skip-bad make).
+    """
+    def joined():
+        return (parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*held))  # no copy of a whole one
+
+    held, count = [], 0
+    for images, indices in batches:
+        held.append((images, indices))
+        count += len(indices)
+        while count >= size:
+            images, indices = joined()
+            held = [(images[size:], indices[size:])]
+            count -= size
+            yield images[:size], indices[:size], size
+    if count:
+        images, indices = joined()
+        yield torch.cat([images, images.new_zeros((size - count, *images.shape[1:]))]), indices, count
+
+
 def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, rows: slice, boxes: np.ndarray,
                flips: np.ndarray, mix: SlotMix | None, topk: int, bar: tqdm) -> Callable[[], SlotLabels]:
     """Queue the teachers on one unit's rows; returns a call that waits for the device and gives the labels.
 
     With ``mix`` the teachers see each mixed row's composite: its partner (from any chunk) is
     decoded in the same batch. A row whose partner could not be decoded is labelled unmixed,
-    and stored so. The top-k gather on the device and come back in one copy per unit, so the
-    loop over batches does not wait for the device (the next unit is queued while this one is
-    written), except to drop partners borrowed from other chunks before the teachers run.
+    and stored so. The teachers get batches of the loader's size, whatever the partners
+    borrowed from other chunks took (fixed_batches). The top-k gather on the device and come
+    back in one copy per unit, so the loop over batches does not wait for the device (the
+    next unit is queued while this one is written), except to drop borrowed partners before
+    the teachers run (a boolean mask: one wait per loader batch, for the work already queued).
     """
     n = rows.stop - rows.start
     probs = torch.zeros((n, topk), dtype=torch.float16, device=ensemble.device)
@@ -39,30 +80,31 @@ def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, rows: slice, box
     mixed = torch.zeros(n, dtype=torch.bool, device=ensemble.device)
     order = np.arange(rows.start, rows.stop) if mix is None else mix.unit_order(rows.start, rows.stop)
     borrowed = bool(((order < rows.start) | (order >= rows.stop)).any())  # partners decoded from other chunks
-    for images, indices in loader.epoch(order, boxes, flips, progress=False):
-        if mix is not None:
-            batch = mix.batch(indices)
-            images, composed = batch.images(images), batch.mixed
-            if borrowed:  # the teachers label this unit's rows only (a boolean mask waits for the device)
-                own = (indices >= rows.start) & (indices < rows.stop)
-                images, indices, composed = images[own], indices[own], composed[own]
-            mixed[indices - rows.start] = composed
+
+    def own_rows():
+        """The unit's own rows of each decoded batch (composites, with ``mix``)."""
+        for images, indices in loader.epoch(order, boxes, flips, progress=False):
+            if mix is not None:
+                batch = mix.batch(indices)
+                images, composed = batch.images(images), batch.mixed
+                if borrowed:  # the teachers label this unit's rows only
+                    own = (indices >= rows.start) & (indices < rows.stop)
+                    images, indices, composed = images[own], indices[own], composed[own]
+                mixed[indices - rows.start] = composed
+            yield images, indices
+
+    for images, indices, count in fixed_batches(own_rows(), loader.batch_size):
         mean_probs, _ = ensemble(images)
-        values, top = compress(mean_probs, topk)
+        values, top = compress(mean_probs[:count], topk)
         at = indices.to(ensemble.device) - rows.start
         probs[at] = values
         classes[at] = top.to(torch.int32)
-        bar.update(len(indices))
-    pinned = ensemble.device.type == "cuda"
-    host_probs, host_classes, host_mixed = (t.to("cpu", non_blocking=pinned) for t in (probs, classes, mixed))
-    copied = torch.cuda.Event() if pinned else None
-    if copied is not None:
-        copied.record()
+        bar.update(count)
+    (host_probs, host_classes, host_mixed), copied = to_host((probs, classes, mixed), ensemble.device)
     dtype = class_dtype(ensemble.num_classes)
 
     def labels() -> SlotLabels:
-        if copied is not None:
-            copied.synchronize()
+        copied()
         labelled = SlotLabels(host_probs.numpy(), host_classes.numpy().astype(dtype), boxes[rows], flips[rows])
         if mix is not None:
             composed = host_mixed.numpy()
@@ -89,17 +131,34 @@ def provenance(decoder: str, device: torch.device) -> dict:
 
 
 class UnitWriter:
-    """Writes labelled units to the store on a thread of its own, one behind the labelling."""
+    """Writes labelled units to the store on a thread of its own, one behind the labelling.
 
-    def __init__(self, store: LabelStore):
+    The thread waits on the copies' CUDA events, so it first makes ``device`` its current one.
+    ``written`` holds (time, rows) of each unit written, for the steady rate.
+    """
+
+    def __init__(self, store: LabelStore, device: torch.device = torch.device("cpu")):
         self.store = store
-        self._pool = ThreadPoolExecutor(1)
+        self._pool = ThreadPoolExecutor(1, initializer=use_device, initargs=(device,))
         self._pending: Future | None = None
+        self.written: list[tuple[float, int]] = []
 
     def submit(self, slot: int, chunk: int, labels: Callable[[], SlotLabels]) -> None:
         """Write a unit once its labels are on the host; waits for the previous write first."""
         self.wait()
-        self._pending = self._pool.submit(lambda: self.store.write_unit(slot, chunk, labels()))
+
+        def write():
+            unit = labels()
+            self.store.write_unit(slot, chunk, unit)
+            self.written.append((time.perf_counter(), len(unit.probs)))
+        self._pending = self._pool.submit(write)
+
+    def steady_rate(self) -> float | None:
+        """Rows/s from the first unit's end to the last's (warm-up left out); None with fewer than two units."""
+        if len(self.written) < 2:
+            return None
+        (first, _), (last, _) = self.written[0], self.written[-1]
+        return sum(rows for _, rows in self.written[1:]) / (last - first)
 
     def wait(self) -> None:
         """Block until every submitted unit is written (re-raising a failed write)."""
@@ -126,7 +185,7 @@ def run_cache(job: CacheJob, log=print) -> dict:
         raise ValueError(f"--topk {job.topk}: the data has only {index.num_classes} classes")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: let cuDNN pick its kernels
     ensemble = TeacherEnsemble(parse_teachers(job.teachers, job.res), index.num_classes, device, job.compile)
-    batch_size = job.batch_size or ensemble.batch_size(job.res)
+    batch_size = job.batch_size or ensemble.batch_size(job.res, index.sizes)
     if job.mix.enabled:  # whole pairs in every batch
         batch_size = max(2, batch_size - batch_size % 2)
     spec = label_spec(index, ensemble.records, job.res, job.interpolation, job.topk, job.residual, job.crop.attrs(),
@@ -147,7 +206,7 @@ def run_cache(job: CacheJob, log=print) -> dict:
         + (f" (rank 0 of {world.world_size})" if world.distributed else ""))
     crops_slot, boxes, flips, mix = None, None, None, None
     labelling_started = time.perf_counter()  # the rate leaves out set-up (index, teachers, store), paid once
-    writer = UnitWriter(store)
+    writer = UnitWriter(store, device)
     with tqdm(total=todo, desc="cache-teachers", unit="img", disable=None if job.progress and world.is_main else True,
               dynamic_ncols=True) as bar:
         for slot, chunk in units:
@@ -172,4 +231,4 @@ def run_cache(job: CacheJob, log=print) -> dict:
     return {"store": job.store, "images": len(index), "seed_slots": len(store.seeds), "complete": complete,
             "rank": world.rank, "images_labelled": todo, "bytes": info["bytes"], "bytes_per_crop": info["bytes_per_crop"],
             "batch_size": batch_size, "seconds": seconds, "labelling_seconds": labelling,
-            "images_per_sec": todo / labelling if labelling else 0.0}
+            "images_per_sec": todo / labelling if labelling else 0.0, "steady_images_per_sec": writer.steady_rate()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,7 +51,17 @@ def parse_teachers(text: str | None, res: int) -> list[TeacherSpec]:
 
 CPU_BATCH = 64  # cache-teachers' batch on the CPU; on a GPU the largest that fits (fitting_batch)
 LARGEST_BATCH = 1024
-GPU_MEMORY_SHARE = 0.8  # of the GPU's memory a probe batch may take: the rest is the decoder's and the allocator's
+GPU_MEMORY_SHARE = 0.8  # of the GPU's memory a probe batch and the replay's buffers may take: the rest is the
+# CUDA context's, cuDNN's workspaces' and the allocator's fragmentation
+BATCHES_IN_FLIGHT = 4  # DALI's prefetch queue (2) and the loader's (2), see pipeline/loader.py
+
+
+def replay_bytes(batch: int, sizes: np.ndarray, res: int) -> int:
+    """GPU memory the replay holds for batches of ``batch`` beside the teachers, where torch's counters cannot see
+    it: for each batch in flight, DALI's and nvJPEG's decoded pictures (sized at the 99th percentile of the
+    dataset's (H, W) sizes) and the uint8 crops. An estimate from the graph's buffers, not measured on a GPU."""
+    picture = float(np.percentile(np.prod(sizes, axis=1), 99)) if len(sizes) else 0.0
+    return int(BATCHES_IN_FLIGHT * batch * 3 * (picture + res * res))
 
 
 def fitting_batch(peak_share: Callable[[int], float], largest: int = LARGEST_BATCH) -> int:
@@ -65,6 +76,15 @@ def fitting_batch(peak_share: Callable[[int], float], largest: int = LARGEST_BAT
             pass
         batch //= 2
     return 1
+
+
+def _torch_peak_bytes(ensemble: "TeacherEnsemble", batch: int, res: int) -> int:
+    """The peak of torch's allocations while the ensemble labels one batch of ``batch`` crops at ``res``."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(ensemble.device)
+    ensemble(torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, device=ensemble.device))
+    torch.cuda.synchronize(ensemble.device)
+    return torch.cuda.max_memory_allocated(ensemble.device)
 
 
 class TeacherEnsemble(nn.Module):
@@ -94,18 +114,18 @@ class TeacherEnsemble(nn.Module):
         self.to(self.device, memory_format=self.memory_format).eval().requires_grad_(False)
         self._forwards = [torch.compile(model) if compile else model for model in self.models]
 
-    def batch_size(self, res: int) -> int:
-        """cache-teachers' default batch: on a GPU the largest that fits (probed at ``res``), else CPU_BATCH."""
+    def batch_size(self, res: int, sizes: np.ndarray | None = None) -> int:
+        """cache-teachers' default batch: on a GPU the largest that fits (probed at ``res``), else CPU_BATCH.
+
+        With the dataset's (H, W) ``sizes``, room is left for the replay's buffers (replay_bytes).
+        """
         if self.device.type != "cuda":
             return CPU_BATCH
+        total = torch.cuda.get_device_properties(self.device).total_memory
 
         def peak_share(batch: int) -> float:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self(torch.randint(0, 256, (batch, 3, res, res), dtype=torch.uint8, device=self.device))
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) / torch.cuda.get_device_properties(
-                self.device).total_memory
+            replay = 0 if sizes is None else replay_bytes(batch, sizes, res)
+            return (_torch_peak_bytes(self, batch, res) + replay) / total
         batch = fitting_batch(peak_share)
         torch.cuda.empty_cache()
         return batch

@@ -1,0 +1,202 @@
+"""The GPU path's contracts with CUDA, DALI and torch, checked on the CPU with spies where only a GPU runs them.
+
+CUDA keeps the current device per host thread (a new thread starts on GPU 0), and an event
+with no stream is recorded on the current device's current stream: ``CudaSpy`` keeps both
+as CUDA would, so a test can see which device a thread works on and which stream an event
+ends. What only a GPU shows (that the copy has really landed, the memory on GPU 0) is not
+checked here: `make gpu-check` runs the device-taking tests on one.
+"""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from tqdm import tqdm
+
+from mealv2.pipeline.crops import CropSpec
+from mealv2.pipeline.dataset import load_index
+from mealv2.pipeline.decoders import dali_installed
+from mealv2.pipeline.distributed import setup
+from mealv2.pipeline.loader import ReplayLoader
+from mealv2.pipeline.mix import MixSpec
+from mealv2.softlabels import cache, teachers
+from mealv2.softlabels.cache import UnitWriter, label_unit, to_host
+from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
+from mealv2.softlabels.topk import compress
+
+
+class CudaSpy:
+    """torch.cuda's per-thread current device and the streams its events are recorded on, without a GPU."""
+
+    def __init__(self, monkeypatch):
+        self._thread = threading.local()
+        self.recorded_on: list[str] = []
+        spy = self
+
+        class Event:
+            def record(self, stream=None):
+                spy.recorded_on.append(stream if stream is not None else spy.current_stream())
+
+            def synchronize(self):
+                pass
+
+        monkeypatch.setattr(torch.cuda, "set_device", self.set_device)
+        monkeypatch.setattr(torch.cuda, "current_device", self.current_device)
+        monkeypatch.setattr(torch.cuda, "current_stream", self.current_stream)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+
+    def set_device(self, device) -> None:
+        self._thread.index = torch.device(device).index
+
+    def current_device(self) -> int:
+        return getattr(self._thread, "index", 0)
+
+    def current_stream(self, device=None) -> str:
+        index = self.current_device() if device is None else torch.device(device).index
+        return f"stream of cuda:{index}"
+
+
+@pytest.fixture
+def cuda(monkeypatch) -> CudaSpy:
+    return CudaSpy(monkeypatch)
+
+
+def test_the_copy_to_the_host_ends_with_an_event_on_the_tensors_device(cuda):
+    """With --device cuda:1 and no torchrun the thread's current device is 0: the event goes on cuda:1's stream."""
+    (host,), wait = to_host((torch.arange(3),), torch.device("cuda", 1))
+    wait()
+    assert cuda.recorded_on == ["stream of cuda:1"] and host.tolist() == [0, 1, 2]
+
+
+def test_a_single_process_job_on_cuda_1_makes_it_the_current_device(cuda, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert setup("cuda:1").device == torch.device("cuda", 1) and torch.cuda.current_device() == 1
+
+
+def test_the_loaders_producer_thread_works_on_the_loaders_device(cuda, small_root, monkeypatch):
+    """The thread that decodes and copies a batch makes the loader's GPU its own first (a new thread's is GPU 0)."""
+    index = load_index(small_root / "train")
+    loader = ReplayLoader(index, 16, 8, "cpu", "pil", workers=1)
+    decoder = loader._decoder  # the CPU decoder, built before the loader is told its device is cuda:1
+    devices = []
+
+    def decode(*args):
+        devices.append((threading.current_thread() is not threading.main_thread(), torch.cuda.current_device()))
+        return torch.zeros(len(args[0]), 3, 16, 16, dtype=torch.uint8)
+
+    monkeypatch.setattr(decoder, "decode", decode)
+    loader.device = torch.device("cuda", 1)
+    boxes, flips = CropSpec().draw(0, index.sizes)
+    assert sum(len(i) for _, i in loader.epoch(np.arange(len(index)), boxes, flips, progress=False)) == len(index)
+    assert devices == [(True, 1)] * 4
+
+
+def test_the_store_writers_thread_works_on_the_jobs_device(cuda):
+    """The writer waits on the copies' events on a thread of its own: that thread takes the job's GPU first."""
+    devices = []
+
+    class Store:
+        def write_unit(self, slot, chunk, labels):
+            devices.append(labels)
+
+    writer = UnitWriter(Store(), torch.device("cuda", 1))
+    writer.submit(0, 0, torch.cuda.current_device)
+    writer.wait()
+    assert devices == [1]
+
+
+needs_dali = pytest.mark.skipif(not dali_installed(), reason="DALI is not installed on this platform")
+
+
+@needs_dali
+def test_an_old_dali_is_one_clear_error(small_root, monkeypatch):
+    import nvidia.dali
+
+    from mealv2.pipeline.dali import DALI_FLOOR
+
+    monkeypatch.setattr(nvidia.dali, "__version__", "1.40.0")
+    with pytest.raises(RuntimeError, match=f"DALI 1.40.0 is older than {DALI_FLOOR}"):
+        ReplayLoader(load_index(small_root / "train"), 16, 8, "cpu", "dali", workers=1)
+
+
+@needs_dali
+def test_a_pipelined_path_that_cannot_run_is_an_error_not_a_fallback(small_root):
+    """A failure no file explains (here: a DALI without stream-aware outputs) stops the epoch with DALI's reason,
+    instead of a warning and the epoch batch by batch, every epoch."""
+    index = load_index(small_root / "train")
+    loader = ReplayLoader(index, 16, 8, "cpu", "dali", workers=1)
+    real = loader._stream
+
+    class Stream:
+        prefetch = real.prefetch
+
+        def epoch(self, order, boxes, flips, stream=None):
+            raise TypeError("run() takes 1 positional argument but 2 were given")
+            yield
+
+    loader._stream = Stream()
+    boxes, flips = CropSpec().draw(0, index.sizes)
+    with pytest.raises(RuntimeError, match="failed on batches that decode one at a time: run"):
+        list(loader.epoch(np.arange(len(index)), boxes, flips, progress=False))
+
+
+def test_cutmix_hands_the_teachers_one_batch_shape_and_labels_each_own_row(small_root):
+    """Stage one with CutMix drops the partners borrowed from other chunks: the teachers still get batches of the
+    loader's size (cuDNN autotunes each new shape), and each own row gets its composite's labels."""
+    index = load_index(small_root / "train")
+    boxes, flips = CropSpec().draw(0, index.sizes)
+    mix = MixSpec(1.0).draw(0, len(index), 16)
+    rows = slice(8, 16)  # most partners lie in other chunks
+
+    class Teachers:
+        device, num_classes, shapes = torch.device("cpu"), 3, []
+
+        def __call__(self, images):
+            self.shapes.append(tuple(images.shape))
+            probs = images.float().mean((2, 3)).softmax(-1)  # a function of each row's pixels alone
+            return probs, probs.log()
+
+    spy = Teachers()
+    labels = label_unit(spy, ReplayLoader(index, 16, 4, "cpu", "torch", workers=1), rows, boxes, flips, mix, 2,
+                        tqdm(disable=True))()
+    assert set(spy.shapes) == {(4, 3, 16, 16)}
+    whole = ReplayLoader(index, 16, len(index), "cpu", "torch", workers=1)
+    images, indices = next(iter(whole.epoch(np.arange(len(index)), boxes, flips, progress=False)))
+    values, top = compress(spy(mix.batch(indices).images(images))[0][rows], 2)
+    np.testing.assert_array_equal(labels.probs, values.numpy())
+    np.testing.assert_array_equal(labels.classes, top.numpy().astype(labels.classes.dtype))
+    assert (labels.mix_partner == mix.partner[rows]).all()
+
+
+def test_the_batch_probe_leaves_room_for_the_replays_buffers(teacher_files, monkeypatch):
+    """torch's counters miss DALI's and nvJPEG's buffers: on photos the probe takes a smaller batch than the teachers
+    alone would allow. Here the teachers take 12 MiB an image of a 16 GiB GPU (1024 alone fill 0.75 of it)."""
+    ensemble = TeacherEnsemble(parse_teachers(teacher_files, 32), 3, "cpu")
+    ensemble.device = torch.device("cuda", 0)
+    monkeypatch.setattr(teachers, "_torch_peak_bytes", lambda _, batch, res: batch * 12 << 20)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=16 << 30))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    photos = np.tile([375, 500], (100, 1))
+    assert ensemble.batch_size(224) == 1024
+    assert ensemble.batch_size(224, photos) == 512
+
+
+def test_the_steady_stage_one_rate_leaves_the_first_unit_out(monkeypatch):
+    """The first unit pays cuDNN's autotuning and DALI's start: the steady rate runs from its end to the last's."""
+    clock = iter([10.0, 11.0, 13.0])
+    monkeypatch.setattr(cache.time, "perf_counter", lambda: next(clock))
+
+    class Store:
+        def write_unit(self, slot, chunk, labels):
+            pass
+
+    writer = UnitWriter(Store())
+    for chunk in range(3):
+        writer.submit(0, chunk, lambda: SimpleNamespace(probs=np.zeros((100, 2))))
+    writer.wait()
+    assert writer.steady_rate() == 200 / 3.0
