@@ -20,6 +20,7 @@ from mealv2.distill.trainer import TrainConfig, Trainer
 from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import DatasetIndex
 from mealv2.pipeline.loader import ReplayLoader, epoch_order
+from mealv2.softlabels.stats import store_stats
 from mealv2.softlabels.store import LabelStore, SlotLabels, label_spec
 from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 
@@ -164,10 +165,13 @@ def content_fingerprint_seconds(index: DatasetIndex, workers: int) -> float:
     return time.perf_counter() - started
 
 
-def slot_load_seconds(folder: Path, num_images: int, topk: int = 5, classes: int = 1000) -> float:
-    """Seconds to read one seed slot whole from a synthetic store of ``num_images`` rows (median of 3)."""
+def synthetic_store(path: Path, num_images: int, slots: int = 1, topk: int = 5, classes: int = 1000) -> LabelStore:
+    """A complete store of random top-k rows (sorted Dirichlet values) written with the store's own writer.
+
+    Read speed does not depend on the values; every slot shares slot 0's crops.
+    """
     rng = np.random.default_rng(0)
-    index = DatasetIndex(root=str(folder), paths=[f"c/{i:08d}.jpg" for i in range(num_images)],
+    index = DatasetIndex(root=str(path.parent), paths=[f"c/{i:08d}.jpg" for i in range(num_images)],
                          labels=rng.integers(0, classes, num_images).astype(np.int32),
                          sizes=np.tile(np.array([[375, 500]], np.int32), (num_images, 1)),
                          byte_sizes=rng.integers(50_000, 150_000, num_images),
@@ -175,14 +179,26 @@ def slot_load_seconds(folder: Path, num_images: int, topk: int = 5, classes: int
     spec = label_spec(index, [{"name": "synthetic", "pretrained": "synthetic", "mean": [0.5] * 3,
                                "std": [0.5] * 3}], 224, "bilinear", topk, "uniform",
                       CropSpec().attrs())
-    store = LabelStore.create_or_extend(str(folder / f"slot-{num_images}.zarr"), spec, index, [0])
+    store = LabelStore.create_or_extend(str(path), spec, index, list(range(slots)))
     boxes, flips = CropSpec().draw(0, index.sizes)
-    for chunk in range(store.num_chunks):
-        rows = store.rows(chunk)
-        n = rows.stop - rows.start
-        probs = np.ascontiguousarray(np.sort(rng.dirichlet(np.ones(topk), n), axis=1)[:, ::-1], np.float16)
-        top = rng.integers(0, classes, (n, topk)).astype(np.uint16)
-        store.write_unit(0, chunk, SlotLabels(probs, top, boxes[rows], flips[rows]))
+    for slot in range(slots):
+        for chunk in range(store.num_chunks):
+            rows = store.rows(chunk)
+            n = rows.stop - rows.start
+            probs = np.ascontiguousarray(np.sort(rng.dirichlet(np.ones(topk), n), axis=1)[:, ::-1], np.float16)
+            top = rng.integers(0, classes, (n, topk)).astype(np.uint16)
+            store.write_unit(slot, chunk, SlotLabels(probs, top, boxes[rows], flips[rows]))
     store.finalize()
-    reader = LabelStore.open(str(folder / f"slot-{num_images}.zarr"))
+    return LabelStore.open(str(path))
+
+
+def slot_load_seconds(folder: Path, num_images: int, topk: int = 5, classes: int = 1000) -> float:
+    """Seconds to read one seed slot whole from a synthetic store of ``num_images`` rows (median of 3)."""
+    reader = synthetic_store(folder / f"slot-{num_images}.zarr", num_images, topk=topk, classes=classes)
     return median_seconds(lambda: reader.read_slot(0), repeats=3, warmup=1)
+
+
+def labels_stats_seconds(folder: Path, num_images: int, slots: int, topk: int = 5, classes: int = 1000) -> float:
+    """Seconds `labels stats` takes (every slot read and summarised, no plot) on a synthetic store (median of 3)."""
+    store = synthetic_store(folder / f"stats-{num_images}.zarr", num_images, slots, topk, classes)
+    return median_seconds(lambda: store_stats(store.url), repeats=3, warmup=1)

@@ -165,6 +165,24 @@ def labels_info(store, as_json, storage_options):
                    f"autocast {made['autocast']}; {versions}")
 
 
+@labels.command("stats")
+@click.argument("store")
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="dataset ROOT whose train/ must be the data the store was made from (fingerprint)")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="also draw the figures into this PNG")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@storage_option
+def labels_stats(store, data, plot, as_json, storage_options):
+    """Per seed slot: entropy, top-1 and top-k mass, teachers' top-1 vs the labels, top-1 agreement between slots."""
+    from mealv2.softlabels.stats import plot_stats, store_stats
+
+    stats = _fail_cleanly(lambda: store_stats(store, data, _storage_options(storage_options)))
+    if plot:
+        _fail_cleanly(lambda: plot_stats(stats, plot))
+    click.echo(json.dumps(stats.to_dict()) if as_json else "\n".join(stats.table()))
+    return stats
+
+
 @labels.command("finalize")
 @click.argument("store")
 @storage_option
