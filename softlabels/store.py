@@ -145,7 +145,7 @@ class SlotLabels:
                              for f in dataclasses.fields(self)})
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SlotCrops:
     """What one seed slot replays: per image its box and flip, and in a CutMix store its partner and pasted box."""
 
@@ -155,7 +155,7 @@ class SlotCrops:
     mix_boxes: np.ndarray | None = None    # CutMix stores: (N, 4) int32 (top, left, height, width) at ``res``
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class StoreIndex:
     """The images a store's rows belong to, in row order."""
 
