@@ -102,10 +102,10 @@ def test_the_store_writers_thread_works_on_the_jobs_device(cuda):
 
     class Store:
         def write_unit(self, slot, chunk, labels):
-            devices.append(labels)
+            devices.append(labels.probs[0])
 
     writer = UnitWriter(Store(), torch.device("cuda", 1))
-    writer.submit(0, 0, torch.cuda.current_device)
+    writer.submit(0, 0, lambda: SimpleNamespace(probs=[torch.cuda.current_device()]))
     writer.wait()
     assert devices == [1]
 
