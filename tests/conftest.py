@@ -61,9 +61,14 @@ def small_root(tmp_path_factory) -> Path:
 
 
 def cache_args(root, store, teachers, *extra) -> list[str]:
-    """The cache-teachers command line the tests share (32 px, 2 seeds, k=2, 8-row chunks)."""
+    """The cache-teachers command line the tests share (32 px, 2 seeds, k=2, 8-row chunks), on the CPU.
+
+    The tests compare these stores byte for byte (after a kill, in shards, under torchrun), which the CPU
+    gives and a GPU does not (bf16 teachers, cuDNN's autotuned kernels, nvJPEG and the hardware decoder), so
+    the device is the CPU even where "auto" would take a GPU; an ``extra`` "--device" wins (click keeps the last).
+    """
     return ["cache-teachers", "--data", str(root), "--store", str(store), "--res", "32", "--teachers", teachers,
-            "--seeds", "2", "--topk", "2", "--batch-size", "4", "--chunk-rows", "8", *extra]
+            "--seeds", "2", "--topk", "2", "--batch-size", "4", "--chunk-rows", "8", "--device", "cpu", *extra]
 
 
 def store_files(store: Path) -> dict[str, bytes]:

@@ -67,8 +67,8 @@ def test_stage_one_names_the_file_then_skips_it_and_stage_two_never_meets_it(dam
     assert row not in targets.trainable and len(targets.trainable) == 29
     run = run_cli("distill", "--data", damaged_root, "--labels", store, "--student", "test_resnet", "--init",
                   "scratch", "--out", tmp_path / "run", "--epochs", "2", "--batch-size", "8", "--no-progress",
-                  "--no-discriminator")
+                  "--no-discriminator", "--device", "cpu")
     assert run.exit_code == 0, run.output  # the file is in train/, but no epoch asks for it
     verify = run_cli("labels", "verify", store, "--data", damaged_root, "--recompute", "20", "--teachers",
-                     teacher_files)
+                     teacher_files, "--device", "cpu")
     assert verify.exit_code == 0, verify.output

@@ -137,7 +137,7 @@ def test_cutmix_store_is_the_same_bytes_when_made_in_shards(cutmix_store, small_
 
 def test_verify_recomputes_mixed_rows_on_pil_composites(cutmix_store, small_root, teacher_files, tmp_path):
     result = run_cli("labels", "verify", cutmix_store, "--data", small_root, "--recompute", 60,
-                     "--teachers", teacher_files, "--max-dp", "0.02")
+                     "--teachers", teacher_files, "--max-dp", "0.02", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "recomputed 60 crops" in result.output
     # labels of the unmixed crops under the mixed rows: the composite is what they were computed on
@@ -147,7 +147,7 @@ def test_verify_recomputes_mixed_rows_on_pil_composites(cutmix_store, small_root
     partner = group["mix_partner"][...]
     group["mix_partner"][...] = np.where(partner >= 0, np.roll(partner, 1, axis=1), -1)
     result = run_cli("labels", "verify", damaged, "--data", small_root, "--recompute", 60,
-                     "--teachers", teacher_files, "--max-dp", "1e-3")
+                     "--teachers", teacher_files, "--max-dp", "1e-3", "--device", "cpu")
     assert result.exit_code == 1 and "recomputed labels differ" in result.output, result.output
 
 
@@ -188,7 +188,7 @@ def test_stage_two_replays_stage_ones_composites_decoding_each_image_once(small_
     monkeypatch.setattr(PilDecoder, "replay", staticmethod(lambda *args: decoded.append(args[1]) or replay(*args)))
     result = run_cli("distill", "--data", small_root, "--labels", store, "--student", "test_convnext",
                      "--init", "scratch", "--out", tmp_path / "run", "--epochs", 2, "--batch-size", 6,
-                     "--decoder", "pil", "--no-progress", "--val-every", 5)
+                     "--decoder", "pil", "--device", "cpu", "--no-progress", "--val-every", 5)
     assert result.exit_code == 0, result.output
     labels = LabelStore.open(str(store)).read_slot(0)
     mixed = set(np.flatnonzero(labels.mix_partner >= 0).tolist())
@@ -223,7 +223,7 @@ def test_targets_blend_by_area_without_a_teacher_on_the_composite(reference_stor
 
 
 def test_cutmix_training_options(cutmix_store, small_root, tmp_path):
-    common = ["--data", small_root, "--init", "scratch", "--epochs", 1, "--no-progress"]
+    common = ["--data", small_root, "--init", "scratch", "--epochs", 1, "--device", "cpu", "--no-progress"]
     result = run_cli("distill", "--labels", cutmix_store, "--student", "test_convnext", "--out", tmp_path / "a",
                      "--batch-size", 5, *common)
     assert result.exit_code == 1 and "expected an even number of images per rank" in result.output
@@ -237,5 +237,6 @@ def test_cutmix_training_options(cutmix_store, small_root, tmp_path):
                "--resume", *common]
     result = run_cli(*resumed, "--cutmix", "0")
     assert result.exit_code == 1 and "was written with --cutmix 0.5" in result.output, result.output
-    result = run_cli("cache-teachers", "--data", small_root, "--store", tmp_path / "s.zarr", "--cutmix", "1.5")
+    result = run_cli("cache-teachers", "--data", small_root, "--store", tmp_path / "s.zarr", "--cutmix", "1.5",
+                     "--device", "cpu")
     assert result.exit_code == 2 and "--cutmix" in result.output

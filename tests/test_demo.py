@@ -18,6 +18,16 @@ from mealv2.softlabels.models import load_state_dict
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _on_the_cpu():
+    """The demo passes its commands no --device, and these tests compare its figures exactly between two runs:
+    the CPU repeats them to the bit, a GPU need not (cuDNN's autotuned kernels, bf16 teachers, nvJPEG and the
+    hardware decoder taking different JPEGs), so "auto" sees no GPU here, as on the machines the demo is for."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        yield
+
+
 @pytest.fixture(scope="module")
 def fashion_mnist_source(tmp_path_factory):
     """Debian's real files (CI installs them); generated IDX files on a developer machine without apt."""

@@ -81,7 +81,7 @@ def test_verify_checks_rows_without_teachers_and_keeps_the_per_chunk_report(stor
     damaged[len(damaged) // 2] ^= 0xFF  # fails its checksum, so recomputing slot 1 cannot read it
     chunk.write_bytes(bytes(damaged))
     result = run_cli("labels", "verify", store_copy, "--data", small_root, "--recompute", "4",
-                     "--teachers", teacher_files)
+                     "--teachers", teacher_files, "--device", "cpu")
     assert result.exit_code == 1
     assert "slot 0 chunk 1: classes repeat within a row: 1 row(s), first 9" in result.output
     assert "slot 1 chunk 3: boxes outside the image: 1 row(s), first 29" in result.output

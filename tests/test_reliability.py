@@ -172,8 +172,8 @@ def test_bad_inputs_are_one_line_errors(small_root, reference_store, teacher_fil
         (cache_args(no_train, tmp_path / "b.zarr", teacher_files), "train: no such split folder"),
         (cache_args(small_root, f"zip::{packed}", teacher_files), "zip archive is read-only"),
         (fit_args("distill", small_root, tmp_path / "c", 1, tmp_path / "missing.zarr"), "no label store there"),
-        (["evaluate", "--data", small_root, "--model", "test_resnet", "--checkpoint", five_classes, "--res", "32"],
-         "five.pth"),
+        (["evaluate", "--data", small_root, "--model", "test_resnet", "--checkpoint", five_classes, "--res", "32",
+          "--device", "cpu"], "five.pth"),
         (fit_args("train", small_root, tmp_path / "d", 1) + ["--batch-size", "-4"], "--batch-size"),
     ]
     for args, message in cases:

@@ -34,6 +34,12 @@ def index(mixed_root):
 def test_decoders_match_pil_reference(index, decoder, interpolation, device):
     boxes, flips = sample_crops(3, index.sizes)
     assert flips.any() and not flips.all()
+    # on the CPU, and for torchvision anywhere (it decodes on the CPU): a mean below one grey level, at most 8 at a
+    # few edge pixels of upscaled tiny crops. DALI on a GPU decodes with nvJPEG's IDCT and chroma upsampling, or
+    # the hardware decoder's, not libjpeg's as PIL does: a few grey levels more per pixel, so twice the mean and
+    # three times the maximum, which a wrong box, flip or orientation still exceeds by far (not yet run on a GPU)
+    gpu_decode = device == "cuda" and decoder == "dali"
+    mean_bound, max_bound = (2.0, 24) if gpu_decode else (1.0, 8)
     loader = ReplayLoader(index, res=40, batch_size=5, device=device, decoder=decoder, interpolation=interpolation)
     images, indices = run_epoch(loader, np.arange(len(index)), boxes, flips)
     assert images.device.type == device
@@ -43,8 +49,8 @@ def test_decoders_match_pil_reference(index, decoder, interpolation, device):
         with open(index.file(i), "rb") as handle:
             expected = replay_pil(handle.read(), boxes[i], flips[i], 40, interpolation)
         diff = np.abs(image.numpy().astype(int) - expected.astype(int))
-        assert diff.mean() < 1.0, index.paths[i]  # below 1/255 in [0, 1] units
-        assert diff.max() <= 8, index.paths[i]  # a few edge pixels of upscaled tiny crops
+        assert diff.mean() < mean_bound, index.paths[i]
+        assert diff.max() <= max_bound, index.paths[i]
 
 
 def test_flip_mirrors_the_crop(index):
@@ -82,7 +88,8 @@ def test_dali_plan_folder_is_made_by_the_first_epoch_only(index, monkeypatch, tm
 
 def test_dali_epochs_run_pipelined_and_read_ahead(index, monkeypatch, device):
     """DALI's async executor with workers reading ahead; an abandoned epoch does not spoil the next;
-    the pixels equal the batch-at-a-time decoder's (on a GPU: the copy out of DALI is complete)."""
+    the pixels equal the batch-at-a-time decoder's (on a GPU within the decoders' tolerance: the copy out of
+    DALI is complete)."""
     monkeypatch.setattr("mealv2.pipeline.dali.PlanSource", MarkingPlanSource)
     boxes, flips = sample_crops(0, index.sizes)
     loader = ReplayLoader(index, res=16, batch_size=4, device=device, decoder="dali", prefetch=3)  # 6 batches
@@ -110,7 +117,13 @@ def test_dali_epochs_run_pipelined_and_read_ahead(index, monkeypatch, device):
     reference = ReplayLoader(index, res=16, batch_size=4, device=device, decoder="dali")
     reference._stream = None  # the batch-at-a-time decoder: the pipelined one must give the same pixels
     expected, _ = run_epoch(reference, again, boxes, flips)
-    assert torch.equal(images, expected)
+    if device == "cpu":
+        assert torch.equal(images, expected)
+    else:  # DALI shares a GPU batch's JPEGs between the hardware decoder and nvJPEG's CUDA one, which differ by a
+        # few grey levels: the decoders' tolerance, which a copy read before it ended (another batch's pixels,
+        # or none yet) exceeds
+        diff = (images.int() - expected.int()).abs()
+        assert diff.float().mean() < 1.0 and diff.max() <= 8
 
 
 def test_an_epoch_started_while_another_is_unfinished_gets_its_own_images(index):

@@ -52,7 +52,7 @@ def assert_same_weights(a, b):
 
 def test_torchrun_cache_teachers_equals_one_process(reference_store, small_root, teacher_files, tmp_path):
     store = tmp_path / "two-ranks.zarr"
-    result = torchrun(*cache_args(small_root, store, teacher_files), "--device", "cpu")
+    result = torchrun(*cache_args(small_root, store, teacher_files))
     assert "rank 0 of 2" in result.stdout and "complete" in result.stdout
     assert LabelStore.open(str(store)).attrs["complete"]
     assert store_files(store) == store_files(reference_store)
