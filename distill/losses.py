@@ -13,16 +13,23 @@ def soft_cross_entropy(student_logits: torch.Tensor, target_probs: torch.Tensor)
 
 
 class Discriminator(nn.Module):
-    """Three fully connected layers C → max(C//r, 8) → max(C//r², 8) → 2, ReLU after each (official code)."""
+    """Three fully connected layers C → max(C//r, 8) → max(C//r², 8) → 2, ReLU after each (official code).
 
-    def __init__(self, num_classes: int, reduction: int = 8):
+    ``head="linear"`` leaves out the last ReLU. With it, the two output logits are never negative,
+    and once both sit at 0 for every input (a dead ReLU) the loss is exactly ln 2 and no gradient
+    flows: the official form can be inert (docs/demo.md, "The discriminator").
+    """
+
+    def __init__(self, num_classes: int, reduction: int = 8, head: str = "relu"):
         super().__init__()
+        if head not in ("relu", "linear"):
+            raise ValueError(f"discriminator head {head!r}: expected relu or linear")
         hidden = max(num_classes // reduction, 8)
         narrow = max(num_classes // reduction ** 2, 8)
         self.layers = nn.Sequential(
             nn.Linear(num_classes, hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, narrow), nn.ReLU(inplace=True),
-            nn.Linear(narrow, 2), nn.ReLU(inplace=True),
+            nn.Linear(narrow, 2), *([nn.ReLU(inplace=True)] if head == "relu" else []),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
