@@ -58,7 +58,11 @@ def create_model(name: str, num_classes: int, checkpoint: str | None = None, pre
     if not timm.is_model(name.split(".")[0]):
         raise ModelError(f"{name}: not a timm model name")
     if checkpoint is None and pretrained:
-        model = timm.create_model(name, pretrained=True, **timm_kwargs)
+        try:
+            model = timm.create_model(name, pretrained=True, **timm_kwargs)
+        except Exception as err:  # noqa: BLE001 - hub and network failures alike
+            raise ModelError(f"{name}: cannot load its pretrained weights ({str(err).splitlines()[0][:200]}); "
+                             "check the network or the hub cache, or give local weights") from None
         if model.num_classes != num_classes:
             raise ModelError(f"{name}: pretrained head has {model.num_classes} classes, the data has "
                              f"{num_classes}: give NAME=PATH with weights fitted to this data")
