@@ -19,7 +19,8 @@ from mealv2.pipeline.files import atomic_write
 
 CHECKPOINT = "checkpoint-last.pth"
 # options a resumed run must share with the run it continues (the rest, like --epochs, may change)
-RESUME_KEYS = ("mode", "model", "teachers", "res", "interpolation", "scale", "ratio", "seeds", "cutmix")
+RESUME_KEYS = ("mode", "model", "teachers", "res", "interpolation", "scale", "ratio", "seeds", "cutmix", "opt",
+               "model_ema", "disc_head")
 
 
 def rng_state(device: torch.device) -> bytes:
@@ -37,17 +38,19 @@ def restore_rng_state(state: bytes, device: torch.device) -> None:
             torch.cuda.set_rng_state(torch.from_numpy(arrays["cuda"].copy()), device)
 
 
-def save_checkpoint(path: Path, *, modules: dict, optimizer, scheduler, epoch: int,
+def save_checkpoint(path: Path, *, modules: dict, optimizer, scheduler, epoch: int, updates: int,
                     rng_states: list[bytes], options: dict, store: dict) -> None:
     """Write the checkpoint atomically (temp file, then rename).
 
-    ``modules`` maps names to anything with a state_dict (None saves {}); ``rng_states`` holds one entry per rank.
+    ``modules`` maps names to anything with a state_dict (None saves {}); ``updates`` counts optimisation steps
+    (the EMA's warm-up); ``rng_states`` holds one entry per rank.
     """
     state = {
         **{name: module.state_dict() if module is not None else {} for name, module in modules.items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "epoch": epoch,
+        "updates": updates,
         "rng": [torch.from_numpy(np.frombuffer(s, np.uint8).copy()) for s in rng_states],
         "options": json.dumps(options),
         "store": store,

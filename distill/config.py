@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 MODES = ("distill", "online", "train")
 AMP_MODES = ("bf16", "fp16", "off")
+SCHEDULES = ("step", "multistep", "cosine", "tanh", "poly")  # timm's scheduler factory; step: the paper's
+DISC_HEADS = ("relu", "linear")  # the official discriminator's last ReLU, or none (losses.Discriminator)
 # `mealv2 train` (hard labels) departs from the paper's distill defaults the way supervised recipes do
 TRAIN_DEFAULTS = {"epochs": 90, "lr": 0.1, "lr_steps": (30, 60), "batch_size": 256, "weight_decay": 1e-4}
 
@@ -31,9 +33,21 @@ class TrainConfig:
     res: int | None = None
     momentum: float = 0.9
     weight_decay: float = 0.0
+    opt: str = "momentum"  # timm's name for SGD with momentum, not Nesterov (timm's "sgd"): the official code's
+    opt_eps: float | None = None
+    sched: str = "step"
+    decay_rate: float = 0.1
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
     d_lr: float | None = None
     discriminator: bool = True
     disc_input: str = "logprobs"
+    disc_head: str = "relu"
     kd_weight: float = 1.0
     disc_weight: float = 1.0
     init: str = "pretrained"
@@ -59,6 +73,9 @@ class TrainConfig:
     skip_bad: bool = False
     storage_options: dict = field(default_factory=dict)
     progress: bool = True
+    log_interval: int = 50  # steps between progress lines when no bar is shown (0: none); 30 s at most
+    log_tb: str | None = None
+    log_wandb: bool = False
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -78,6 +95,16 @@ class TrainConfig:
             raise ValueError("distill needs --labels STORE (or --online --teachers SPEC,...)")
         if self.mode == "online" and not self.teachers:
             raise ValueError("--online needs --teachers SPEC[,SPEC...]")
+        if self.sched not in SCHEDULES:
+            raise ValueError(f"--sched {self.sched!r}: expected one of {SCHEDULES}")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+            raise ValueError(f"--warmup-epochs {self.warmup_epochs}: expected 0 <= N < --epochs {self.epochs}")
+        if not 0 < self.model_ema_decay < 1:
+            raise ValueError(f"--model-ema-decay {self.model_ema_decay}: expected 0 < D < 1")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"--clip-grad {self.clip_grad}: expected a positive threshold")
+        if self.disc_head not in DISC_HEADS:
+            raise ValueError(f"--disc-head {self.disc_head!r}: expected one of {DISC_HEADS}")
         if self.disc_input not in ("logprobs", "logits"):
             raise ValueError(f"--disc-input {self.disc_input!r}: expected logprobs or logits")
         if self.disc_input == "logits" and self.mode != "online":
@@ -89,6 +116,51 @@ class TrainConfig:
         options.pop("storage_options")
         options["lr_steps"] = list(self.lr_steps)
         return options
+
+
+# options only distill has (the teachers' side); a train run's config file leaves them out
+DISTILL_ONLY = ("labels", "teachers", "d_lr", "discriminator", "disc_input", "kd_weight", "disc_weight", "disc_head")
+RESOLVED_ONLY = ("interpolation",)  # set from the store or the defaults, not by a flag: under "ran"
+
+
+def run_file(config: TrainConfig, ran: dict) -> dict:
+    """OUT/config.json: every option under its flag's name (what --config reads back), then ``ran``:
+    what actually ran (decoder, device, world size, versions, store identity, init sha256)."""
+    options = config.without_credentials()
+    options.pop("resume")
+    for key in RESOLVED_ONLY + (DISTILL_ONLY if config.mode == "train" else ()):
+        options.pop(key)
+    return options | {"ran": ran | {"interpolation": config.interpolation}}
+
+
+def read_run_file(path: str, command: str, known: set[str]) -> dict:
+    """A --config FILE (YAML or JSON, as config.json) as defaults for ``command``'s options ``known``.
+
+    Keys are option names (``batch_size`` or ``batch-size``); ``mode`` picks distill, --online or train;
+    ``ran`` (what a run records of itself) is not an option and is skipped. Anything else is one clear error.
+    """
+    import yaml
+
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"--config {path}: cannot read it ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option names to values")
+    values = {str(key).replace("-", "_"): value for key, value in values.items()}
+    values.pop("ran", None)
+    mode = values.pop("mode", None)
+    if mode is not None and (mode not in MODES or (mode == "train") != (command == "train")):
+        raise ValueError(f"--config {path}: holds a {mode!r} run; mealv2 {command} cannot run it")
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown key {unknown[0]!r} (not an option of mealv2 {command})")
+    if command == "distill" and mode is not None:
+        values["online"] = mode == "online"
+    if isinstance(values.get("lr_steps"), (list, tuple)):
+        values["lr_steps"] = ",".join(map(str, values["lr_steps"]))
+    return values
 
 
 def defaults(mode: str) -> dict:

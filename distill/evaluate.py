@@ -9,6 +9,7 @@ overridden; the paper's "resize to res/0.875 bilinear, centre crop" is
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +19,12 @@ import torch
 from timm.utils import accuracy
 from torch import nn
 
-from mealv2.distill.student import create_student
 from mealv2.pipeline.crops import CROP_MODES, center_boxes
 from mealv2.pipeline.dataset import DatasetIndex, load_index
 from mealv2.pipeline.distributed import World, resolve_device
 from mealv2.pipeline.loader import ReplayLoader
 from mealv2.pipeline.pil_replay import PIL_INTERPOLATION
-from mealv2.softlabels.models import Normalize, autocast, normalization
+from mealv2.softlabels.models import Normalize, autocast, create_model, normalization
 from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 
 
@@ -107,22 +107,40 @@ class _EnsembleScores(nn.Module):
         return self.ensemble(images)[0]
 
 
-def evaluate_saved(data: str, res: int = 224, model: str | None = None, checkpoint: str | None = None,
-                   teachers: str | None = None, batch_size: int = 64, device: str = "auto",
-                   decoder: str = "auto", workers: int | None = None, crop_pct: float | None = None,
-                   eval_interpolation: str | None = None, predictions: bool = False) -> dict:
-    """`mealv2 evaluate`: top-1/top-5 on ROOT/val of one saved model, or of a teacher ensemble's mean softmax."""
-    if (teachers is None) == (model is None or checkpoint is None):
-        raise ValueError("evaluate needs either --model NAME --checkpoint PATH or --teachers SPEC[,SPEC...]")
+def evaluate_saved(data: str, res: int | None = None, model: str | None = None, checkpoint: str | None = None,
+                   pretrained: bool = False, teachers: str | None = None, batch_size: int = 64,
+                   device: str = "auto", decoder: str = "auto", workers: int | None = None,
+                   crop_pct: float | None = None, eval_interpolation: str | None = None,
+                   predictions: bool = False) -> dict:
+    """`mealv2 evaluate`: top-1/top-5 on ROOT/val of one model (saved weights or timm's hub weights), or of a
+    teacher ensemble's mean softmax. ``res`` None: the run's training resolution when the checkpoint sits in a
+    run folder, else the model's timm data config (the teachers: 224)."""
+    one_model = model is not None and (checkpoint is not None) + pretrained == 1 and teachers is None
+    if not one_model and (teachers is None or model is not None or checkpoint is not None or pretrained):
+        raise ValueError("evaluate needs --model NAME with --checkpoint PATH or --pretrained, "
+                         "or --teachers SPEC[,SPEC...]")
     torch_device = resolve_device(device)
     index = load_index(Path(data) / "val")
     if teachers is not None:
+        res = res or 224
         ensemble = TeacherEnsemble(parse_teachers(teachers, res), index.num_classes, torch_device)
         scored, normalize = _EnsembleScores(ensemble), nn.Identity()
         transform = EvalTransform.of(list(ensemble.models), crop_pct, eval_interpolation)
     else:
-        scored = create_student(model, index.num_classes, checkpoint).to(torch_device)
+        scored = create_model(model, index.num_classes, checkpoint=checkpoint, pretrained=pretrained)
+        scored = scored.to(torch_device)
+        res = res or _trained_res(checkpoint) or timm.data.resolve_data_config({}, model=scored)["input_size"][-1]
         normalize = Normalize(*normalization(scored)).to(torch_device)
         transform = EvalTransform.of([scored], crop_pct, eval_interpolation)
     loader = ReplayLoader(index, res, batch_size, torch_device, decoder, transform.interpolation, workers)
-    return evaluate(scored, normalize, loader, transform, predictions=predictions)
+    return evaluate(scored, normalize, loader, transform, predictions=predictions) | {"res": res}
+
+
+def _trained_res(checkpoint: str | None) -> int | None:
+    """The training resolution of the run whose folder holds ``checkpoint`` (its config.json), if any."""
+    if checkpoint is None:
+        return None
+    try:
+        return int(json.loads((Path(checkpoint).parent / "config.json").read_text())["res"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,7 +1,8 @@
 """The training loop behind `distill` (cached or online MEAL V2) and `train` (hard labels).
 
-One loop, one code path for CPU and GPU: SGD with a step schedule (×0.1 at each listed epoch),
-mixed precision on CUDA, per-epoch metrics, atomic checkpoints and an exact resume. The
+One loop, one code path for CPU and GPU: timm's optimizer, schedule and EMA (distill.recipe; by
+default the paper's SGD with lr ×0.1 at each listed epoch), mixed precision on CUDA, per-epoch
+metrics (distill.runlog), atomic checkpoints and an exact resume. The
 options are resolved first (from the store, the checkpoint and the defaults) into a new
 TrainConfig, and the run is built from that.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -22,10 +24,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mealv2.distill.checkpoint import (CHECKPOINT, check_same_run, check_same_store, load_checkpoint, metrics_until,
                                 restore_rng_state, rng_state, save_checkpoint)
-from mealv2.distill.config import TrainConfig
+from mealv2.distill.config import TrainConfig, run_file
 from mealv2.distill.evaluate import EvalTransform, evaluate
 from mealv2.distill.losses import Discriminator, discriminator_loss, soft_cross_entropy
+from mealv2.distill.recipe import clip_gradients, create_ema, create_optimizer, create_scheduler
 from mealv2.distill.run_lock import holding_run_folder
+from mealv2.distill.runlog import SUMMARY, RunLog, StepLines
 from mealv2.distill.student import create_student, synchronize_batchnorm
 from mealv2.distill.targets import CachedTargets, HardTargets, OnlineTargets
 from mealv2.pipeline.crops import CropSpec
@@ -34,12 +38,15 @@ from mealv2.pipeline.distributed import setup
 from mealv2.pipeline.files import atomic_write
 from mealv2.pipeline.loader import ReplayLoader, epoch_order
 from mealv2.pipeline.mix import MixSpec
-from mealv2.softlabels.models import Normalize, autocast, normalization
+from mealv2.softlabels.cache import provenance
+from mealv2.softlabels.models import AMP_DTYPES, Normalize, autocast, file_sha256, normalization
 from mealv2.softlabels.store import LabelStore, StoreError
 from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 
 OUTPUTS = ("config.json", "metrics.jsonl", "model.safetensors", CHECKPOINT)
+REPORTS = ("model_ema.safetensors", SUMMARY, "log.txt")  # a new run's own; a killed first epoch's are replaced
 _POSTFIX_EVERY = 20  # steps between progress-bar loss updates (each one waits for the device)
+INERT_DISCRIMINATOR = 1e-4  # a discriminator loss this close to ln 2 all epoch long is not learning
 
 
 def _store_slots(store: LabelStore, asked: int | None, url: str) -> int:
@@ -97,9 +104,10 @@ class Trainer:
         self.device = self.world.device
         if config.batch_size % self.world.world_size:
             raise ValueError(f"--batch-size {config.batch_size}: must split evenly over {self.world.world_size} ranks")
-        self.log = log if self.world.is_main else (lambda *_: None)
-        self.progress = config.progress and self.world.is_main
         self.out = Path(config.out)
+        self.runlog = RunLog(self.out, log) if self.world.is_main else None
+        self.log = self.runlog if self.world.is_main else (lambda *_: None)
+        self.progress = config.progress and self.world.is_main
         self.resumed = load_checkpoint(self.out / CHECKPOINT, self.device) if config.resume else None
         self.store = LabelStore.open(config.labels, "r", config.storage_options) if config.mode == "distill" else None
         # files the store left out (cache-teachers --skip-bad) are left out here too
@@ -127,7 +135,8 @@ class Trainer:
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         drops = {key: value for key, value in (("drop_rate", config.drop), ("drop_path_rate", config.drop_path))
                  if value is not None}
-        self.student = create_student(config.model, self.index.num_classes, config.init, **drops).to(device)
+        self.student = create_student(config.model, self.index.num_classes, config.init, self.log,
+                                      **drops).to(device)
         if device.type == "cuda":
             self.student = self.student.to(memory_format=torch.channels_last)
         if config.sync_bn and self.world.distributed:
@@ -138,15 +147,17 @@ class Trainer:
         self.normalize = Normalize(*normalization(self.student)).to(device)
         self.eval_transform = EvalTransform.of([self.student], config.crop_pct, config.eval_interpolation)
         use_disc = config.discriminator and config.mode != "train"
-        self.discriminator = Discriminator(self.index.num_classes).to(device) if use_disc else None
+        self.discriminator = Discriminator(self.index.num_classes, head=config.disc_head).to(device) if use_disc else None
         torch.manual_seed(config.seed + self.world.rank)  # each rank draws its own dropout masks, as timm does
         self.student_parallel = self._parallel(self.student)
         if config.compile:  # after DDP, so that DDP's optimizer splits the graph at its gradient buckets
             self.student_parallel = torch.compile(self.student_parallel)
         self.discriminator_parallel = self._parallel(self.discriminator)
         self.targets = self._targets()
-        self.optimizer = self._optimizer()
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(config.lr_steps), gamma=0.1)
+        self.optimizer = create_optimizer(config, self.student, self.discriminator)
+        self.scheduler = create_scheduler(config, self.optimizer)
+        self.ema = create_ema(config, self.student)
+        self.updates = 0  # optimisation steps so far (the EMA's warm-up counts them)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16" and device.type == "cuda")
         rank_batch = config.batch_size // self.world.world_size
         self.loader = ReplayLoader(self.index, config.res, rank_batch, device, config.decoder, config.interpolation,
@@ -156,6 +167,8 @@ class Trainer:
         self.val_loader = ReplayLoader(load_index(val_dir, skip_bad=config.skip_bad, world=self.world), config.res,
                                        rank_batch, device, config.decoder, self.eval_transform.interpolation,
                                        config.workers) if val_dir.is_dir() else None
+        self.lines = StepLines(self.log, config.log_interval if self.world.is_main else 0,
+                               StepLines.bars_shown(self.progress))
         self.start_epoch = 0
 
     def _left_out(self, position: int, reason: str) -> None:
@@ -185,14 +198,6 @@ class Trainer:
             return OnlineTargets(ensemble, self.index, config.seeds, crop, config.disc_input, cutmix, config.res)
         return HardTargets(self.index, config.seeds, crop, self.device, cutmix, config.res)
 
-    def _optimizer(self) -> torch.optim.Optimizer:
-        """One SGD over the student and the discriminator (its own lr, by default the student's); fused on CUDA."""
-        groups = [{"params": self.student.parameters(), "lr": self.config.lr}]
-        if self.discriminator is not None:
-            groups.append({"params": self.discriminator.parameters(), "lr": self.config.d_lr or self.config.lr})
-        return torch.optim.SGD(groups, lr=self.config.lr, momentum=self.config.momentum,
-                               weight_decay=self.config.weight_decay, fused=self.device.type == "cuda" or None)
-
     # -- one step, one epoch -------------------------------------------------------------------
 
     def _losses(self, images: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -221,8 +226,14 @@ class Trainer:
         losses = self._losses(images, indices)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
+        if self.config.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op without fp16's scaler)
+            clip_gradients(self.config, self.optimizer)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.updates += 1
+        if self.ema is not None:
+            self.ema.update(self.student, step=self.updates)
         return losses
 
     def train_epoch(self, epoch: int) -> dict:
@@ -232,17 +243,26 @@ class Trainer:
                             world_size=self.world.world_size, mix=self.targets.mix)
         sums: dict[str, torch.Tensor] = {}
         steps = images_seen = 0
+        drift = torch.zeros((), device=self.device)  # the discriminator loss's largest distance from ln 2
+        desc, lr = f"epoch {epoch + 1}/{self.config.epochs}", self.optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
-        batches = self.loader.epoch(order, boxes, flips, desc=f"epoch {epoch + 1}/{self.config.epochs}",
-                                    progress=self.progress)
+        self.lines.start()
+        batches = self.loader.epoch(order, boxes, flips, desc=desc, progress=self.progress)
         for images, indices in batches:
             losses = self.step(images, indices)
             for key, value in losses.items():  # summed on the device: no host sync per step
                 sums[key] = sums.get(key, 0.0) + value.detach()
+            if "disc_loss" in losses:
+                drift = torch.maximum(drift, (losses["disc_loss"].detach() - math.log(2)).abs())
             steps += 1
             images_seen += len(indices)
             if steps % _POSTFIX_EVERY == 1 and self.progress:  # the one figure printed mid-epoch
                 batches.bar.set_postfix(loss=f"{float(sums['loss']) / steps:.4f}", refresh=False)
+            self.lines.step(desc, steps, images_seen, len(order), sums["loss"] / steps, lr)
+        if "disc_loss" in sums and float(drift) < INERT_DISCRIMINATOR:
+            self.log(f"warning: {desc}: the discriminator's loss stayed within {INERT_DISCRIMINATOR:g} of ln 2 = "
+                     f"{math.log(2):.4f} at every step: it is not learning (its last ReLU gives 0 for every input); "
+                     "--disc-head linear is the form that learns (docs/demo.md)")
         keys = sorted(sums)
         totals = self.world.sum(torch.stack([sums[k].float() for k in keys] + [torch.tensor(
             float(images_seen), device=self.device)]))  # waits for the device and for every rank
@@ -266,10 +286,14 @@ class Trainer:
             handle.flush()
             os.fsync(handle.fileno())
         atomic_write(self.out / "model.safetensors", lambda tmp: save_model(self.student, str(tmp)))
+        if self.ema is not None:
+            atomic_write(self.out / "model_ema.safetensors", lambda tmp: save_model(self.ema.module, str(tmp)))
         save_checkpoint(self.out / CHECKPOINT, modules={"student": self.student, "discriminator": self.discriminator,
-                                                        "scaler": self.scaler},
-                        optimizer=self.optimizer, scheduler=self.scheduler, epoch=epoch, rng_states=rng_states,
-                        options=self.config.without_credentials(), store=self._store_identity())
+                                                        "scaler": self.scaler, "ema": self.ema},
+                        optimizer=self.optimizer, scheduler=self.scheduler, epoch=epoch, updates=self.updates,
+                        rng_states=rng_states, options=self.config.without_credentials(),
+                        store=self._store_identity())
+        self.runlog.epoch(metrics, header=not (self.out / SUMMARY).exists())
 
     def _restore(self) -> None:
         state = self.resumed
@@ -278,9 +302,12 @@ class Trainer:
             self.discriminator.load_state_dict(state["discriminator"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.start_epoch = int(state["epoch"])
+        self.start_epoch, self.updates = int(state["epoch"]), int(state.get("updates", 0))
+        self.scheduler.step(self.start_epoch)  # timm's schedules are a function of the epochs done
         if len(state["rng"]) == self.world.world_size:
             restore_rng_state(state["rng"][self.world.rank], self.device)
         else:  # weights, order and crops still continue exactly; only dropout masks come from new seeds
@@ -291,6 +318,7 @@ class Trainer:
         if metrics.exists() and self.world.is_main:
             kept = metrics_until(metrics, self.start_epoch, self.log)
             atomic_write(metrics, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+            self.runlog.rewrite_summary([json.loads(line) for line in kept])
         self.log(f"resumed from {self.out / CHECKPOINT} after epoch {self.start_epoch}")
 
     def _start_fresh(self) -> None:
@@ -301,8 +329,9 @@ class Trainer:
         if present and not _is_run_config(self.out / "config.json"):
             raise FileExistsError(f"{self.out}: holds {', '.join(present)} of something else; nothing was "
                                   "changed: choose another --out")
-        if self.world.is_main:
-            (self.out / "metrics.jsonl").unlink(missing_ok=True)  # a killed first epoch's line, never checkpointed
+        if self.world.is_main:  # a killed first epoch's lines, never checkpointed
+            for name in ("metrics.jsonl", *REPORTS):
+                (self.out / name).unlink(missing_ok=True)
 
     @holding_run_folder
     def fit(self) -> list[dict]:
@@ -313,13 +342,15 @@ class Trainer:
         else:
             self._start_fresh()
         if self.world.is_main:
+            self.runlog.open(self.config.log_tb, self.config.without_credentials() if self.config.log_wandb else None)
             atomic_write(self.out / "config.json",
-                         lambda tmp: tmp.write_text(json.dumps(self.config.without_credentials(), indent=2)))
+                         lambda tmp: tmp.write_text(json.dumps(run_file(self.config, self._ran()), indent=2)))
+            self.log(self._start_line())
         history = []
         for epoch in range(self.start_epoch, self.config.epochs):
             lr = self.optimizer.param_groups[0]["lr"]
             stats = self.train_epoch(epoch)
-            self.scheduler.step()
+            self.scheduler.step(epoch + 1)
             metrics = {"epoch": epoch + 1, "lr": lr, "loss": stats["loss"], "kd_loss": stats.get("kd_loss"),
                        "disc_loss": stats.get("disc_loss"), "val_top1": None, "val_top5": None,
                        "images_per_sec": stats["images_per_sec"], "seconds": stats["seconds"]}
@@ -328,12 +359,47 @@ class Trainer:
                 result = evaluate(self.student, self.normalize, self.val_loader, self.eval_transform,
                                   self.config.amp, world=self.world, progress=self.progress)
                 metrics["val_top1"], metrics["val_top5"] = result["top1"], result["top5"]
+                if self.ema is not None:  # the EMA's weights, scored the same way
+                    result = evaluate(self.ema.module, self.normalize, self.val_loader, self.eval_transform,
+                                      self.config.amp, world=self.world, progress=self.progress)
+                    metrics["val_top1_ema"], metrics["val_top5_ema"] = result["top1"], result["top5"]
                 metrics |= {f"val_{key}": value for key, value in self.eval_transform.record().items()}
             self._save(epoch + 1, metrics)
             history.append(metrics)
             self.log(_summary_line(metrics, self.config.epochs))
         self.world.barrier()  # no rank leaves before rank 0 has written the last checkpoint
+        if self.world.is_main:
+            self._report_best(history)
+            self.runlog.close()
         return history
+
+    def _report_best(self, history: list[dict]) -> None:
+        """With --model-ema: which of the two weights scored better on the last validation, and where it lies."""
+        last = history[-1] if history else {}
+        if last.get("val_top1_ema") is None:
+            return
+        ema_wins = last["val_top1_ema"] > last["val_top1"]
+        self.log(f"best: {'the EMA' if ema_wins else 'the trained'} weights, top-1 "
+                 f"{max(last['val_top1'], last['val_top1_ema']):.2f}% "
+                 f"({self.out / ('model_ema.safetensors' if ema_wins else 'model.safetensors')})")
+
+    def _start_line(self) -> str:
+        config, ranks = self.config, self.world.world_size
+        recipe = f"{config.opt} lr {config.lr:g}, {config.sched} schedule" + (
+            f" after {config.warmup_epochs} warm-up epoch(s)" if config.warmup_epochs else "")
+        return (f"{config.mode} {config.model} for {config.epochs} epochs: batch {config.batch_size} global "
+                f"({config.batch_size // ranks} per rank × {ranks}), {recipe}"
+                + (", EMA of the weights" if self.ema is not None else "")
+                + f"; on {self.device}, {self.loader.decoder_name} decoder, outputs in {self.out}")
+
+    def _ran(self) -> dict:
+        """What actually ran, for config.json: decoder, device, world size, autocast, versions, store, init."""
+        made = provenance(self.loader.decoder_name, self.device)
+        dtype = AMP_DTYPES[self.config.amp] if self.device.type == "cuda" else None
+        made["autocast"] = str(dtype).removeprefix("torch.") if dtype else "off"
+        init = self.config.init
+        return made | {"world_size": self.world.world_size, "store": self._store_identity(),
+                       "init_sha256": file_sha256(init) if init not in ("pretrained", "scratch") else None}
 
 
 def _is_run_config(path: Path) -> bool:
@@ -353,5 +419,7 @@ def _summary_line(metrics: dict, epochs: int) -> str:
         parts.append(f"disc {metrics['disc_loss']:.4f}")
     if metrics["val_top1"] is not None:
         parts.append(f"val top-1 {metrics['val_top1']:.2f}% top-5 {metrics['val_top5']:.2f}%")
+    if metrics.get("val_top1_ema") is not None:
+        parts.append(f"EMA top-1 {metrics['val_top1_ema']:.2f}%")
     parts.append(f"{metrics['images_per_sec']:.0f} img/s, {metrics['seconds']:.1f} s")
     return " | ".join(parts)
