@@ -7,7 +7,7 @@ import json
 
 import click
 
-from mealv2.distill.config import AMP_MODES
+from mealv2.distill.config import AMP_MODES, DISC_HEADS, SCHEDULES
 from mealv2.distill.config import defaults as train_defaults
 from mealv2 import __version__
 from mealv2.pipeline.decoders import DECODERS
@@ -258,23 +258,80 @@ CUTMIX_HELP = {
 }
 
 
+def config_file_option(command: str):
+    """--config FILE: a YAML or JSON file of options (a run's config.json is one); flags given override it."""
+    def load(ctx, _param, path):
+        if path:
+            from mealv2.distill.config import read_run_file
+
+            known = {param.name for param in ctx.command.params}
+            values = _fail_cleanly(lambda: read_run_file(path, command, known))
+            ctx.default_map = (ctx.default_map or {}) | values
+        return path
+    return click.option("--config", type=click.Path(dir_okay=False, exists=True), is_eager=True, expose_value=False,
+                        callback=load, help="YAML or JSON file of options (a run's config.json reproduces it); "
+                        "flags given here override it")
+
+
+def recipe_options(default: dict) -> list:
+    """timm's optimisation options, under timm's train.py names; defaults are the paper's (or train's)."""
+    return [
+        click.option("--opt", default=default["opt"], show_default=True,
+                     help="timm optimizer (create_optimizer_v2): momentum is SGD with momentum, as the paper; "
+                          "timm's sgd is Nesterov; adamw, lamb, ..."),
+        click.option("--opt-eps", type=float, default=None, help="optimizer epsilon [default: timm's]"),
+        click.option("--lr", type=float, default=default["lr"], show_default=True),
+        click.option("--sched", type=click.Choice(SCHEDULES), default=default["sched"], show_default=True,
+                     help="lr schedule (timm's scheduler factory); step and multistep: ×decay-rate at each of "
+                          "--lr-steps, as the paper"),
+        click.option("--lr-steps", default=",".join(map(str, default["lr_steps"])), show_default=True,
+                     help="step, multistep: comma-separated epochs after which the lr is multiplied by --decay-rate"),
+        click.option("--decay-rate", type=float, default=default["decay_rate"], show_default=True),
+        click.option("--warmup-epochs", type=click.IntRange(min=0), default=default["warmup_epochs"],
+                     show_default=True, help="epochs of linear warm-up from --warmup-lr"),
+        click.option("--warmup-lr", type=float, default=default["warmup_lr"], show_default=True),
+        click.option("--min-lr", type=float, default=default["min_lr"], show_default=True,
+                     help="the lr cosine, tanh and poly end at"),
+        click.option("--momentum", type=float, default=default["momentum"], show_default=True),
+        click.option("--weight-decay", type=float, default=default["weight_decay"], show_default=True,
+                     help="biases and norms are not decayed (timm's rule)"),
+        click.option("--clip-grad", type=float, default=None, help="clip gradients at this threshold [default: no "
+                     "clipping]"),
+        click.option("--clip-mode", type=click.Choice(["norm", "value", "agc"]), default=default["clip_mode"],
+                     show_default=True),
+        click.option("--model-ema", is_flag=True, help="keep timm's ModelEmaV3 of the weights, validated and saved "
+                     "beside them (model_ema.safetensors)"),
+        click.option("--model-ema-decay", type=float, default=default["model_ema_decay"], show_default=True),
+    ]
+
+
+def log_options(default: dict) -> list:
+    """Where a run reports beside metrics.jsonl, summary.csv and log.txt."""
+    return [
+        click.option("--log-interval", type=click.IntRange(min=0), default=default["log_interval"],
+                     show_default=True, help="steps between progress lines when no bar is shown (a log file, "
+                     "Slurm, nohup); one at least every 30 s; 0: none"),
+        click.option("--log-tb", type=click.Path(file_okay=False), default=None,
+                     help="also write TensorBoard scalars to this folder (pip install 'mealv2[tensorboard]')"),
+        click.option("--log-wandb", is_flag=True, help="also log to Weights & Biases (pip install wandb)"),
+    ]
+
+
 def training_options(mode: str):
     """Options distill and train share; defaults differ (the paper's distill recipe vs a supervised one)."""
     default = train_defaults(mode)
     return _apply([
+        config_file_option(mode),
         click.option("--data", required=True, type=click.Path(file_okay=False), help="dataset ROOT (train/, val/)"),
         click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder"),
         click.option("--epochs", type=int, default=default["epochs"], show_default=True),
-        click.option("--lr", type=float, default=default["lr"], show_default=True),
-        click.option("--lr-steps", default=",".join(map(str, default["lr_steps"])), show_default=True,
-                     help="comma-separated epochs where the lr is multiplied by 0.1"),
         click.option("--batch-size", type=int, default=default["batch_size"], show_default=True,
-                     help="global batch size"),
+                     help="global batch, split over ranks (timm's --batch-size is per process)"),
         click.option("--res", type=int, default=None, help="training resolution [default: the store's, or 224]"),
-        click.option("--momentum", type=float, default=default["momentum"], show_default=True),
-        click.option("--weight-decay", type=float, default=default["weight_decay"], show_default=True),
+        *recipe_options(default),
         click.option("--init", default=default["init"], show_default=True,
-                     help="pretrained (timm hub weights), scratch, or a weights PATH"),
+                     help="pretrained (timm hub weights), scratch, or a weights PATH (timm's --pretrained-path: "
+                          "a head for another class count starts new)"),
         click.option("--seeds", type=click.IntRange(min=1), default=None,
                      help="distill: read seed slots 0..N-1 [default: every complete slot]; train, --online: "
                           "crop seeds cycle e mod N [default: new crops each epoch]"),
@@ -293,6 +350,7 @@ def training_options(mode: str):
         *eval_transform_options(),
         click.option("--skip-bad", is_flag=True, help="leave unreadable images out"),
         click.option("--progress/--no-progress", default=True, show_default=True),
+        *log_options(default),
         runtime_options,
         hw_decoder_option,
         compile_option,
@@ -315,7 +373,7 @@ def _fit(mode: str, options: dict, storage_options: tuple[str, ...] = ()) -> Non
 
 @main.command()
 @click.option("--labels", default=None, help="label store path or URL (from cache-teachers)")
-@click.option("--student", "model", required=True, help="timm model name of the student")
+@click.option("--student", "--model", "model", required=True, help="timm model name of the student")
 @click.option("--online", is_flag=True, help="run the teachers in the loop instead of reading a store")
 @click.option("--teachers", default=None, help="online mode: NAME or NAME=PATH, comma-separated")
 @click.option("--d-lr", type=float, default=None, help="discriminator lr [default: the student's]")
@@ -325,6 +383,8 @@ def _fit(mode: str, options: dict, storage_options: tuple[str, ...] = ()) -> Non
               help="what the discriminator sees (logits: online mode, as the official code)")
 @click.option("--kd-weight", type=float, default=DISTILL["kd_weight"], show_default=True)
 @click.option("--disc-weight", type=float, default=DISTILL["disc_weight"], show_default=True)
+@click.option("--disc-head", type=click.Choice(DISC_HEADS), default=DISTILL["disc_head"], show_default=True,
+              help="the discriminator's last layer: relu as the official code (can be inert: loss ln 2), or linear")
 @training_options("distill")
 @crop_options(note="; from a store: its crops")
 @storage_option
@@ -346,8 +406,10 @@ def train(**options):
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="dataset ROOT (uses ROOT/val)")
 @click.option("--model", default=None, help="timm model name (with --checkpoint)")
 @click.option("--checkpoint", default=None, help="model.safetensors or checkpoint-last.pth")
+@click.option("--pretrained", is_flag=True, help="score the model's timm hub weights (instead of --checkpoint)")
 @click.option("--teachers", default=None, help="instead of one model: NAME=PATH,... scored by their mean softmax")
-@click.option("--res", type=int, default=224, show_default=True)
+@click.option("--res", type=int, default=None,
+              help="[default: the run's training resolution, else the model's timm data config; teachers: 224]")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--predictions", "predictions_path", type=click.Path(dir_okay=False), default=None,
@@ -368,6 +430,20 @@ def evaluate(as_json, predictions_path, **options):
                f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  ({result['images']} images; "
                f"crop {result['crop_pct']:g} {result['crop_mode']}, {result['interpolation']})")
     return result
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--out", default="report.png", show_default=True, type=click.Path(dir_okay=False),
+              help="the PNG to write")
+def report(runs, out):
+    """Curves of one or several runs (validation top-1, loss, lr) in one PNG, to compare runs from one store."""
+    from pathlib import Path
+
+    from mealv2.report import plot_runs
+
+    _fail_cleanly(lambda: plot_runs([Path(run) for run in runs], Path(out)))
+    click.echo(f"{out}: {len(runs)} run(s)")
 
 
 @main.group()

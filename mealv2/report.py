@@ -1,8 +1,11 @@
-"""The demo's report.png: validation curves of every run, training losses, and the accuracy bars."""
+"""Figures of runs: `mealv2 report` (the curves of any runs, for comparing runs from one store) and the
+demo's report.png (validation curves of every run, training losses, and the accuracy bars)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import json
 
 import matplotlib
 
@@ -44,3 +47,39 @@ def plot_report(curves: dict[str, list[dict]], summary: dict, path: Path) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_runs(runs: list[Path], path: Path) -> None:
+    """Validation top-1 (and the EMA's), training loss and lr per epoch of each run folder's metrics.jsonl."""
+    fig, (val_ax, loss_ax, lr_ax) = plt.subplots(1, 3, figsize=(16, 4.8))
+    for run in runs:
+        rows = read_metrics(run)
+        epochs = [row["epoch"] for row in rows]
+        for key, style in (("val_top1", "-"), ("val_top1_ema", ":")):
+            points = [(row["epoch"], row[key]) for row in rows if row.get(key) is not None]
+            if points:
+                val_ax.plot(*zip(*points), style, marker="o", label=run.name + (" EMA" if "ema" in key else ""))
+        loss_ax.plot(epochs, [row["loss"] for row in rows], marker=".", label=run.name)
+        lr_ax.plot(epochs, [row["lr"] for row in rows], marker=".", label=run.name)
+    val_ax.set(title="validation top-1", xlabel="epoch", ylabel="%")
+    loss_ax.set(title="training loss", xlabel="epoch")
+    lr_ax.set(title="learning rate (at the epoch's start)", xlabel="epoch", yscale="log")
+    for ax in (val_ax, loss_ax, lr_ax):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """A run folder's metrics.jsonl rows; a missing or empty file is one clear error naming it."""
+    path = run / "metrics.jsonl"
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except OSError:
+        raise ValueError(f"{path}: not found; expected a run folder written by mealv2 distill or train") from None
+    except ValueError:
+        raise ValueError(f"{path}: a line is not JSON; is this a mealv2 run folder?") from None
+    if not rows:
+        raise ValueError(f"{path}: holds no epoch yet")
+    return rows
