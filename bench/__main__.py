@@ -42,9 +42,10 @@ def _stage_one(root: Path, tmp: Path, spec: str, seeds: int, workers: int, round
                teacher_seconds: float) -> dict:
     decode, torchvision = measures.loader_rates(load_index(root / "train"), RES, workers, rounds)
     forward = measures.BATCH / teacher_seconds
-    def cache(name: str, cutmix: float) -> dict:
+    def cache(name: str, mixup_prob: float) -> dict:
         return run_cache(CacheJob(data=str(root), store=str(tmp / name), res=RES, teachers=spec, seeds=seeds, topk=5,
-                                  device="cpu", workers=workers, cutmix=cutmix, progress=False), log=lambda *_: None)
+                                  device="cpu", workers=workers, cutmix=1.0 if mixup_prob else 0.0,
+                                  mixup_prob=mixup_prob or 1.0, progress=False), log=lambda *_: None)
 
     summary = cache("labels.zarr", 0.0)
     mixed = cache("labels-cutmix.zarr", 0.5)  # the mix arrays' share of the store

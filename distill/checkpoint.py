@@ -19,8 +19,8 @@ from mealv2.pipeline.files import atomic_write
 
 CHECKPOINT = "checkpoint-last.pth"
 # options a resumed run must share with the run it continues (the rest, like --epochs, may change)
-RESUME_KEYS = ("mode", "model", "teachers", "res", "interpolation", "scale", "ratio", "seeds", "cutmix", "opt",
-               "model_ema", "disc_head")
+RESUME_KEYS = ("mode", "model", "teachers", "res", "interpolation", "scale", "ratio", "seeds", "cutmix", "mixup_prob",
+               "opt", "model_ema", "disc_head")
 
 
 def rng_state(device: torch.device) -> bytes:

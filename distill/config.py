@@ -54,7 +54,8 @@ class TrainConfig:
     drop: float | None = None  # timm's drop_rate and drop_path_rate; None keeps the model's own
     drop_path: float | None = None
     sync_bn: bool = False
-    cutmix: float = 0.0  # probability a pair of crops is mixed (mealv2.pipeline.mix); a CutMix store mixes by itself
+    cutmix: float = 0.0  # CutMix's alpha, as timm's (mealv2.pipeline.mix); a CutMix store mixes by itself
+    mixup_prob: float = 1.0  # the probability a pair of crops is mixed
     seeds: int | None = None  # distill: seed slots read (epoch e reads slot e mod seeds); else crop seeds cycled
     scale: tuple[float, float] | None = None  # RandomResizedCrop ranges: None is the store's, or CropSpec's default
     ratio: tuple[float, float] | None = None
@@ -77,6 +78,13 @@ class TrainConfig:
     log_tb: str | None = None
     log_wandb: bool = False
 
+    @property
+    def mix(self):
+        """The CutMix asked for (mealv2.pipeline.mix.MixSpec); a CutMix store brings its own."""
+        from mealv2.pipeline.mix import MixSpec
+
+        return MixSpec(self.cutmix, self.mixup_prob)
+
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: expected one of {MODES}")
@@ -85,8 +93,7 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.seeds is not None and self.seeds < 1:
             raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
-        if not 0 <= self.cutmix <= 1:
-            raise ValueError(f"--cutmix {self.cutmix}: expected a probability, 0 <= P <= 1")
+        self.mix  # --cutmix ALPHA >= 0, --mixup-prob 0 <= P <= 1
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.amp not in AMP_MODES:

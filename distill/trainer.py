@@ -37,7 +37,6 @@ from mealv2.pipeline.dataset import load_index
 from mealv2.pipeline.distributed import setup
 from mealv2.pipeline.files import atomic_write
 from mealv2.pipeline.loader import ReplayLoader, epoch_order
-from mealv2.pipeline.mix import MixSpec
 from mealv2.softlabels.cache import provenance
 from mealv2.softlabels.models import AMP_DTYPES, Normalize, autocast, file_sha256, normalization
 from mealv2.softlabels.store import LabelStore, StoreError
@@ -77,9 +76,9 @@ def resolve_config(config: TrainConfig, store: LabelStore | None, saved: dict | 
         if getattr(config, name) is not None and wanted != stored:
             raise StoreError(f"--{name} {' '.join(map(str, wanted))}: {config.labels} holds crops drawn with "
                              f"{name} {' '.join(map(str, stored))}, and distill replays those")
-    if store is not None and store.mix.enabled and config.cutmix:
+    if store is not None and store.mix.enabled and config.mix.enabled:
         raise StoreError(f"--cutmix {config.cutmix}: {config.labels} replays the mixes it was made with "
-                         f"(p = {store.mix.prob:g}); leave --cutmix out")
+                         f"({store.mix.describe()}); leave --cutmix out")
     seeds = config.seeds
     if store is not None:
         if seeds is None and saved is not None:
@@ -119,7 +118,7 @@ class Trainer:
         if self.store:  # every slot the run will read, before the first step (a missing chunk reads as zeros)
             self.store.check_slots(self.config.seeds)
         rank_batch = self.config.batch_size // self.world.world_size
-        if (self.config.cutmix or (self.store and self.store.mix.enabled)) and rank_batch % 2:
+        if (self.config.mix.enabled or (self.store and self.store.mix.enabled)) and rank_batch % 2:
             raise ValueError(f"--batch-size {self.config.batch_size}: CutMix batches whole pairs; expected an even "
                              f"number of images per rank, got {rank_batch}")
         if self.resumed:
@@ -188,7 +187,7 @@ class Trainer:
         return {"url": self.config.labels, **self.store.identity(), "seeds": self.store.seeds[:self.config.seeds]}
 
     def _targets(self):
-        config, cutmix = self.config, MixSpec(self.config.cutmix)
+        config, cutmix = self.config, self.config.mix
         if config.mode == "distill":
             return CachedTargets(self.store, self.device, config.seeds, config.res, cutmix)
         crop = CropSpec(config.scale, config.ratio)

@@ -75,6 +75,15 @@ def crop_options(note: str = ""):
     return decorate
 
 
+def mix_options(alpha: float, prob: float, labels: str) -> list:
+    """--cutmix ALPHA and --mixup-prob P, as timm's train.py names them (mealv2.pipeline.mix.MixSpec)."""
+    return [click.option("--cutmix", type=click.FloatRange(min=0), default=alpha, show_default=True, metavar="ALPHA",
+                         help="CutMix's alpha, as in timm: each mixed crop keeps a share λ ~ Beta(α, α) of itself "
+                              f"(1: uniform; 0: no mixing); {labels}"),
+            click.option("--mixup-prob", type=click.FloatRange(0, 1), default=prob, show_default=True, metavar="P",
+                         help="with --cutmix: the probability that a pair of crops is mixed (timm's name)")]
+
+
 def storage_option(command):
     return click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
                         help="fsspec option for the store's filesystem (repeatable)")(command)
@@ -101,8 +110,8 @@ def storage_option(command):
               "file's bytes (hashed once here and at each distill start; catches an image edited at equal size)")
 @click.option("--chunk-rows", type=int, default=CACHE["chunk_rows"], show_default=True,
               help="images per store chunk")
-@click.option("--cutmix", type=click.FloatRange(0, 1), default=CACHE["cutmix"], show_default=True, metavar="P",
-              help="mix pairs of crops with probability P and label the composites (stage two replays them)")
+@_apply(mix_options(CACHE["cutmix"], CACHE["mixup_prob"], "the teachers label the composites and stage two "
+                    "replays them"))
 @crop_options()
 @runtime_options
 @hw_decoder_option
@@ -138,6 +147,7 @@ def labels():
 @storage_option
 def labels_info(store, as_json, storage_options):
     """Teachers, resolution, k, seed slots, images, completeness, bytes per crop."""
+    from mealv2.pipeline.mix import MixSpec
     from mealv2.softlabels.store import LabelStore
 
     info = _fail_cleanly(lambda: LabelStore.open(store, "r", _storage_options(storage_options)).info())
@@ -151,7 +161,7 @@ def labels_info(store, as_json, storage_options):
                        ("residual", info["residual"]),
                        ("crop", "scale {:.4g} {:.4g}, ratio {:.4g} {:.4g}".format(
                            *info["crop"]["scale"], *info["crop"]["ratio"])),
-                       ("cutmix", f"pairs mixed with p = {info['mix']['prob']:g}" if info["mix"] else "none"),
+                       ("cutmix", MixSpec.from_attrs(info["mix"]).describe()),
                        ("seed slots", info["seeds"]), ("images", info["images"]),
                        ("classes", info["classes"]),
                        ("complete", f"{info['complete']} ({info['units_done']}/{info['units']} units"
@@ -252,9 +262,9 @@ def eval_transform_options() -> list:
 
 
 CUTMIX_HELP = {
-    "distill": "mix pairs of crops with probability P: --online the teachers label the composites; from a "
-               "store, its labels are mixed by area (FKD's way). A store made with --cutmix replays its own mixes",
-    "train": "mix pairs of crops with probability P, the hard labels weighted by area (timm's CutMix)",
+    "distill": "--online the teachers label the composites; from a store, its labels are mixed by area (FKD's "
+               "way). A store made with --cutmix replays its own mixes",
+    "train": "the hard labels are weighted by area (timm's CutMix)",
 }
 
 
@@ -329,14 +339,13 @@ def training_options(mode: str):
                      help="global batch, split over ranks (timm's --batch-size is per process)"),
         click.option("--res", type=int, default=None, help="training resolution [default: the store's, or 224]"),
         *recipe_options(default),
-        click.option("--init", default=default["init"], show_default=True,
-                     help="pretrained (timm hub weights), scratch, or a weights PATH (timm's --pretrained-path: "
-                          "a head for another class count starts new)"),
+        click.option("--init", "--pretrained-path", "init", default=default["init"], show_default=True,
+                     help="pretrained (timm hub weights), scratch, or a weights PATH (a head for another class "
+                          "count starts new)"),
         click.option("--seeds", type=click.IntRange(min=1), default=None,
                      help="distill: read seed slots 0..N-1 [default: every complete slot]; train, --online: "
                           "crop seeds cycle e mod N [default: new crops each epoch]"),
-        click.option("--cutmix", type=click.FloatRange(0, 1), default=default["cutmix"], show_default=True, metavar="P",
-                     help=CUTMIX_HELP[mode]),
+        *mix_options(default["cutmix"], default["mixup_prob"], CUTMIX_HELP[mode]),
         click.option("--drop", type=float, default=None, help="timm drop_rate [default: the model's]"),
         click.option("--drop-path", type=float, default=None, help="timm drop_path_rate [default: the model's]"),
         click.option("--sync-bn", is_flag=True,

@@ -48,13 +48,14 @@ class CacheJob:
     fingerprint: str = "size"  # "content": the dataset fingerprint also hashes every image's bytes
     chunk_rows: int = CHUNK_ROWS
     crop: CropSpec = CropSpec()
-    cutmix: float = 0.0  # probability that a pair of crops is mixed and labelled as one composite (mealv2.pipeline.mix)
+    cutmix: float = 0.0  # CutMix's alpha, as timm's --cutmix (0: no mixing; mealv2.pipeline.mix)
+    mixup_prob: float = 1.0  # the probability a pair of crops is mixed and labelled as one composite
     storage_options: dict = field(default_factory=dict)
     progress: bool = True
 
     @property
     def mix(self) -> MixSpec:
-        return MixSpec(self.cutmix)
+        return MixSpec(self.cutmix, self.mixup_prob)
 
     def validate(self) -> None:
         for name in ("res", "seeds", "topk", "batch_size", "chunk_rows"):

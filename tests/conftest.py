@@ -112,5 +112,6 @@ def mild_store(tmp_path_factory, small_root, teacher_files) -> Path:
 
 @pytest.fixture(scope="session")
 def cutmix_store(tmp_path_factory, small_root, teacher_files) -> Path:
-    """The reference run with --cutmix 0.5: 30 images in 8-row chunks, so partners cross chunks."""
-    return _cached_store(tmp_path_factory, small_root, teacher_files, "cutmix.zarr", "--cutmix", "0.5")
+    """The reference run with --cutmix 1 --mixup-prob 0.5: 30 images in 8-row chunks, so partners cross chunks."""
+    return _cached_store(tmp_path_factory, small_root, teacher_files, "cutmix.zarr", "--cutmix", "1",
+                         "--mixup-prob", "0.5")

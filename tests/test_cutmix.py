@@ -1,6 +1,7 @@
 """Consistent CutMix: timm's boxes, a fixed pairing, whole pairs in every batch, stage one's composites
 replayed by stage two with one decode per image, verified against PIL composites."""
 
+import hashlib
 import shutil
 
 import numpy as np
@@ -15,7 +16,7 @@ from mealv2.pipeline import mix as mixing
 from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import DatasetIndex
 from mealv2.pipeline.loader import epoch_order
-from mealv2.pipeline.mix import MixSpec, SlotMix, cutmix_boxes
+from mealv2.pipeline.mix import MIX_ALGORITHM, MixSpec, SlotMix, beta_quantile, cutmix_boxes
 from mealv2.pipeline.pil_replay import PilDecoder
 from mealv2.softlabels.store import LabelStore
 
@@ -38,10 +39,32 @@ def test_boxes_are_timms_rand_bbox(monkeypatch):
             assert ours[j].tolist() == [yl, xl, yh - yl, xh - xl]
 
 
+def test_lambda_follows_beta_alpha_alpha_as_timms_cutmix_alpha():
+    u = np.linspace(0, 1, 100_001, endpoint=False)
+    assert np.array_equal(beta_quantile(u, 1.0), u)  # α = 1: the uniform itself, as before α existed
+    arcsine = np.sin(np.pi * u / 2) ** 2  # Beta(1/2, 1/2)'s inverse CDF in closed form
+    assert np.abs(beta_quantile(u, 0.5) - arcsine).max() < 1e-8
+    x = beta_quantile(u, 2.0)  # Beta(2, 2): F(x) = 3x² - 2x³
+    assert np.abs(3 * x ** 2 - 2 * x ** 3 - u).max() < 1e-7
+    assert np.all(np.diff(beta_quantile(u, 8.0)) >= 0)
+    spread = [MixSpec(alpha).draw(5, 20_001, 64) for alpha in (0.2, 1.0, 8.0)]
+    shares = [(slot.boxes[:, 2] * slot.boxes[:, 3]).std() for slot in spread]
+    assert shares[0] > shares[1] > shares[2]  # small α: all or nothing; large α: about half pasted
+
+
+def test_alpha_one_replays_stores_made_before_alpha_existed():
+    before = {"prob": 0.5, "algorithm": MIX_ALGORITHM}  # the mix attribute of a store made with `--cutmix 0.5`
+    assert MixSpec.from_attrs(before) == MixSpec(1, 0.5) and MixSpec(1, 0.5).attrs() == before
+    drawn = MixSpec(1, 0.5).draw(7, 30, 32)  # digest of the same draw by the code before alpha (commit 53cef81)
+    assert hashlib.sha256(drawn.partner.tobytes() + drawn.boxes.tobytes()).hexdigest()[:16] == "610f4b8b2ed2f69f"
+    assert MixSpec(2, 0.5).attrs() == before | {"alpha": 2.0}
+    assert MixSpec.from_attrs(MixSpec(2, 0.5).attrs()) == MixSpec(2, 0.5)
+
+
 def test_pairing_is_a_fixed_symmetric_matching():
     n, res = 10_001, 32
-    drawn = MixSpec(0.5).draw(7, n, res)
-    again = MixSpec(0.5).draw(7, n, res)
+    drawn = MixSpec(1, 0.5).draw(7, n, res)
+    again = MixSpec(1, 0.5).draw(7, n, res)
     assert np.array_equal(drawn.partner, again.partner) and np.array_equal(drawn.boxes, again.boxes)
     mixed = np.flatnonzero(drawn.partner >= 0)
     assert np.array_equal(drawn.partner[drawn.partner[mixed]], mixed)  # partners of partners are themselves
@@ -53,8 +76,8 @@ def test_pairing_is_a_fixed_symmetric_matching():
     assert (top >= 0).all() and (left >= 0).all() and (top + height <= res).all() and (left + width <= res).all()
     share = (height * width / res ** 2).mean()
     assert 0.25 < share < 0.45  # E[1 - λ] = 0.5 before clipping at the borders
-    assert not np.array_equal(MixSpec(0.5).draw(8, n, res).partner, drawn.partner)
-    assert (MixSpec(0.0).draw(7, n, res).partner == -1).all()
+    assert not np.array_equal(MixSpec(1, 0.5).draw(8, n, res).partner, drawn.partner)
+    assert (MixSpec(0).draw(7, n, res).partner == -1).all()
     assert (MixSpec(1.0).draw(7, n, res).partner >= 0).sum() == n - 1  # an odd count leaves one unmixed
 
 
@@ -89,7 +112,7 @@ def test_blend_weights_each_target_by_the_pasted_area():
 
 @pytest.mark.parametrize("n,world_size", [(31, 1), (30, 1), (31, 2), (29, 3)])
 def test_epoch_orders_hold_whole_pairs(n, world_size):
-    slot = MixSpec(0.6).draw(2, n, 32)
+    slot = MixSpec(1, 0.6).draw(2, n, 32)
     trainable = np.setdiff1d(np.arange(n), [5])  # an unlabelled image: its partner goes unmixed
     orders = [epoch_order(trainable, 0, 3, rank=r, world_size=world_size, mix=slot) for r in range(world_size)]
     assert len({len(o) for o in orders}) == 1
@@ -110,19 +133,21 @@ def test_cutmix_store_schema_and_identity(cutmix_store, reference_store, small_r
     assert group["mix_partner"].shape == (2, 30) and group["mix_partner"].dtype == np.int32
     assert group["mix_boxes"].shape == (2, 30, 4) and group["mix_boxes"].chunks == group["boxes"].chunks
     store = LabelStore.open(str(cutmix_store))
-    assert store.mix == MixSpec(0.5)
+    assert store.mix == MixSpec(1, 0.5)
     for slot in range(2):
         labels = store.read_slot(slot)
-        drawn = MixSpec(0.5).draw(store.seeds[slot], 30, 32)
+        drawn = MixSpec(1, 0.5).draw(store.seeds[slot], 30, 32)
         assert np.array_equal(labels.mix_partner, drawn.partner)  # every image decoded: every drawn pair mixed
         assert np.array_equal(labels.mix_boxes, drawn.boxes)
         assert (labels.mix_partner >= 0).any()
     assert LabelStore.open(str(reference_store)).read_slot(0).mix_partner is None
 
-    for source, flag in [(cutmix_store, "0.25"), (reference_store, "0.5"), (cutmix_store, "0")]:
-        copy = tmp_path / f"copy-{source.name}-{flag}"
+    for source, flags in [(cutmix_store, ("--cutmix", "1", "--mixup-prob", "0.25")),
+                          (cutmix_store, ("--cutmix", "2", "--mixup-prob", "0.5")),
+                          (reference_store, ("--cutmix", "1", "--mixup-prob", "0.5")), (cutmix_store, ("--cutmix", "0"))]:
+        copy = tmp_path / f"copy-{source.name}-{'-'.join(flags)}"
         shutil.copytree(source, copy)
-        result = run_cli(*cache_args(small_root, copy, teacher_files, "--cutmix", flag))
+        result = run_cli(*cache_args(small_root, copy, teacher_files, *flags))
         assert result.exit_code == 1 and "mix" in result.output, result.output
         assert store_files(copy) == store_files(source)
 
@@ -130,7 +155,8 @@ def test_cutmix_store_schema_and_identity(cutmix_store, reference_store, small_r
 def test_cutmix_store_is_the_same_bytes_when_made_in_shards(cutmix_store, small_root, teacher_files, tmp_path):
     store = tmp_path / "sharded.zarr"
     for shard in ("1/2", "0/2"):
-        result = run_cli(*cache_args(small_root, store, teacher_files, "--cutmix", "0.5", "--shard", shard))
+        result = run_cli(*cache_args(small_root, store, teacher_files, "--cutmix", "1", "--mixup-prob", "0.5",
+                                    "--shard", shard))
         assert result.exit_code == 0, result.output
     assert store_files(store) == store_files(cutmix_store)
 
@@ -177,8 +203,8 @@ def test_stage_two_replays_stage_ones_composites_decoding_each_image_once(small_
                                                                           monkeypatch):
     stage_one = _record_composites(monkeypatch)
     store = tmp_path / "labels.zarr"
-    result = run_cli(*cache_args(small_root, store, teacher_files, "--cutmix", "0.5", "--seeds", "1",
-                                 "--decoder", "pil"))
+    result = run_cli(*cache_args(small_root, store, teacher_files, "--cutmix", "1", "--mixup-prob", "0.5",
+                                 "--seeds", "1", "--decoder", "pil"))
     assert result.exit_code == 0, result.output
     first = {i: images[0] for i, images in stage_one.items()}
     stage_one.clear()
@@ -228,15 +254,18 @@ def test_cutmix_training_options(cutmix_store, small_root, tmp_path):
                      "--batch-size", 5, *common)
     assert result.exit_code == 1 and "expected an even number of images per rank" in result.output
     result = run_cli("distill", "--labels", cutmix_store, "--student", "test_convnext", "--out", tmp_path / "b",
-                     "--batch-size", 6, "--cutmix", "0.5", *common)
+                     "--batch-size", 6, "--cutmix", "1", *common)
     assert result.exit_code == 1 and "replays the mixes it was made with" in result.output
     result = run_cli("train", "--model", "test_convnext", "--out", tmp_path / "c", "--batch-size", 6,
-                     "--cutmix", "0.5", "--res", 32, *common)
+                     "--cutmix", "0.5", "--mixup-prob", "0.5", "--res", 32, *common)
     assert result.exit_code == 0, result.output
     resumed = ["train", "--model", "test_convnext", "--out", tmp_path / "c", "--batch-size", 6, "--res", 32,
                "--resume", *common]
-    result = run_cli(*resumed, "--cutmix", "0")
-    assert result.exit_code == 1 and "was written with --cutmix 0.5" in result.output, result.output
-    result = run_cli("cache-teachers", "--data", small_root, "--store", tmp_path / "s.zarr", "--cutmix", "1.5",
-                     "--device", "cpu")
-    assert result.exit_code == 2 and "--cutmix" in result.output
+    result = run_cli(*resumed, "--cutmix", "1", "--mixup-prob", "0.5")
+    assert result.exit_code == 1 and "was written with --cutmix 0.5, not 1.0" in result.output, result.output
+    result = run_cli(*resumed, "--cutmix", "0.5")
+    assert result.exit_code == 1 and "was written with --mixup-prob 0.5, not 1.0" in result.output, result.output
+    for flag, value in [("--mixup-prob", "1.5"), ("--cutmix", "-1")]:
+        result = run_cli("cache-teachers", "--data", small_root, "--store", tmp_path / "s.zarr", flag, value,
+                         "--device", "cpu")
+        assert result.exit_code == 2 and flag in result.output, result.output

@@ -138,7 +138,8 @@ def test_skipped_rows_are_left_out_and_unfinished_slots_are_not_read(reference_s
 
 def test_cutmix_store_keeps_composites_out_of_the_teachers_top1(small_root, teacher_files, tmp_path):
     store_path = tmp_path / "cutmix.zarr"
-    result = run_cli(*cache_args(small_root, store_path, teacher_files, "--cutmix", "0.5", "--seeds", "1"))
+    result = run_cli(*cache_args(small_root, store_path, teacher_files, "--cutmix", "1", "--mixup-prob", "0.5",
+                                  "--seeds", "1"))
     assert result.exit_code == 0, result.output
     report = stats_json(store_path)
     assert_figures(report, store_path)
