@@ -142,7 +142,7 @@ def test_a_1000_class_local_init_trains_on_3_classes(small_root, reference_store
     weights = tmp_path / "imagenet.safetensors"
     save_file(imagenet.state_dict(), str(weights))
     out = tmp_path / "init"
-    result = run_cli(*distill_args(small_root, reference_store, out, 1, "--init", weights))
+    result = run_cli(*distill_args(small_root, reference_store, out, 1, "--pretrained-path", weights))
     assert result.exit_code == 0, result.output
     assert "its head has 1000 classes, the data 3: the backbone is loaded and the classifier starts new" in result.output
     trained = load_file(str(out / "model.safetensors"))
@@ -196,9 +196,25 @@ def test_wandb_missing_is_one_line(small_root, reference_store, tmp_path, monkey
 
 
 def test_flags_a_timm_user_reads_right():
-    help_text = CliRunner().invoke(main, ["distill", "--help"], terminal_width=200).output
-    assert "global batch, split over ranks" in help_text and "--model" in help_text
-    assert "--opt" in help_text and "--sched" in help_text and "--model-ema" in help_text
+    for command in ("distill", "train"):
+        help_text = CliRunner().invoke(main, [command, "--help"], terminal_width=200).output
+        assert "global batch, split over ranks" in help_text and "--model" in help_text
+        for flag in ("--opt", "--sched", "--model-ema", "--clip-grad", "--pretrained-path", "--cutmix ALPHA",
+                     "--mixup-prob P", "--config"):
+            assert flag in help_text, (command, flag)
+
+
+def test_train_takes_the_same_timm_recipe(small_root, tmp_path):
+    out = tmp_path / "train"
+    result = run_cli("train", "--data", small_root, "--model", "test_resnet", "--init", "scratch", "--out", out,
+                     "--epochs", "2", "--batch-size", "8", "--res", "32", "--no-progress", "--device", "cpu",
+                     *TIMM_RECIPE, "--cutmix", "0.5")
+    assert result.exit_code == 0, result.output
+    lines = metrics(out)
+    cosine_at_1_of_2 = 0.0001 + 0.5 * (0.003 - 0.0001) * (1 + math.cos(math.pi / 2))  # timm: t over all epochs
+    assert [line["lr"] for line in lines] == pytest.approx([0.0005, cosine_at_1_of_2])  # warm-up, then cosine
+    assert all(line["val_top1_ema"] is not None for line in lines) and (out / "model_ema.safetensors").exists()
+    assert json.loads((out / "config.json").read_text())["cutmix"] == 0.5
 
 
 def test_a_dead_last_relu_gives_ln2_and_no_gradient_where_the_linear_head_learns():
