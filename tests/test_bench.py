@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 KEYS = {"stage2_cached_vs_plain", "stage2_cached_vs_online", "stage2_online_ideal", "stage2_online_ideal_cpu",
         "stage1_efficiency", "store_bytes_per_crop", "store_bytes_per_crop_cutmix", "loader_dali_vs_torch",
         "loader_dali_vs_torch_375x500_to_224",
-        "loader_auto_vs_torch_375x500_to_224", "fingerprint_content_s_per_10k_photos",
+        "loader_auto_vs_torch_375x500_to_224", "fingerprint_content_s_per_10k_photos", "fingerprint_content_photo_kb",
         "label_slot_load_ms_per_million_100k", "label_slot_load_ms_per_million_1000k", "sample_crops_s_per_million"}
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import zarr
@@ -20,7 +21,8 @@ from bench.imagegen import make_image_folder
 
 from mealv2.cli import main
 from mealv2.pipeline.dataset import DatasetError, DatasetIndex
-from mealv2.softlabels.store import LabelStore, StoreError
+from mealv2.softlabels.integrity import structure_problems
+from mealv2.softlabels.store import LabelStore, SlotLabels, StoreError
 
 
 def run_cli(*args):
@@ -177,6 +179,9 @@ def test_an_image_replaced_at_equal_byte_size_is_refused_by_its_upright_size(dat
     assert f"{reference_store}: 1 image(s) of {data_copy}/train changed since their labels were made (other " \
            "height × width): class_0/img_003.png" in result.output
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    verified = run_cli("labels", "verify", reference_store, "--data", data_copy)
+    assert verified.exit_code == 1 and "changed since their labels were made" in verified.output
+    assert "class_0/img_003.png" in verified.output
 
 
 def test_fingerprint_content_catches_an_image_replaced_at_equal_size_and_dimensions(data_copy, teacher_files,
@@ -267,3 +272,32 @@ def test_pack_refuses_links_and_removes_what_a_killed_pack_left(store_copy, tmp_
     missing = run_cli("labels", "pack", store_copy, out)  # the link is gone, and with it a chunk
     assert missing.exit_code == 1 and "probs chunk 0.0.0 is missing; nothing was packed" in missing.output
     assert not left.exists() and not out.exists()
+
+
+def sound_rows() -> SlotLabels:
+    """Four CutMix rows of a 5-class, 6-image store at res 8 that pass every structural check."""
+    return SlotLabels(probs=np.array([[0.5, 0.3], [0.6, 0.1], [0.9, 0.05], [0.4, 0.4]], np.float16),
+                      classes=np.array([[0, 1], [2, 4], [3, 0], [1, 2]], np.uint16),
+                      boxes=np.array([[0, 0, 10, 12], [2, 3, 5, 5], [0, 0, 1, 1], [9, 11, 1, 1]], np.int32),
+                      flips=np.zeros(4, bool), mix_partner=np.array([-1, 0, 5, 1], np.int32),
+                      mix_boxes=np.array([[0, 0, 0, 0], [0, 0, 8, 8], [4, 4, 4, 4], [1, 2, 3, 4]], np.int32))
+
+
+@pytest.mark.parametrize("field, row, value, problem", [
+    ("classes", 1, [2, 5], "classes outside 0-4: 1 row(s), first 11"),
+    ("probs", 0, [0.3, 0.5], "probs not descending: 1 row(s), first 10"),
+    ("probs", 2, [0.9, 0.2], "probs sum above 1: 1 row(s), first 12"),
+    ("boxes", 3, [9, 11, 1, 2], "boxes outside the image: 1 row(s), first 13"),
+    ("boxes", 1, [2, 3, 0, 5], "boxes outside the image: 1 row(s), first 11"),
+    ("mix_partner", 2, 6, "mix partners invalid: 1 row(s), first 12"),
+    ("mix_partner", 1, 11, "mix partners invalid: 1 row(s), first 11"),  # mixed with itself
+    ("mix_boxes", 3, [1, 5, 3, 4], "mix boxes outside the crop: 1 row(s), first 13"),
+])
+def test_each_structural_check_names_the_rows_that_break_it(field, row, value, problem):
+    sizes, labelled = np.tile([10, 12], (4, 1)), np.ones(4, bool)
+    assert structure_problems(sound_rows(), sizes, 5, 6, 8, 10, labelled) == []
+    rows = sound_rows()
+    getattr(rows, field)[row] = value
+    assert structure_problems(rows, sizes, 5, 6, 8, 10, labelled) == [problem]
+    labelled[row] = False  # a skipped image's empty row is not checked
+    assert structure_problems(rows, sizes, 5, 6, 8, 10, labelled) == []
