@@ -259,10 +259,11 @@ class Trainer:
                 batches.bar.set_postfix(loss=f"{float(sums['loss']) / steps:.4f}", refresh=False)
             self.lines.step(desc, steps, images_seen, len(order), sums["loss"] / steps, lr)
         if "disc_loss" in sums and float(drift) < INERT_DISCRIMINATOR:
-            cause = ("(its last ReLU gives 0 for every input); --disc-head linear is the form that learns"
-                     if self.config.disc_head == "relu" else "; a larger --d-lr may wake it")
+            cause = ("(its last ReLU can give 0 for every input; it may wake later, or never; --disc-head "
+                     "linear learned in every run measured)" if self.config.disc_head == "relu"
+                     else "(a larger --d-lr may wake it)")
             self.log(f"warning: {desc}: the discriminator's loss stayed within {INERT_DISCRIMINATOR:g} of ln 2 = "
-                     f"{math.log(2):.4f} at every step: it is not learning {cause} (docs/recipes.md)")
+                     f"{math.log(2):.4f} at every step: it did not learn in this epoch {cause} (docs/recipes.md)")
         keys = sorted(sums)
         totals = self.world.sum(torch.stack([sums[k].float() for k in keys] + [torch.tensor(
             float(images_seen), device=self.device)]))  # waits for the device and for every rank
