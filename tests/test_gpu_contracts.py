@@ -200,3 +200,13 @@ def test_the_steady_stage_one_rate_leaves_the_first_unit_out(monkeypatch):
         writer.submit(0, chunk, lambda: SimpleNamespace(probs=np.zeros((100, 2))))
     writer.wait()
     assert writer.steady_rate() == 200 / 3.0
+
+
+@pytest.mark.skipif(not dali_installed(), reason="DALI is not installed")
+def test_the_replay_pipeline_runs_dalis_dynamic_asynchronous_executor(small_root):
+    """pipeline/dali.py is written for DALI's dynamic, asynchronous, pipelined executor (pinned here by DALI's
+    own properties, which read the same on the CPU); what it does on a GPU is not checked here."""
+    loader = ReplayLoader(load_index(small_root / "train"), 16, 8, "cpu", "dali", workers=1)
+    pipe = loader._stream._build()
+    assert (pipe.exec_dynamic, pipe.exec_async, pipe.exec_pipelined) == (True, True, True)
+    assert pipe.prefetch_queue_depth == loader._stream.prefetch
