@@ -202,7 +202,7 @@ def test_the_steady_stage_one_rate_leaves_the_first_unit_out(monkeypatch):
     assert writer.steady_rate() == 200 / 3.0
 
 
-@pytest.mark.skipif(not dali_installed(), reason="DALI is not installed")
+@needs_dali
 def test_the_replay_pipeline_runs_dalis_dynamic_asynchronous_executor(small_root):
     """pipeline/dali.py is written for DALI's dynamic, asynchronous, pipelined executor (pinned here by DALI's
     own properties, which read the same on the CPU); what it does on a GPU is not checked here."""
