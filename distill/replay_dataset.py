@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from mealv2.distill.targets import CachedTargets
 from mealv2.pipeline.dataset import DatasetIndex, load_index
+from mealv2.pipeline.distributed import as_device
 from mealv2.pipeline.loader import ReplayLoader, epoch_order
 from mealv2.pipeline.worker_replay import REPLAYS, replay_crop
 from mealv2.softlabels.store import LabelStore, StoreError, open_store
@@ -112,7 +113,7 @@ class StoreLoader:
                  device: torch.device | str = "cuda", decoder: str = "auto", workers: int | None = None,
                  seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         self.store = _store_of(store)
-        self.device = torch.device(device)
+        self.device = as_device(device)
         if self.store.mix.enabled and batch_size % 2:
             raise ValueError(f"batch size {batch_size}: a CutMix store's batches hold whole pairs; use an even size")
         self.index = matching_index(self.store, Path(root) / "train")

@@ -25,6 +25,7 @@ try:
 except ImportError:  # not on this platform: pil_replay.PilDecoder serves
     DALI_AVAILABLE = False
 
+from mealv2.pipeline.distributed import as_device
 from mealv2.pipeline.epoch_plan import PlanSource, plan_path, replay_inputs, write_plan
 
 _INPUTS = ("encoded", "anchor", "shape", "roi_start", "roi_end")
@@ -79,7 +80,7 @@ def _to_torch(images, device: torch.device, stream=None) -> torch.Tensor:
 
 def _placement(device: torch.device) -> tuple[bool, int | None]:
     on_gpu = device.type == "cuda"
-    return on_gpu, ((device.index or 0) if on_gpu else None)
+    return on_gpu, (device.index if on_gpu else None)
 
 
 # The oldest DALI whose contract DaliStream relies on: the dynamic executor (stable since 1.44) returning
@@ -113,7 +114,7 @@ class DaliDecoder:
                  threads: int = 2, hw_decoder_load: float | None = None):
         _require_dali()
         self.res = res
-        self.device = torch.device(device)
+        self.device = as_device(device)
         on_gpu, device_id = _placement(self.device)
         build = pipeline_def(_fed_graph, batch_size=batch_size, num_threads=max(1, threads),
                              device_id=device_id, exec_pipelined=False, exec_async=False,
@@ -160,7 +161,7 @@ class DaliStream:
     def __init__(self, index, res: int, interpolation: str, batch_size: int, device: torch.device | str = "cpu",
                  threads: int = 2, hw_decoder_load: float | None = None, prefetch: int = 2):
         _require_dali()
-        self.device = torch.device(device)
+        self.device = as_device(device)
         self.prefetch = max(2, prefetch)
         # The plan folder is made with the first pipeline, whose workers remove it if this process is killed:
         # a stream that never runs (a killed run's validation stream) leaves no folder behind.

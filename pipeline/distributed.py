@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
     """"auto" → this process's CUDA device when there is one, else the CPU; "cuda" → cuda:LOCAL_RANK.
 
-    Under torchrun each process on a machine takes the GPU of its local rank; an explicit
-    "cuda:N" is taken as given.
+    Under torchrun each process on a machine takes the GPU of its local rank, so an explicit
+    "cuda:N" (every rank on one GPU) is refused there; without torchrun it is taken as given.
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -30,10 +30,25 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if distributed and device.type == "cuda" and device.index is not None:
+        raise ValueError(f"--device {name!r} under torchrun would put every rank on one GPU: pass --device cuda "
+                         "(each rank takes the GPU of its local rank; CUDA_VISIBLE_DEVICES picks which GPUs)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name!r}: CUDA is not available on this machine")
+    return device
+
+
+def as_device(device: str | torch.device) -> torch.device:
+    """``device`` with its index: a bare "cuda" is the calling thread's current GPU, the one torch's "cuda" tensors take.
+
+    Normalised once where a device enters (a loader, a decoder, the teachers): torch.cuda.set_device,
+    streams and per-thread bookkeeping need the index, and a thread started later has another current GPU.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -158,7 +173,7 @@ def setup(device: str = "auto") -> World:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else 0
-    resolved = resolve_device(device, local_rank)
+    resolved = resolve_device(device, local_rank, world_size > 1)
     use_device(resolved)
     if world_size <= 1:
         return World(device=resolved)

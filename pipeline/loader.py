@@ -29,7 +29,7 @@ from tqdm import tqdm
 from mealv2.pipeline.dali import DaliDecoder, DaliStream
 from mealv2.pipeline.dataset import DatasetError, DatasetIndex
 from mealv2.pipeline.decoders import resolve_decoder
-from mealv2.pipeline.distributed import default_workers, use_device
+from mealv2.pipeline.distributed import as_device, default_workers, use_device
 from mealv2.pipeline.epoch_plan import read_bytes
 from mealv2.pipeline.mix import SlotMix
 from mealv2.pipeline.pil_replay import PilDecoder
@@ -88,7 +88,7 @@ class ReplayLoader:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         if self.res < 1:
             raise ValueError(f"resolution must be at least 1, got {self.res}")
-        self.device = torch.device(self.device)
+        self.device = as_device(self.device)
         self.workers = self.workers or default_workers()
         self.decoder_name = resolve_decoder(self.decoder, self.device.type, self.index.sizes)
         self._stream = None

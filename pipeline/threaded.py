@@ -11,6 +11,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from mealv2.pipeline.distributed import as_device
+
 
 class ThreadedDecoder:
     """Replays a batch of crops with ``replay`` (encoded, box, flip, res, interpolation) → uint8 CHW array."""
@@ -25,7 +27,7 @@ class ThreadedDecoder:
             raise ValueError(f"interpolation {interpolation!r}: expected one of {sorted(self.interpolations)}")
         self.res = res
         self.interpolation = interpolation
-        self.device = torch.device(device)
+        self.device = as_device(device)
         self._pool = ThreadPoolExecutor(max(1, threads))
 
     def decode(self, encoded: list[np.ndarray], boxes: np.ndarray, flips: np.ndarray) -> torch.Tensor:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mealv2.pipeline.distributed import as_device
 from mealv2.softlabels.models import Normalize, autocast, create_model, file_sha256, normalization
 
 DEFAULT_TEACHERS = {
@@ -98,7 +99,7 @@ class TeacherEnsemble(nn.Module):
         super().__init__()
         if not specs:
             raise TeacherError("at least one teacher is needed")
-        self.device = torch.device(device)
+        self.device = as_device(device)
         self.specs = list(specs)
         self.num_classes = num_classes
         models, norms, self.records = [], [], []

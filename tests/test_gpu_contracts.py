@@ -17,6 +17,8 @@ import pytest
 import torch
 from tqdm import tqdm
 
+import mealv2
+
 from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import load_index
 from mealv2.pipeline.decoders import dali_installed
@@ -50,7 +52,8 @@ class CudaSpy:
         monkeypatch.setattr(torch.cuda, "Event", Event)
 
     def set_device(self, device) -> None:
-        self._thread.index = torch.device(device).index
+        """As torch: an int or an indexed device; a bare "cuda" raises ValueError (torch.cuda._utils's rule)."""
+        self._thread.index = torch.cuda._utils._get_device_index(device)
 
     def current_device(self) -> int:
         return getattr(self._thread, "index", 0)
@@ -94,6 +97,36 @@ def test_the_loaders_producer_thread_works_on_the_loaders_device(cuda, small_roo
     boxes, flips = CropSpec().draw(0, index.sizes)
     assert sum(len(i) for _, i in loader.epoch(np.arange(len(index)), boxes, flips, progress=False)) == len(index)
     assert devices == [(True, 1)] * 4
+
+
+def test_a_bare_cuda_device_is_the_callers_current_gpu_in_every_thread(cuda, small_root, reference_store,
+                                                                      monkeypatch):
+    """"cuda" without an index is normalised where it enters: the loader's producer thread, the public StoreLoader
+    (whose default it is) and the decoders all work on the GPU that was current when they were built."""
+    from mealv2.pipeline.loader import Epoch
+    from mealv2.pipeline.threaded import ThreadedDecoder
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: f"copy stream of {device}")
+    torch.cuda.set_device(1)
+    loader = ReplayLoader(load_index(small_root / "train"), 16, 8, "cuda", "pil", workers=1)
+    assert loader.device == torch.device("cuda", 1) and loader._decoder.device == torch.device("cuda", 1)
+    assert isinstance(loader._decoder, ThreadedDecoder)
+    assert list(Epoch(iter(()), 0, 1, "epoch", False, loader.device)) == []  # the producer's use_device passed
+    public = mealv2.StoreLoader(small_root, mealv2.open_store(str(reference_store)), 8, decoder="pil", workers=1)
+    assert public.device == public.loader.device == public.targets.device == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="specified index"):  # what the producer met before the normalisation
+        list(Epoch(iter(()), 0, 1, "epoch", False, torch.device("cuda")))
+
+
+def test_torchrun_refuses_one_gpu_for_every_rank(monkeypatch):
+    """--device cuda:1 under torchrun would put every rank on GPU 1: refused in one line, before any group forms."""
+    from mealv2.pipeline.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cuda", local_rank=1, distributed=True) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="every rank on one GPU"):
+        resolve_device("cuda:1", local_rank=0, distributed=True)
 
 
 def test_the_store_writers_thread_works_on_the_jobs_device(cuda):
