@@ -235,6 +235,20 @@ class Trainer:
             self.ema.update(self.student, step=self.updates)
         return losses
 
+    def _step_runs(self, images: int, desc: str) -> bool:
+        """Whether to step on a batch of ``images``; none are left when --skip-bad left out the whole batch.
+
+        Under torchrun every rank gets the same number of batches, and the ranks agree on each step
+        (one small all-reduce a step, with --skip-bad only): a rank that skipped alone would take one
+        step fewer while the others waited in DDP's all-reduce until the collective timed out.
+        """
+        if not (self.world.distributed and self.config.skip_bad):
+            return images > 0
+        without = int(self.world.sum(torch.tensor([float(images == 0)]))[0])
+        if without:
+            self.log(f"{desc}: a step skipped on every rank: {without} rank(s) had no decodable image in it")
+        return not without
+
     def train_epoch(self, epoch: int) -> dict:
         self.student.train()
         boxes, flips = self.targets.crops(epoch)
@@ -248,6 +262,8 @@ class Trainer:
         self.lines.start()
         batches = self.loader.epoch(order, boxes, flips, desc=desc, progress=self.progress)
         for images, indices in batches:
+            if not self._step_runs(len(indices), desc):
+                continue
             losses = self.step(images, indices)
             for key, value in losses.items():  # summed on the device: no host sync per step
                 sums[key] = sums.get(key, 0.0) + value.detach()
