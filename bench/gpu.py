@@ -165,7 +165,8 @@ def stage2_figures(tmp: Path, device: torch.device, figures: Figures, student: s
         measures.random_store(store, load_index(root / "train"), res=res)
     trainer = Trainer(TrainConfig(mode="distill", data=str(root), out=str(tmp / f"run-{student}-{decoder}"),
                                   model=student, labels=str(store), init="scratch", epochs=2, batch_size=batch,
-                                  device=str(device), decoder=decoder, workers=workers, progress=False),
+                                  device=str(device), decoder=decoder, workers=workers, progress=False,
+                                  log_interval=0),  # no step lines: each reads the loss (a device sync)
                       log=lambda *_: None)
     trainer.train_epoch(0)  # builds and warms everything: cuDNN's kernels, the decoder's workers
     cached = trainer.train_epoch(1)["images_per_sec"]

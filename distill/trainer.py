@@ -271,7 +271,7 @@ class Trainer:
                 drift = torch.maximum(drift, (losses["disc_loss"].detach() - math.log(2)).abs())
             steps += 1
             images_seen += len(indices)
-            if steps % _POSTFIX_EVERY == 1 and self.progress:  # the one figure printed mid-epoch
+            if steps % _POSTFIX_EVERY == 1 and not batches.bar.disable:  # the one figure a shown bar reads mid-epoch
                 batches.bar.set_postfix(loss=f"{float(sums['loss']) / steps:.4f}", refresh=False)
             self.lines.step(desc, steps, images_seen, len(order), sums["loss"] / steps, lr)
         if "disc_loss" in sums and float(drift) < INERT_DISCRIMINATOR:
