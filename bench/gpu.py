@@ -95,13 +95,12 @@ def _pool_part(pool: Path, part: int, count: int, size: tuple[int, int]) -> None
 
 
 def photo_folder(root: Path, images: int, classes: int, unique: int, size: tuple[int, int] = PHOTO_SIZE,
-                 workers: int | None = None) -> Path:
-    """ROOT/train with ``images`` photos in ``classes`` classes: ``unique`` generated in parallel, the rest hard links.
+                 workers: int | None = None, split: str = "train") -> Path:
+    """ROOT/SPLIT with ``images`` photos in ``classes`` classes: ``unique`` generated in parallel, the rest hard links.
 
-    The pool lives beside ROOT and is made once, so every step of one check shares it.
+    The pool of unique photos lives beside ROOT and is made once, so every step of one check shares it.
     """
-    train = root / "train"
-    if train.is_dir():
+    if (root / split).is_dir():
         return root
     pool = root.parent / f"photo-pool-{unique}-{size[0]}x{size[1]}"
     if not pool.is_dir():
@@ -113,14 +112,12 @@ def photo_folder(root: Path, images: int, classes: int, unique: int, size: tuple
                 future.result()
         building.rename(pool)
     sources = sorted(pool.rglob("*.jpg"))
-    staging = root.with_name(root.name + ".partial") / "train"
+    staging = root / f"{split}.partial"
     for i in range(images):
         target = staging / f"class_{i % classes:03d}" / f"img_{i:06d}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
         os.link(sources[i % len(sources)], target)
-    root.mkdir(parents=True, exist_ok=True)
-    staging.rename(train)
-    staging.parent.rmdir()
+    staging.rename(root / split)
     return root
 
 

@@ -13,7 +13,8 @@ DataLoader, stage two for mobilenetv3_small_075 through DALI, and two hardware-d
 Each step runs in a process group of its own under its own limit (the group is ended when
 the step ends, so a timed-out step leaves nothing running on the device); its output goes to
 DIR/gpu-check.log, its verdict to DIR/gpu-check.json, its figures to DIR/gpu-figures.json the
-moment each is measured. Exits non-zero unless every step passed. ``--device cpu --tiny``
+moment each is measured (photos, stores and runs go to --work, kept for the next tier, so that
+DIR holds three small files a device tool can bring back). Exits non-zero unless every step passed. ``--device cpu --tiny``
 runs the same steps with tiny models, as the suite does. docs/benchmarks.md says how the
 limits were sized and gives the exact sequence of calls for a borrowed machine.
 """
@@ -118,21 +119,20 @@ def distill_step(args) -> None:
     """cache-teachers with random-weight teachers, then a 2-epoch distill with validation, both decoding with
     torchvision (tier 1 has no DALI); every figure finite."""
     from bench import measures
-    from bench.imagegen import make_image_folder
+    from bench.gpu import photo_folder
 
-    setup = _sizes(args)["distill"]
-    out = Path(args.out) / "distill"
+    sizes, setup = _sizes(args), _sizes(args)["distill"]
+    out = Path(args.work) / "distill"
     out.mkdir(parents=True, exist_ok=True)
     data = out / "data"
-    for split, per_class, seed in (("train", setup["per_class"], 0), ("val", setup["val_per_class"], 1)):
-        if not (data / split).is_dir():
-            make_image_folder(data, split, classes=setup["classes"], per_class=per_class, seed=seed,
-                              size=_sizes(args)["size"], mixed=False, quality=90)
+    for split, per_class in (("train", setup["per_class"]), ("val", setup["val_per_class"])):
+        photo_folder(data, setup["classes"] * per_class, setup["classes"], setup["classes"] * setup["per_class"],
+                     sizes["size"], split=split)  # val: other hard links to the same photos
     teachers = measures.save_teachers(out, setup["classes"], setup["teachers"])
     store, run = out / "labels.zarr", out / "run"
     if not store.exists():
-        _mealv2("cache-teachers", "--data", data, "--store", store, "--res", _sizes(args)["res"], "--teachers",
-                teachers, "--seeds", 2, "--device", args.device, "--decoder", "torch")
+        _mealv2("cache-teachers", "--data", data, "--store", store, "--res", sizes["res"], "--teachers", teachers,
+                "--seeds", 2, "--device", args.device, "--decoder", "torch")
     _mealv2("distill", "--data", data, "--labels", store, "--student", setup["student"], "--init", "scratch",
             "--epochs", 2, "--batch-size", setup["batch"], "--device", args.device, "--decoder", "torch",
             "--out", run, "--no-progress", *(["--resume"] if (run / "checkpoint-last.pth").exists() else []))
@@ -150,7 +150,7 @@ def _photos(args) -> dict:
 
 
 def _work_dir(args) -> Path:
-    folder = Path(args.out) / "photos"
+    folder = Path(args.work) / "figures"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -206,7 +206,7 @@ def _command(step: str, args) -> list[str]:
     if step == "tests":  # pyproject's pythonpath = ["."] emptied: it would put the checkout's mealv2/ first
         return _python("-m", "pytest", "-o", "pythonpath=", *shlex.split(args.tests or TESTS[args.tier]))
     return _python("-m", "bench.gpu_check", "--step", step, "--tier", str(args.tier), "--out", args.out,
-                   "--device", args.device, *(["--tiny"] if args.tiny else []))
+                   "--work", args.work, "--device", args.device, *(["--tiny"] if args.tiny else []))
 
 
 def _end_group(group: int) -> None:
@@ -226,9 +226,13 @@ def _end_group(group: int) -> None:
 
 
 def run_step(command: list[str], limit: float, log, env: dict) -> str:
-    """Run ``command`` in a new process group under ``limit`` seconds; its verdict. The group is ended after."""
+    """Run ``command`` in a new process group under ``limit`` seconds; its verdict. The group is ended after.
+
+    A group, not a session: whatever ends the caller's session (a device tool's command returning) still
+    reaches a step that outlives this process.
+    """
     child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                             cwd=ROOT, start_new_session=True)
+                             cwd=ROOT, process_group=0)
     try:
         code = child.wait(timeout=limit)
         return "passed" if code == 0 else f"failed (exit {code})"
@@ -252,9 +256,9 @@ def _record(out: Path, args, verdicts: dict) -> None:
 
 def run_tier(args) -> dict:
     """Each step of the tier in its own process group under its limit, output appended to the log; {step: verdict}."""
-    out = Path(args.out).resolve()
+    out, work = Path(args.out).resolve(), Path(args.work).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    args.out = str(out)
+    args.out, args.work = str(out), str(work)
     if args.tier == 2 and importlib.util.find_spec("nvidia.dali") is None:
         raise SystemExit("gpu-check --tier 2: DALI is not importable here; carry and install the DALI parts first "
                          "(docs/benchmarks.md), or run --tier 1")
@@ -276,6 +280,8 @@ def run_tier(args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python3 -m bench.gpu_check")
     parser.add_argument("--out", required=True, help="folder for gpu-check.log, gpu-check.json and gpu-figures.json")
+    parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "mealv2-gpu-check"),
+                        help="folder for the photos, stores and runs, kept for the next tier [default: %(default)s]")
     parser.add_argument("--device", default="cuda", help="cuda (or cuda:N); cpu runs the same steps on the CPU")
     parser.add_argument("--tier", type=int, choices=sorted(TIERS), default=1,
                         help="1: without DALI (the first transfer); 2: with DALI, after its parts have travelled")

@@ -49,7 +49,8 @@ def test_both_tiers_run_from_a_plain_archive_without_mealv2_installed(tmp_path):
     no_dali = tmp_path / "no-dali" / "nvidia"  # a regular package named nvidia hides nvidia.dali
     no_dali.mkdir(parents=True)
     (no_dali / "__init__.py").touch()
-    check = [python, "-m", "bench.gpu_check", "--out", str(out), "--device", "cpu", "--tiny", "--tests", CHEAP_TESTS]
+    check = [python, "-m", "bench.gpu_check", "--out", str(out), "--work", str(tmp_path / "work"), "--device", "cpu",
+             "--tiny", "--tests", CHEAP_TESTS]
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     tier1 = subprocess.run([*check, "--tier", "1"], cwd=tree, env={**env, "PYTHONPATH": str(no_dali.parent)},
                            capture_output=True, text=True, timeout=300)
@@ -66,6 +67,7 @@ def test_both_tiers_run_from_a_plain_archive_without_mealv2_installed(tmp_path):
         "1": dict.fromkeys(("tests", "distill", "stage1", "stage2"), "passed"),
         "2": dict.fromkeys(("decode", "tests", "loader", "stage2", "hw_decoder"), "passed")}
     assert "distill: 2 epochs" in log and "--decoder torch" in log
+    assert sorted(path.name for path in out.iterdir()) == ["gpu-check.json", "gpu-check.log", "gpu-figures.json"]
     figures = json.loads((out / "gpu-figures.json").read_text())["results"]
     for key in ("gpu_stage1_vs_forward", "gpu_stage1_images_per_sec", "gpu_stage1_forward_images_per_sec",
                 "gpu_stage2_vs_bound_test_efficientnet", "gpu_stage2_bound_images_per_sec_test_efficientnet",
