@@ -122,6 +122,16 @@ class StoreLoader:
                                    self.store.interpolation, workers)
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
 
+    def close(self) -> None:
+        """Shut the decoder's pipelines, processes and threads down now (``with StoreLoader(...) as loader:`` does)."""
+        self.loader.close()
+
+    def __enter__(self) -> StoreLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def epoch(self, epoch: int, progress: bool = True):
         """Epoch ``epoch``'s batches from slot ``epoch`` mod S, each image of this rank's share once."""
         boxes, flips = self.targets.crops(epoch)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import os
 import tempfile
+import weakref
 
 import numpy as np
 import torch
@@ -29,6 +31,24 @@ from mealv2.pipeline.distributed import as_device
 from mealv2.pipeline.epoch_plan import PlanSource, plan_path, replay_inputs, write_plan
 
 _INPUTS = ("encoded", "anchor", "shape", "roi_start", "roi_end")
+_PIPELINES: weakref.WeakSet = weakref.WeakSet()  # every pipeline this process has built and not yet dropped
+_INHERITED: list = []  # in a forked child: the parent's pipelines, held so that none is ever destroyed here
+
+
+def _hold_inherited_pipelines() -> None:
+    """In a forked child (a DataLoader worker), keep every pipeline the parent had: their threads did not survive
+    the fork, so a destructor run here (the garbage collector meeting a dropped loader) hangs or aborts."""
+    _INHERITED.extend(_PIPELINES)
+
+
+os.register_at_fork(after_in_child=_hold_inherited_pipelines)
+
+
+def _built(pipe):
+    """``pipe`` built and known to the fork guard above."""
+    pipe.build()
+    _PIPELINES.add(pipe)
+    return pipe
 
 
 def _interp(interpolation: str):
@@ -123,10 +143,13 @@ class DaliDecoder:
         build = pipeline_def(_fed_graph, batch_size=batch_size, num_threads=max(1, threads),
                              device_id=device_id, exec_pipelined=False, exec_async=False,
                              prefetch_queue_depth=1)
-        self._build = lambda: build(res=res, interpolation=interpolation, on_gpu=on_gpu,
-                                    hw_decoder_load=hw_decoder_load)
+        self._build = lambda: _built(build(res=res, interpolation=interpolation, on_gpu=on_gpu,
+                                           hw_decoder_load=hw_decoder_load))
         self._pipe = self._build()
-        self._pipe.build()
+
+    def close(self) -> None:
+        """Shut the pipeline down now (its threads), not whenever the garbage collector meets it."""
+        self._pipe = None
 
     def decode(self, encoded: list[np.ndarray], boxes: np.ndarray, flips: np.ndarray) -> torch.Tensor:
         """Run one batch (any size up to batch_size); the crops come back in the order given.
@@ -141,7 +164,6 @@ class DaliDecoder:
             (images,) = self._pipe.run()  # complete on return: this executor synchronises outputs with the host
         except Exception:
             self._pipe = self._build()  # a DALI pipeline that raised fails every later batch too: start anew
-            self._pipe.build()
             raise
         if self.device.type != "cuda":
             return _to_torch(images, self.device)
@@ -194,8 +216,8 @@ class DaliStream:
         if len(order) == 0:
             return
         if self._pipe is None or self._running:  # a pipeline mid-epoch cannot start another
-            self._pipe, self._epoch = self._build(), 0
-            self._pipe.build()
+            self._pipe, self._epoch = None, 0  # the old one shut down before the new one starts its workers
+            self._pipe = _built(self._build())
         pipe, epoch = self._pipe, self._epoch
         self._running = True
         write_plan(self._plans.name, epoch, order, boxes, flips)
@@ -214,6 +236,16 @@ class DaliStream:
         plan_path(self._plans.name, epoch).unlink(missing_ok=True)
         if self._pipe is pipe:
             self._epoch, self._running = epoch + 1, False
+
+    def close(self) -> None:
+        """Shut the pipeline and its worker processes down now, and remove the plan folder."""
+        for _, copied in self._in_copy:  # DALI's buffers outlive the copies out of them
+            copied.synchronize()
+        self._in_copy.clear()
+        self._pipe, self._running, self._source = None, False, None
+        if self._plans is not None:
+            self._plans.cleanup()
+            self._plans = None
 
     def _hand_over(self, images, stream) -> torch.Tensor:
         """Copy out of DALI; on a GPU, DALI's buffer is kept referenced until the copy's event has passed."""

@@ -101,6 +101,22 @@ class ReplayLoader:
         self._readers = ThreadPoolExecutor(max(2, 2 * self.workers))
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
+    def close(self) -> None:
+        """Shut down now what this loader started: DALI's pipelines and worker processes, torchvision's worker
+        processes, the reader and decoder threads. Not left to the garbage collector, which may meet a dropped
+        loader in a forked DataLoader worker, where DALI's threads do not exist. The loader is done after."""
+        for part in (self._stream, self._workers, self._batch_decoder):
+            if part is not None:
+                part.close()
+        self._stream = self._workers = self._batch_decoder = None
+        self._readers.shutdown()
+
+    def __enter__(self) -> ReplayLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def _decoder(self):
         """The batch-at-a-time decoder of this loader's kind."""

@@ -30,6 +30,9 @@ class ThreadedDecoder:
         self.device = as_device(device)
         self._pool = ThreadPoolExecutor(max(1, threads))
 
+    def close(self) -> None:
+        self._pool.shutdown()
+
     def decode(self, encoded: list[np.ndarray], boxes: np.ndarray, flips: np.ndarray) -> torch.Tensor:
         """uint8 (B, 3, res, res) on the device, in the order given; a GPU copy is queued on the current stream."""
         crops = self._pool.map(lambda args: self.replay(*args, self.res, self.interpolation),

@@ -94,6 +94,10 @@ class WorkerReplay:
                                   num_workers=workers, collate_fn=_collate, pin_memory=pin_memory,
                                   persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
 
+    def close(self) -> None:
+        """End the worker processes now (dropping the DataLoader ends its persistent workers)."""
+        self._loader = None
+
     def batches(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray):
         """Iterate (images uint8 (B, 3, res, res) or None, positions, {position: reason}) over ``order``.
 

@@ -140,10 +140,10 @@ def test_the_distribution_installs_only_the_mealv2_name(tmp_path):
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
 
 
-def _run_script(folder: Path, body: str) -> subprocess.CompletedProcess:
+def _run_script(folder: Path, body: str, timeout: float = 300) -> subprocess.CompletedProcess:
     script = folder / "train_at_import.py"
     script.write_text(textwrap.dedent(body))
-    return subprocess.run([sys.executable, str(script)], cwd=folder, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, str(script)], cwd=folder, capture_output=True, text=True, timeout=timeout)
 
 
 def test_a_dali_loader_built_at_import_time_is_one_clear_error(reference_store, small_root, tmp_path):
@@ -160,6 +160,35 @@ def test_a_dali_loader_built_at_import_time_is_one_clear_error(reference_store, 
         build.split("\n", 1)[1], "    "))
     assert guarded.returncode == 0, guarded.stderr
     assert guarded.stdout.split() == ["batches", "4"] and "RuntimeWarning" not in guarded.stderr
+
+
+def test_dataloader_workers_after_a_dali_loader_was_closed_or_dropped(reference_store, small_root, tmp_path):
+    """A DALI StoreLoader, closed by ``with`` or merely dropped, then the documented ReplayDataset in forked
+    DataLoader workers whose garbage collector runs: DALI's pipelines are never destroyed in a forked child (their
+    threads are not there: it hung or aborted), and ``with`` shuts them down before the workers fork."""
+    script = textwrap.dedent(f"""
+        import gc
+        import mealv2
+        from torch.utils.data import DataLoader
+
+        def replay_dataset_epochs(store):
+            dataset = mealv2.ReplayDataset({str(small_root)!r}, store)
+            loader = DataLoader(dataset, batch_size=8, num_workers=2, worker_init_fn=lambda _: gc.collect())
+            return sum(len(rows) for _, _, rows in loader)
+
+        if __name__ == "__main__":
+            store = mealv2.open_store({str(reference_store)!r})
+            with mealv2.StoreLoader({str(small_root)!r}, store, 8, "cpu", decoder="dali", workers=1) as loader:
+                list(loader.epoch(0, progress=False))
+            print("closed", replay_dataset_epochs(store), flush=True)
+            loader = mealv2.StoreLoader({str(small_root)!r}, store, 8, "cpu", decoder="dali", workers=1)
+            list(loader.epoch(0, progress=False))
+            del loader
+            print("dropped", replay_dataset_epochs(store), flush=True)
+    """)
+    result = _run_script(tmp_path, script, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["closed", "30", "dropped", "30"]
 
 
 def _python_blocks(doc: Path) -> list[str]:
