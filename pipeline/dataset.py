@@ -25,7 +25,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 IMAGE_FORMATS = ("JPEG", "PNG")
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # these swap height and width
-_INDEX_FORMAT = 1
+_INDEX_FORMAT = 2  # 2: strings packed with their ends (1 joined them with newlines, which names may hold)
 FINGERPRINTS = ("size", "content")  # what a fingerprint hashes beside path and label: byte sizes, or every byte
 _READ_BYTES = 1 << 20
 
@@ -125,13 +125,31 @@ def _file_digest(path: str) -> bytes:
     return digest.digest()
 
 
-def _pack_strings(strings: list[str]) -> np.ndarray:
-    return np.frombuffer("\n".join(strings).encode("utf-8"), dtype=np.uint8)
+def _is_utf8(name: str) -> bool:
+    """Whether a listed name is text: os.scandir hands bytes that are not UTF-8 over as surrogate escapes."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
-def _unpack_strings(packed: np.ndarray) -> list[str]:
-    text = packed.tobytes().decode("utf-8")
-    return text.split("\n") if text else []
+def printable_path(path: str | os.PathLike) -> str:
+    """``path`` for a message or a record: bytes that are not UTF-8 shown as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _pack_strings(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes, ends): the strings' bytes one after another and where each ends, so that a name holding a newline
+    stays one name; surrogate escapes, which stand for a file name's bytes that are not UTF-8, are kept as bytes."""
+    encoded = [string.encode("utf-8", "surrogateescape") for string in strings]
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), np.cumsum([len(e) for e in encoded], dtype=np.int64)
+
+
+def _unpack_strings(data: np.ndarray, ends: np.ndarray) -> list[str]:
+    raw = data.tobytes()
+    starts = [0, *ends[:-1].tolist()]
+    return [raw[start:end].decode("utf-8", "surrogateescape") for start, end in zip(starts, ends.tolist())]
 
 
 @dataclass(frozen=True)
@@ -159,7 +177,7 @@ class DatasetIndex:
         """sha256 over (path, byte size, label) of every image: identifies the split's content."""
         digest = hashlib.sha256()
         for path, nbytes, label in zip(self.paths, self.byte_sizes.tolist(), self.labels.tolist()):
-            digest.update(f"{path}\0{nbytes}\0{label}\n".encode("utf-8"))
+            digest.update(f"{path}\0{nbytes}\0{label}\n".encode("utf-8", "surrogateescape"))  # a name's own bytes
         return digest.hexdigest()
 
     def fingerprint_of(self, mode: str = "size", workers: int = 8) -> str:
@@ -198,10 +216,19 @@ class DatasetIndex:
             known = {(p, int(b), int(m)): tuple(s) for p, b, m, s in zip(
                 previous.paths, previous.byte_sizes, previous.mtimes, previous.sizes.tolist())}
         keys = [(p, int(b), int(m)) for p, b, m in zip(listing.paths, listing.byte_sizes, listing.mtimes)]
-        todo = [i for i, key in enumerate(keys) if key not in known]
+
+        for name in listing.classes:
+            if not _is_utf8(name):
+                raise DatasetError(f"{printable_path(split_dir / name)}: class folder name is not valid UTF-8; "
+                                   "rename it (a store records class names as text)")
 
         def header_or_error(i: int) -> tuple[int, int] | str:
             path = str(split_dir / listing.paths[i])
+            if not _is_utf8(listing.paths[i]):
+                return (f"{printable_path(path)}: file name is not valid UTF-8; rename it (a store records names as "
+                        "text)")
+            if (key := keys[i]) in known:
+                return known[key]
             if not path.lower().endswith(IMAGE_EXTENSIONS):
                 return f"{path}: expected a .jpg, .jpeg or .png image file"
             try:
@@ -210,13 +237,10 @@ class DatasetIndex:
                 return str(err)
 
         sizes = np.zeros((len(keys), 2), np.int32)
-        for i, key in enumerate(keys):
-            if key in known:
-                sizes[i] = known[key]
         bad: dict[int, str] = {}
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            results = pool.map(header_or_error, todo, chunksize=256)
-            for i, result in tqdm(zip(todo, results), total=len(todo), desc=f"scan {split_dir.name}",
+            results = pool.map(header_or_error, range(len(keys)), chunksize=256)
+            for i, result in tqdm(zip(range(len(keys)), results), total=len(keys), desc=f"scan {split_dir.name}",
                                   unit="img", disable=None, leave=False):
                 if isinstance(result, str):
                     if not skip_bad:
@@ -243,12 +267,12 @@ class DatasetIndex:
     def to_bytes(self) -> bytes:
         """The index as a pickle-free .npz, in memory (what ``save`` writes and ranks receive)."""
         buffer = io.BytesIO()
+        strings = {name: _pack_strings(values) for name, values in
+                   (("root", [self.root]), ("paths", self.paths), ("classes", self.classes), ("skipped", self.skipped))}
         np.savez(
-            buffer, format=np.int64(_INDEX_FORMAT), root=_pack_strings([self.root]),
-            paths=_pack_strings(self.paths), labels=self.labels, sizes=self.sizes,
-            byte_sizes=self.byte_sizes, classes=_pack_strings(self.classes),
-            skipped=_pack_strings(self.skipped),
+            buffer, format=np.int64(_INDEX_FORMAT), labels=self.labels, sizes=self.sizes, byte_sizes=self.byte_sizes,
             mtimes=self.mtimes if self.mtimes is not None else np.zeros(len(self), np.int64),
+            **{f"{name}{part}": array for name, packed in strings.items() for part, array in zip(("", "_ends"), packed)},
         )
         return buffer.getvalue()
 
@@ -257,12 +281,11 @@ class DatasetIndex:
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             if int(arrays["format"]) != _INDEX_FORMAT:
                 raise DatasetError(f"{name}: index format {int(arrays['format'])}, expected {_INDEX_FORMAT}")
-            return cls(
-                root=_unpack_strings(arrays["root"])[0], paths=_unpack_strings(arrays["paths"]),
-                labels=arrays["labels"], sizes=arrays["sizes"], byte_sizes=arrays["byte_sizes"],
-                classes=_unpack_strings(arrays["classes"]), skipped=_unpack_strings(arrays["skipped"]),
-                mtimes=arrays["mtimes"],
-            )
+            strings = {name: _unpack_strings(arrays[name], arrays[f"{name}_ends"])
+                       for name in ("root", "paths", "classes", "skipped")}
+            return cls(root=strings["root"][0], paths=strings["paths"], labels=arrays["labels"], sizes=arrays["sizes"],
+                       byte_sizes=arrays["byte_sizes"], classes=strings["classes"], skipped=strings["skipped"],
+                       mtimes=arrays["mtimes"])
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the index as a pickle-free .npz (atomically: temp file, then rename)."""
@@ -278,7 +301,7 @@ class DatasetIndex:
 def default_cache_path(split_dir: str | os.PathLike) -> Path:
     """Where the index of a split is kept: $MEALV2_CACHE (or ~/.cache/mealv2)/index-<hash of its path>.npz."""
     base = Path(os.environ.get("MEALV2_CACHE", Path.home() / ".cache" / "mealv2"))
-    key = hashlib.sha256(str(Path(split_dir).resolve()).encode()).hexdigest()[:16]
+    key = hashlib.sha256(os.fsencode(Path(split_dir).resolve())).hexdigest()[:16]
     return base / f"index-{Path(split_dir).name}-{key}.npz"
 
 
