@@ -71,6 +71,22 @@ def cache_args(root, store, teachers, *extra) -> list[str]:
             "--seeds", "2", "--topk", "2", "--batch-size", "4", "--chunk-rows", "8", "--device", "cpu", *extra]
 
 
+def run_cli(*args):
+    """`mealv2 ARGS` in this process (click's CliRunner): exit code and output; arguments turned into strings."""
+    from click.testing import CliRunner
+
+    from mealv2.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def distill_args(root, store, out, epochs=1, *extra, student="test_resnet", batch_size=8, recipe=()) -> list:
+    """The distill command line the tests share: a student from scratch on the CPU (resumed weights equal to the
+    bit); ``recipe`` (a file's own learning-rate flags, say) comes before ``extra``, and click keeps the last."""
+    return ["distill", "--data", root, "--labels", store, "--student", student, "--init", "scratch", "--out", out,
+            "--epochs", epochs, "--batch-size", batch_size, "--device", "cpu", "--no-progress", *recipe, *extra]
+
+
 def store_files(store: Path) -> dict[str, bytes]:
     """Every file of a store readers see; the root's attributes without their creation time."""
     import json

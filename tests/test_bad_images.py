@@ -6,20 +6,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import cache_args
+from conftest import cache_args, run_cli
 
 from mealv2.distill.targets import CachedTargets
-from mealv2.cli import main
 from mealv2.pipeline.dataset import DatasetIndex
 from mealv2.softlabels.store import LabelStore
 
 pytestmark = pytest.mark.slow
 TRUNCATED = "class_1/img_004.jpg"
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

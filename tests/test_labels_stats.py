@@ -8,18 +8,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from click.testing import CliRunner
-from conftest import cache_args
+from conftest import cache_args, run_cli
 from PIL import Image
 
-from mealv2.cli import main
 from mealv2.softlabels.stats import dense_entropy
 from mealv2.softlabels.store import LabelStore
 from mealv2.softlabels.topk import compress, expand
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def stats_json(store, *extra) -> dict:

@@ -14,24 +14,13 @@ import pytest
 import torch
 import zarr
 from PIL import Image
-from click.testing import CliRunner
-from conftest import cache_args, store_files
+from conftest import cache_args, distill_args, run_cli, store_files
 
 from bench.imagegen import make_image_folder
 
-from mealv2.cli import main
 from mealv2.pipeline.dataset import DatasetError, DatasetIndex
 from mealv2.softlabels.integrity import structure_problems
 from mealv2.softlabels.store import LabelStore, SlotLabels, StoreError
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def distill_args(root, store, out, epochs=1):
-    return ["distill", "--data", root, "--student", "test_resnet", "--labels", store, "--init", "scratch",
-            "--out", out, "--epochs", epochs, "--batch-size", "8", "--device", "cpu", "--no-progress"]
 
 
 @pytest.fixture
