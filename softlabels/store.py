@@ -23,7 +23,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
 from mealv2.pipeline.crops import CropSpec
-from mealv2.pipeline.dataset import DatasetIndex
+from mealv2.pipeline.dataset import DatasetIndex, load_index
 from mealv2.pipeline.files import temporary_path
 from mealv2.pipeline.mix import MixSpec
 from mealv2.softlabels.cache_config import CHUNK_ROWS
@@ -84,10 +84,15 @@ def teacher_identity(records: list[dict]) -> list[tuple]:
     return [(t["name"], t.get("checkpoint_sha256") or t.get("pretrained")) for t in records]
 
 
+def _fingerprint_mode(dataset: dict) -> str:
+    """The --fingerprint mode of a store's ``dataset`` attribute (stores made before content mode name none: size)."""
+    return dataset.get("fingerprint_mode", "size")
+
+
 def _differences(stored: dict, wanted: dict) -> list[str]:
     """Human-readable list of what makes two label specs disagree."""
     diffs = []
-    modes = [spec["dataset"].get("fingerprint_mode", "size") for spec in (stored, wanted)]
+    modes = [_fingerprint_mode(spec["dataset"]) for spec in (stored, wanted)]
     if modes[0] != modes[1]:
         diffs.append(f"--fingerprint {modes[0]} vs {modes[1]}")
     elif stored["dataset"]["fingerprint"] != wanted["dataset"]["fingerprint"]:
@@ -316,17 +321,23 @@ class LabelStore:
         """The dataset fingerprint its rows belong to (mealv2.pipeline.dataset.DatasetIndex.fingerprint)."""
         return self.attrs["dataset"]["fingerprint"]
 
-    def check_dataset(self, index: DatasetIndex, where: str) -> None:
-        """Refuse a split other than the one the labels are for: the fingerprint (in the store's mode), then the
-        upright sizes, which the scan reads anyway and which change when a picture is replaced at equal byte size."""
-        mode = self.attrs["dataset"].get("fingerprint_mode", "size")
-        if index.fingerprint_of(mode) != self.fingerprint:
-            raise StoreError(f"{self.url}: labels are for another dataset than {where} (fingerprint differs)")
+    def matching_index(self, split_dir: str | os.PathLike, skip_bad: bool = False, world=None) -> DatasetIndex:
+        """The index of ``split_dir`` (load_index: one scan per job) if its images are the ones the rows are for.
+
+        The one test of a dataset's identity: the fingerprint in the store's mode, then the upright sizes, which
+        the scan reads anyway and which change when a picture is replaced at equal byte size; StoreError if not.
+        Files the store left out (``skipped``) are left out of the scan too.
+        """
+        index = load_index(split_dir, skip_bad=skip_bad or bool(self.skipped), world=world)
+        if index.fingerprint_of(_fingerprint_mode(self.attrs["dataset"])) != self.fingerprint:
+            raise StoreError(f"{self.url}: labels are for another dataset than {split_dir} (fingerprint differs); "
+                             "point at the split the store was cached from")
         changed = np.flatnonzero((self.group["index/sizes"][...] != index.sizes).any(axis=1))
         if len(changed):
-            raise StoreError(f"{self.url}: {len(changed)} image(s) of {where} changed since their labels were made "
-                             f"(other height × width): {', '.join(index.paths[i] for i in changed[:3])}; their "
+            raise StoreError(f"{self.url}: {len(changed)} image(s) of {split_dir} changed since their labels were "
+                             f"made (other height × width): {', '.join(index.paths[i] for i in changed[:3])}; their "
                              "labels are for the pictures cached: restore those, or cache the split into a new --store")
+        return index
 
     @property
     def skipped(self) -> list[str]:

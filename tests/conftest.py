@@ -87,6 +87,17 @@ def distill_args(root, store, out, epochs=1, *extra, student="test_resnet", batc
             "--epochs", epochs, "--batch-size", batch_size, "--device", "cpu", "--no-progress", *recipe, *extra]
 
 
+def replace_at_equal_size(path: Path, height: int, width: int) -> None:
+    """Put another picture of ``height`` × ``width`` in ``path``'s place, padded to its byte size (as an edit might)."""
+    from PIL import Image
+
+    size = path.stat().st_size
+    Image.new("RGB", (width, height), (200, 30, 90)).save(path, format="PNG")
+    assert path.stat().st_size < size
+    with open(path, "ab") as handle:  # bytes after the PNG's end: readers ignore them
+        handle.write(b"\0" * (size - path.stat().st_size))
+
+
 def store_files(store: Path) -> dict[str, bytes]:
     """Every file of a store readers see; the root's attributes without their creation time."""
     import json
@@ -118,6 +129,13 @@ def _cached_store(tmp_path_factory, root: Path, teachers: str, name: str, *extra
 def reference_store(tmp_path_factory, small_root, teacher_files) -> Path:
     """A store written by one uninterrupted cache-teachers run."""
     return _cached_store(tmp_path_factory, small_root, teacher_files, "reference.zarr")
+
+
+@pytest.fixture(scope="session")
+def content_store(tmp_path_factory, small_root, teacher_files) -> Path:
+    """One seed slot of the reference run, its data identified by every file's bytes (--fingerprint content)."""
+    return _cached_store(tmp_path_factory, small_root, teacher_files, "content.zarr", "--seeds", "1",
+                         "--fingerprint", "content")
 
 
 @pytest.fixture(scope="session")

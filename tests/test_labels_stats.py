@@ -146,4 +146,4 @@ def test_clear_errors(reference_store, mixed_root, tmp_path):
     result = run_cli("labels", "stats", tmp_path / "nothing.zarr")
     assert result.exit_code == 1 and "nothing.zarr: no label store there" in result.output
     result = run_cli("labels", "stats", reference_store, "--data", mixed_root)
-    assert result.exit_code == 1 and "does not match the dataset fingerprint" in result.output
+    assert result.exit_code == 1 and "labels are for another dataset than" in result.output
