@@ -118,7 +118,7 @@ class StoreStats:
 def _slot_figures(slot: int, seed: int, labels: SlotLabels, truth: np.ndarray, num_classes: int,
                   residual: str) -> tuple[SlotStats, np.ndarray, np.ndarray]:
     """One slot's SlotStats (agreement left empty), its (N,) top-1 classes and its (N,) bool scored rows."""
-    labelled = labels.probs[:, 0] > 0
+    labelled = labels.labelled()
     values = labels.probs[labelled]
     top1 = labels.classes[:, 0].astype(np.int64)
     mixed = mixed_rows(labels) & labelled

@@ -144,6 +144,13 @@ class SlotLabels:
     mix_partner: np.ndarray | None = None  # CutMix stores: (N,) int32, -1 where not mixed
     mix_boxes: np.ndarray | None = None    # CutMix stores: (N, 4) int32 at the store's res
 
+    def labelled(self) -> np.ndarray:
+        """(N,) bool: the rows that hold labels; an image left out (cache-teachers --skip-bad) has a row of zeros.
+
+        The one test of "this row has no labels" that every reader uses.
+        """
+        return self.probs[:, 0] > 0
+
     def take(self, rows: slice) -> SlotLabels:
         """The labels of ``rows`` only."""
         return SlotLabels(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
@@ -445,10 +452,6 @@ class LabelStore:
                                  f"`mealv2 labels verify {self.url}` for the whole list")
         return labels
 
-    def skipped_paths(self) -> set[str]:
-        """The paths of the images listed under ``skipped`` (entries are "path: reason")."""
-        return {entry.split(": ", 1)[0] for entry in self.skipped}
-
     def slot_problems(self, slot: int, labels: SlotLabels, first_chunk: int = 0) -> list[str]:
         """One line per unit whose rows differ from the record, and for empty rows not listed as skipped.
 
@@ -463,13 +466,12 @@ class LabelStore:
             problems += [f"slot {slot} chunk {chunk} (rows {rows.start}-{rows.stop - 1}): {what}" for what in
                          record_mismatches(self.arrays, self.group[WRITTEN][slot, chunk], rows.stop - rows.start,
                                            [getattr(unit, name) for name in self.arrays])]
-        empty = offset + np.flatnonzero(labels.probs[:, 0] == 0)
-        if len(empty):
-            paths, skipped = self.group["index/paths"][...], self.skipped_paths()
-            unlisted = [str(paths[i]) for i in empty if str(paths[i]) not in skipped]
-            if unlisted:
-                problems.append(f"slot {slot}: {len(unlisted)} row(s) hold no labels but their images are not "
-                                f"listed as skipped ({', '.join(unlisted[:3])})")
+        empty = offset + np.flatnonzero(~labels.labelled())
+        unlisted = np.setdiff1d(empty, self.skipped_rows()) if len(empty) else empty
+        if len(unlisted):
+            paths = self.group["index/paths"][...]
+            problems.append(f"slot {slot}: {len(unlisted)} row(s) hold no labels but their images are not listed "
+                            f"as skipped ({', '.join(str(paths[i]) for i in unlisted[:3])})")
         return problems
 
     def missing_chunks(self, slots: int | None = None) -> list[str]:
@@ -618,7 +620,10 @@ class LabelStore:
                           sizes=self.group["index/sizes"][...], labels=self.group["index/labels"][...])
 
     def skipped_rows(self) -> np.ndarray:
-        """Rows of the images listed in ``skipped`` that are rows (left out while decoding): they hold no labels."""
+        """Rows of the images listed in ``skipped`` that are rows (left out while decoding): no slot need label them.
+
+        The one reader of the list's "path: reason" entries, whose paths may themselves hold ": ".
+        """
         paths = {path: row for row, path in enumerate(self.index.paths)}
         rows = set()
         for entry in self.skipped:  # "path: reason"; a path may itself hold ": "
@@ -651,8 +656,8 @@ class LabelStore:
         classes = torch.from_numpy(labels.classes[rows].astype(np.int64))
         if not dense:
             return values, classes
-        skipped = values.float().sum(-1) == 0
-        return expand(values, classes, self.num_classes, self.residual).masked_fill_(skipped[:, None], 0.0)
+        empty = torch.from_numpy(~labels.labelled()[rows])
+        return expand(values, classes, self.num_classes, self.residual).masked_fill_(empty[:, None], 0.0)
 
 
 def open_store(url: str, storage_options: dict | None = None) -> LabelStore:

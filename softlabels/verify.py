@@ -76,7 +76,7 @@ def recompute(store: LabelStore, index: DatasetIndex, count: int, teachers: str 
     max_dp, kls, worst_slot, crops = 0.0, [], None, 0
     for slot, wanted in enumerate(per_slot):
         labels = store.read_slot(slot, checked=False)  # the record's verdict is reported apart
-        labelled = np.flatnonzero(labels.probs[:, 0] > 0)  # rows of images left out hold zeros
+        labelled = np.flatnonzero(labels.labelled())
         rows = labelled[np.unique(np.linspace(0, len(labelled) - 1, min(wanted, len(labelled))).astype(np.int64))]
         for images, at in _as_labelled(loader, rows, labels, f"recompute slot {slot}"):
             probs = ensemble(images)[0].cpu()
@@ -108,7 +108,7 @@ def row_problems(store: LabelStore) -> list[str]:
             continue
         problems += store.slot_problems(slot, unit, chunk)
         problems += [f"slot {slot} chunk {chunk}: {what}" for what in structure_problems(
-            unit, sizes[rows], store.num_classes, store.num_images, store.res, rows.start, unit.probs[:, 0] > 0)]
+            unit, sizes[rows], store.num_classes, store.num_images, store.res, rows.start, unit.labelled())]
     return problems
 
 
