@@ -6,6 +6,7 @@ import timm
 from timm.layers import convert_sync_batchnorm
 from torch import nn
 
+from mealv2.pipeline.errors import first_line
 from mealv2.softlabels.models import ModelError, create_model, load_state_dict
 
 
@@ -25,7 +26,7 @@ def create_student(name: str, num_classes: int, init: str = "pretrained", log=pr
     try:
         return timm.create_model(name, pretrained=True, num_classes=num_classes, **timm_kwargs)
     except Exception as err:  # noqa: BLE001 - hub and network failures alike
-        raise ModelError(f"{name}: cannot load pretrained weights ({str(err).splitlines()[0]}); "
+        raise ModelError(f"{name}: cannot load pretrained weights ({first_line(err)}); "
                          "use --init scratch or --init PATH") from None
 
 

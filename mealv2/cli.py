@@ -11,6 +11,7 @@ from mealv2.distill.config import AMP_MODES, DISC_HEADS, SCHEDULES
 from mealv2.distill.config import defaults as train_defaults
 from mealv2 import __version__
 from mealv2.pipeline.decoders import DECODERS
+from mealv2.pipeline.errors import first_line
 from mealv2.softlabels.cache_config import RESIDUALS, CacheJob, parse_shard
 
 CACHE = {f.name: f.default for f in dataclasses.fields(CacheJob)}  # cache-teachers defaults, declared once
@@ -19,16 +20,26 @@ DISTILL = train_defaults("distill")
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mealv2")
-def main():
+@click.option("--debug", is_flag=True, help="show the traceback behind an error instead of its one line")
+@click.pass_context
+def main(ctx, debug):
     """MEAL V2 distillation: cache a teacher ensemble's soft labels once, train many students from them."""
+    ctx.meta["mealv2.debug"] = debug
+
+
+def _debugging() -> bool:
+    """Whether this command line asked for tracebacks (--debug)."""
+    return click.get_current_context().meta.get("mealv2.debug", False)
 
 
 def _fail_cleanly(run):
-    """Turn the library's bad-input errors into one-line messages and exit status 1."""
+    """Turn the library's bad-input errors into one-line messages and exit status 1 (with --debug: the traceback)."""
     try:
         return run()
     except (ValueError, OSError, RuntimeError) as err:
-        raise click.ClickException(str(err).splitlines()[0]) from None
+        if _debugging():
+            raise
+        raise click.ClickException(first_line(err)) from None
 
 
 def _storage_options(pairs: tuple[str, ...]) -> dict:
@@ -519,7 +530,7 @@ def demo(out, seed, quick, source, slots_study, train_teachers, teachers_from):
     from mealv2.demo import FULL, QUICK, Demo
 
     def run_command(argv: list[str]):
-        return main.main(argv, prog_name="mealv2", standalone_mode=False)
+        return main.main(["--debug", *argv] if _debugging() else argv, prog_name="mealv2", standalone_mode=False)
 
     plan = QUICK if quick else FULL
     teachers = {"teachers_from": teachers_from, "train_teachers": train_teachers}

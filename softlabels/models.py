@@ -13,6 +13,8 @@ import timm
 import torch
 from torch import nn
 
+from mealv2.pipeline.errors import first_line
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # mealv2.distill.config.AMP_MODES
 
 
@@ -39,7 +41,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unpickling refusals and corrupt files alike
-        raise ModelError(f"{path}: not a weights-only torch checkpoint ({str(err).splitlines()[0]})") from None
+        raise ModelError(f"{path}: not a weights-only torch checkpoint ({first_line(err)})") from None
     for key in ("state_dict", "model", "student"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -61,7 +63,7 @@ def create_model(name: str, num_classes: int, checkpoint: str | None = None, pre
         try:
             model = timm.create_model(name, pretrained=True, **timm_kwargs)
         except Exception as err:  # noqa: BLE001 - hub and network failures alike
-            raise ModelError(f"{name}: cannot load its pretrained weights ({str(err).splitlines()[0][:200]}); "
+            raise ModelError(f"{name}: cannot load its pretrained weights ({first_line(err, 200)}); "
                              "check the network or the hub cache, or give local weights") from None
         if model.num_classes != num_classes:
             raise ModelError(f"{name}: pretrained head has {model.num_classes} classes, the data has "
@@ -78,7 +80,7 @@ def create_model(name: str, num_classes: int, checkpoint: str | None = None, pre
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise ModelError(f"{checkpoint}: does not fit {name} ({str(err).splitlines()[0]})") from None
+            raise ModelError(f"{checkpoint}: does not fit {name} ({first_line(err)})") from None
     return model
 
 

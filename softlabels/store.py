@@ -24,6 +24,7 @@ from zarr.core.sync import sync
 
 from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import DatasetIndex, load_index
+from mealv2.pipeline.errors import first_line
 from mealv2.pipeline.files import temporary_path
 from mealv2.pipeline.mix import MixSpec
 from mealv2.softlabels.cache_config import CHUNK_ROWS
@@ -202,7 +203,7 @@ class LabelStore:
         except StoreError:
             raise
         except ValueError as err:  # a torn or edited zarr.json
-            raise StoreError(f"{url}: its metadata (zarr.json) cannot be read ({str(err).splitlines()[0]}); "
+            raise StoreError(f"{url}: its metadata (zarr.json) cannot be read ({first_line(err)}); "
                              "restore the store from a copy") from None
         attrs = group.attrs.get("mealv2")
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
@@ -441,7 +442,7 @@ class LabelStore:
             try:
                 values[name] = self.group[name][slot]
             except (ValueError, RuntimeError, OSError) as err:  # a checksum that fails, a torn chunk
-                raise StoreError(f"{self.url}: {name} of slot {slot} cannot be read ({str(err).splitlines()[0]}); "
+                raise StoreError(f"{self.url}: {name} of slot {slot} cannot be read ({first_line(err)}); "
                                  f"`mealv2 labels verify {self.url}` names the damaged chunk") from None
         labels = SlotLabels(**values)
         if checked:
@@ -603,7 +604,7 @@ class LabelStore:
                 try:
                     array[region]
                 except Exception as err:  # noqa: BLE001 - any decode failure is a damaged chunk
-                    problems.append(f"{name} chunk {'.'.join(map(str, coords))}: {str(err).splitlines()[0]}")
+                    problems.append(f"{name} chunk {'.'.join(map(str, coords))}: {first_line(err)}")
         return problems
 
     # -- the public reader (mealv2.open_store) -----------------------------------------------

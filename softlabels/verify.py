@@ -15,6 +15,7 @@ from PIL import Image
 
 from mealv2.pipeline.dataset import DatasetIndex
 from mealv2.pipeline.distributed import resolve_device
+from mealv2.pipeline.errors import first_line
 from mealv2.pipeline.loader import ReplayLoader
 from mealv2.softlabels.integrity import structure_problems
 from mealv2.softlabels.store import LabelStore, SlotLabels, StoreError, teacher_identity
@@ -132,7 +133,7 @@ def verify(url: str, data: str | None = None, recompute_count: int = 0, teachers
         try:
             report["recompute"] = recompute(store, index, recompute_count, teachers, device, decoder, workers)
         except (ValueError, RuntimeError, OSError) as err:  # a damaged chunk: the report above still stands
-            report["problems"].append(f"recompute stopped: {str(err).splitlines()[0]}")
+            report["problems"].append(f"recompute stopped: {first_line(err)}")
             return report
         if report["recompute"]["max_abs_dp"] > max_dp or report["recompute"]["mean_kl"] > max_kl:
             report["problems"].append(
