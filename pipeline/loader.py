@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from mealv2.pipeline.dali import DaliDecoder, DaliStream
 from mealv2.pipeline.dataset import DatasetError, DatasetIndex
-from mealv2.pipeline.decoders import resolve_decoder
+from mealv2.pipeline.decoders import INTERPOLATIONS, resolve_decoder
 from mealv2.pipeline.distributed import as_device, default_workers, use_device
 from mealv2.pipeline.epoch_plan import read_bytes
 from mealv2.pipeline.errors import first_line
@@ -81,6 +81,8 @@ class ReplayLoader:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         if self.res < 1:
             raise ValueError(f"resolution must be at least 1, got {self.res}")
+        if self.interpolation not in INTERPOLATIONS:  # checked here: a decoder's failures name a file
+            raise ValueError(f"interpolation {self.interpolation!r}: expected one of {INTERPOLATIONS}")
         self.device = as_device(self.device)
         self.workers = self.workers or default_workers()
         self.decoder_name = resolve_decoder(self.decoder, self.device.type, self.index.sizes)

@@ -50,6 +50,12 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def check_model_name(name: str) -> None:
+    """Refuse a name timm does not know (its architecture, before any ".tag"), before weights are looked for."""
+    if not timm.is_model(name.split(".")[0]):
+        raise ModelError(f"{name}: not a timm model name")
+
+
 def create_model(name: str, num_classes: int, checkpoint: str | None = None, pretrained: bool = False,
                  **timm_kwargs) -> nn.Module:
     """A timm model with a num_classes head, from local weights, hub weights or random init.
@@ -57,8 +63,7 @@ def create_model(name: str, num_classes: int, checkpoint: str | None = None, pre
     Hub weights must already have num_classes outputs (a teacher's head cannot be guessed);
     a checkpoint with another head size is refused. ``timm_kwargs`` go to ``timm.create_model``.
     """
-    if not timm.is_model(name.split(".")[0]):
-        raise ModelError(f"{name}: not a timm model name")
+    check_model_name(name)
     if checkpoint is None and pretrained:
         try:
             model = timm.create_model(name, pretrained=True, **timm_kwargs)
