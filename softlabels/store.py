@@ -326,7 +326,7 @@ class LabelStore:
 
     @property
     def fingerprint(self) -> str:
-        """The dataset fingerprint its rows belong to (mealv2.pipeline.dataset.DatasetIndex.fingerprint)."""
+        """The dataset fingerprint of its rows, in the store's --fingerprint mode (DatasetIndex.fingerprint_of)."""
         return self.attrs["dataset"]["fingerprint"]
 
     def matching_index(self, split_dir: str | os.PathLike, skip_bad: bool = False, world=None) -> DatasetIndex:
