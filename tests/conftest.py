@@ -71,13 +71,14 @@ def cache_args(root, store, teachers, *extra) -> list[str]:
             "--seeds", "2", "--topk", "2", "--batch-size", "4", "--chunk-rows", "8", "--device", "cpu", *extra]
 
 
-def run_cli(*args):
-    """`mealv2 ARGS` in this process (click's CliRunner): exit code and output; arguments turned into strings."""
+def run_cli(*args, **env):
+    """`mealv2 ARGS` in this process (click's CliRunner), arguments turned into strings; ``env``: variables set
+    for the call (HF_HUB_OFFLINE="1", say)."""
     from click.testing import CliRunner
 
     from mealv2.cli import main
 
-    return CliRunner().invoke(main, [str(a) for a in args])
+    return CliRunner().invoke(main, [str(a) for a in args], env=env or None)
 
 
 def distill_args(root, store, out, epochs=1, *extra, student="test_resnet", batch_size=8, recipe=()) -> list:
