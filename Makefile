@@ -31,9 +31,9 @@ test: $(BIN)/.installed fashion-mnist
 bench: $(BIN)/.installed
 	$(BIN)/python -m bench --quick
 
-# On a GPU machine, with that machine's python and the packages already there (no venv, no
-# network): bench/gpu_check.py's four timed steps (docs/benchmarks.md). The caller's PYTHONPATH
-# (the wheels carried to that machine) is kept behind the project's root.
+# On a GPU machine, with that machine's python and the packages already there (no venv, no network, mealv2 not
+# installed): the GPU check's tier (1: without DALI, 2: with it), as docs/benchmarks.md sequences them.
 GPU_CHECK ?= runs/gpu-check
+TIER ?= 1
 gpu-check:
-	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m bench.gpu_check --out $(GPU_CHECK) --device cuda
+	$(PYTHON) -m bench.gpu_check --out $(GPU_CHECK) --device cuda --tier $(TIER)

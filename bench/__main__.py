@@ -171,16 +171,12 @@ def main() -> None:
 
 
 def _gpu_main(args) -> None:
-    from bench.gpu import gpu_figures, gpu_verdicts, write_record
+    from bench.gpu import Figures, gpu_figures
 
-    started = time.perf_counter()
+    figures = Figures(Path(args.out) / f"{args.name or 'gpu'}.json", torch.device(args.device))
     with tempfile.TemporaryDirectory() as tmp:
-        results = gpu_figures(Path(tmp), args.device, args.quick, args.workers)
-    verdicts = gpu_verdicts(results)
-    _print_figures(results, verdicts)
-    name = args.name or ("gpu-quick" if args.quick else "gpu-full")
-    write_record(Path(args.out), name, results, torch.device(args.device), time.perf_counter() - started)
-    print(json.dumps(results))
+        gpu_figures(Path(tmp), figures, args.workers)
+    print(json.dumps(figures.results))
 
 
 if __name__ == "__main__":

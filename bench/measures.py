@@ -115,6 +115,18 @@ def _on_device(batches, device: torch.device):
         yield images.to(device, non_blocking=True), indices
 
 
+def replay_rate(index: DatasetIndex, res: int, workers: int, rounds: int, device: str = "cpu", batch: int = BATCH,
+                decoder: str = "dali", hw_decoder_load: float | None = None) -> float:
+    """Median images/s of the replay loader over ``rounds`` passes after a warm one, delivered on the device."""
+    device = torch.device(device)
+    boxes, flips = CropSpec().draw(0, index.sizes)
+    order = epoch_order(len(index), 0, 0)
+    replay = ReplayLoader(index, res, batch, device, decoder, "bilinear", workers, hw_decoder_load=hw_decoder_load)
+    rates = [_images_per_sec(replay.epoch(order, boxes, flips, progress=False), len(order), device)
+             for _ in range(rounds + 1)]
+    return statistics.median(rates[1:])
+
+
 def loader_rates(index: DatasetIndex, res: int, workers: int, rounds: int, seed: int = 0, decoder: str = "dali",
                  device: str = "cpu", batch: int = BATCH) -> tuple[float, float]:
     """Median images/s of the replay loader (``decoder``) and of a torchvision DataLoader doing the same crops.
@@ -175,20 +187,12 @@ def content_fingerprint_seconds(photos: DatasetIndex, folder: Path, count: int, 
     return time.perf_counter() - started, float(np.mean(index.byte_sizes)) / 1000
 
 
-def synthetic_store(path: Path, num_images: int, slots: int = 1, topk: int = 5, classes: int = 1000) -> LabelStore:
-    """A complete store of random top-k rows (sorted Dirichlet values) written with the store's own writer.
-
-    Read speed does not depend on the values; every slot shares slot 0's crops.
-    """
+def random_store(path: Path, index: DatasetIndex, slots: int = 1, topk: int = 5, res: int = 224) -> LabelStore:
+    """A complete store of ``index``'s images with random top-k rows (sorted Dirichlet values), written with the
+    store's own writer. Speed does not depend on the values; every slot shares slot 0's crops."""
     rng = np.random.default_rng(0)
-    index = DatasetIndex(root=str(path.parent), paths=[f"c/{i:08d}.jpg" for i in range(num_images)],
-                         labels=rng.integers(0, classes, num_images).astype(np.int32),
-                         sizes=np.tile(np.array([[375, 500]], np.int32), (num_images, 1)),
-                         byte_sizes=rng.integers(50_000, 150_000, num_images),
-                         classes=[f"{c:04d}" for c in range(classes)])
     spec = label_spec(index, [{"name": "synthetic", "pretrained": "synthetic", "mean": [0.5] * 3,
-                               "std": [0.5] * 3}], 224, "bilinear", topk, "uniform",
-                      CropSpec().attrs())
+                               "std": [0.5] * 3}], res, "bilinear", topk, "uniform", CropSpec().attrs())
     store = LabelStore.create_or_extend(str(path), spec, index, list(range(slots)))
     boxes, flips = CropSpec().draw(0, index.sizes)
     for slot in range(slots):
@@ -196,10 +200,21 @@ def synthetic_store(path: Path, num_images: int, slots: int = 1, topk: int = 5, 
             rows = store.rows(chunk)
             n = rows.stop - rows.start
             probs = np.ascontiguousarray(np.sort(rng.dirichlet(np.ones(topk), n), axis=1)[:, ::-1], np.float16)
-            top = rng.integers(0, classes, (n, topk)).astype(np.uint16)
+            top = rng.integers(0, index.num_classes, (n, topk)).astype(np.uint16)
             store.write_unit(slot, chunk, SlotLabels(probs, top, boxes[rows], flips[rows]))
     store.finalize()
     return LabelStore.open(str(path))
+
+
+def synthetic_store(path: Path, num_images: int, slots: int = 1, topk: int = 5, classes: int = 1000) -> LabelStore:
+    """A random store (random_store) of ``num_images`` made-up 375×500 photos in ``classes`` classes."""
+    rng = np.random.default_rng(0)
+    index = DatasetIndex(root=str(path.parent), paths=[f"c/{i:08d}.jpg" for i in range(num_images)],
+                         labels=rng.integers(0, classes, num_images).astype(np.int32),
+                         sizes=np.tile(np.array([[375, 500]], np.int32), (num_images, 1)),
+                         byte_sizes=rng.integers(50_000, 150_000, num_images),
+                         classes=[f"{c:04d}" for c in range(classes)])
+    return random_store(path, index, slots, topk)
 
 
 def slot_load_seconds(folder: Path, num_images: int, topk: int = 5, classes: int = 1000) -> float:

@@ -233,6 +233,20 @@ class Trainer:
             self.ema.update(self.student, step=self.updates)
         return losses
 
+    def _step_runs(self, images: int, desc: str) -> bool:
+        """Whether to step on a batch of ``images``; none are left when --skip-bad left out the whole batch.
+
+        Under torchrun every rank gets the same number of batches, and the ranks agree on each step
+        (one small all-reduce a step, with --skip-bad only): a rank that skipped alone would take one
+        step fewer while the others waited in DDP's all-reduce until the collective timed out.
+        """
+        if not (self.world.distributed and self.config.skip_bad):
+            return images > 0
+        without = int(self.world.sum(torch.tensor([float(images == 0)]))[0])
+        if without:
+            self.log(f"{desc}: a step skipped on every rank: {without} rank(s) had no decodable image in it")
+        return not without
+
     def train_epoch(self, epoch: int) -> dict:
         self.student.train()
         boxes, flips = self.targets.crops(epoch)
@@ -246,6 +260,8 @@ class Trainer:
         self.lines.start()
         batches = self.loader.epoch(order, boxes, flips, desc=desc, progress=self.progress)
         for images, indices in batches:
+            if not self._step_runs(len(indices), desc):
+                continue
             losses = self.step(images, indices)
             for key, value in losses.items():  # summed on the device: no host sync per step
                 sums[key] = sums.get(key, 0.0) + value.detach()
@@ -253,7 +269,7 @@ class Trainer:
                 drift = torch.maximum(drift, (losses["disc_loss"].detach() - math.log(2)).abs())
             steps += 1
             images_seen += len(indices)
-            if steps % _POSTFIX_EVERY == 1 and self.progress:  # the one figure printed mid-epoch
+            if steps % _POSTFIX_EVERY == 1 and not batches.bar.disable:  # the one figure a shown bar reads mid-epoch
                 batches.bar.set_postfix(loss=f"{float(sums['loss']) / steps:.4f}", refresh=False)
             self.lines.step(desc, steps, images_seen, len(order), sums["loss"] / steps, lr)
         if "disc_loss" in sums and float(drift) < INERT_DISCRIMINATOR:

@@ -112,7 +112,8 @@ class ReplayLoader:
         """(images, indices, ready): the batch on the device and, on a GPU, the event its copies end with.
 
         A batch the decoder fails on is decoded again without its undecodable images when
-        ``on_bad`` is set (None when none is left); otherwise the error names the first one.
+        ``on_bad`` is set (an empty batch when none is left, so that every rank counts the
+        same batches); otherwise the error names the first one.
         """
         try:
             return self._to_device(order, boxes, flips, encoded)
@@ -129,7 +130,14 @@ class ReplayLoader:
             for j, reason in bad.items():
                 self.on_bad(int(order[j]), reason)
             keep = [j for j in range(len(order)) if j not in bad]
-            return self._to_device(order[keep], boxes, flips, [encoded[j] for j in keep]) if keep else None
+            if not keep:
+                with self._on_copy_stream():
+                    return self._handed_over(self._no_images(), order[:0])
+            return self._to_device(order[keep], boxes, flips, [encoded[j] for j in keep])
+
+    def _no_images(self) -> torch.Tensor:
+        """The images of a batch whose every file was left out: none, in the batches' shape, on the device."""
+        return torch.empty((0, 3, self.res, self.res), dtype=torch.uint8, device=self.device)
 
     def _on_copy_stream(self):
         """On a GPU, the context that makes the copy stream current (batches are allocated and copied on it)."""
@@ -204,9 +212,9 @@ class ReplayLoader:
                     raise DatasetError(f"{self.index.file(position)}: cannot decode image ({reason}); "
                                        "--skip-bad leaves such files out")
                 self.on_bad(position, reason)
-            if images is not None:
-                with self._on_copy_stream():
-                    yield self._handed_over(images.to(self.device, non_blocking=True), positions)
+            with self._on_copy_stream():
+                images = self._no_images() if images is None else images.to(self.device, non_blocking=True)
+                yield self._handed_over(images, positions)
 
     def _batches(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray):
         """Yield decoded batches one at a time; the reads of batch b+1 run while batch b decodes."""
@@ -219,15 +227,14 @@ class ReplayLoader:
         for b, span in enumerate(spans):
             encoded = [f.result() for f in pending]
             pending = read(spans[b + 1]) if b + 1 < len(spans) else []
-            batch = self._decode(span, boxes, flips, encoded)
-            if batch is not None:
-                yield batch
+            yield self._decode(span, boxes, flips, encoded)
 
     def epoch(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray, desc: str = "epoch",
               progress: bool = True) -> Epoch:
         """Iterate (images uint8 (B,3,res,res), indices int64), both on the device, over ``order``.
 
-        ``boxes`` (N, 4) and ``flips`` (N,) are indexed by dataset position.
+        ``boxes`` (N, 4) and ``flips`` (N,) are indexed by dataset position. One batch per
+        ``batch_size`` span of ``order``, whatever ``on_bad`` left out: B is 0 where it left out all.
         """
         if len(boxes) != len(self.index) or len(flips) != len(self.index):
             raise ValueError(f"{len(boxes)} boxes and {len(flips)} flips for {len(self.index)} images")

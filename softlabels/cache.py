@@ -84,6 +84,8 @@ def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, rows: slice, box
     def own_rows():
         """The unit's own rows of each decoded batch (composites, with ``mix``)."""
         for images, indices in loader.epoch(order, boxes, flips, progress=False):
+            if not len(indices):  # every file of the batch left out (--skip-bad)
+                continue
             if mix is not None:
                 batch = mix.batch(indices)
                 images, composed = batch.images(images), batch.mixed

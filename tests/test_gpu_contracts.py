@@ -243,3 +243,30 @@ def test_the_replay_pipeline_runs_dalis_dynamic_asynchronous_executor(small_root
     pipe = loader._stream._build()
     assert (pipe.exec_dynamic, pipe.exec_async, pipe.exec_pipelined) == (True, True, True)
     assert pipe.prefetch_queue_depth == loader._stream.prefetch
+
+
+@needs_dali
+def test_dalis_outputs_are_copied_without_asking_for_one_dense_buffer():
+    """DALI's as_tensor() refuses a TensorList whose samples lie apart (its dynamic executor's outputs may): the copy
+    out takes the TensorList itself, sample after sample, in order."""
+    from nvidia.dali.backend import TensorListCPU
+
+    from mealv2.pipeline.dali import _to_torch
+
+    dense = TensorListCPU([np.full((2, 4, 3), i, np.uint8) for i in range(3)])
+
+    class Scattered:
+        def as_tensor(self):
+            raise RuntimeError("TensorList is not dense")
+
+        def __len__(self):
+            return len(dense)
+
+        def __getitem__(self, i):
+            return dense[i]
+
+        def copy_to_external(self, *args, **kwargs):
+            return dense.copy_to_external(*args, **kwargs)
+
+    images = _to_torch(Scattered(), torch.device("cpu"))
+    assert images.shape == (3, 3, 2, 4) and images.amax((1, 2, 3)).tolist() == [0, 1, 2]

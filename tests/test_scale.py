@@ -3,6 +3,8 @@
 import functools
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,12 +23,20 @@ distill_args = functools.partial(conftest.distill_args, student=STUDENT, batch_s
                                  recipe=("--lr", "0.05", "--lr-steps", "1"))
 
 
-def torchrun(*args, ranks=2):
-    """`torchrun --standalone --nproc-per-node RANKS -m mealv2 ARGS` on the CPU."""
+def torchrun(*args, ranks=2, timeout=600):
+    """`torchrun --standalone --nproc-per-node RANKS -m mealv2 ARGS` on the CPU; past ``timeout`` seconds every rank
+    is ended (its own process group) and the test fails."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                "-m", "mealv2", *[str(a) for a in args]]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          env=os.environ | {"OMP_NUM_THREADS": "1"}) as run:
+        try:
+            stdout, stderr = run.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            stdout, stderr = run.communicate()
+            pytest.fail(f"torchrun ran past {timeout} s: {stdout[-2000:]} {stderr[-2000:]}")
+    result = subprocess.CompletedProcess(command, run.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -197,6 +207,32 @@ def test_each_rank_resumes_its_own_random_state(small_root, reference_store, tmp
     assert_same_weights(weights(split), weights(whole))
     states = torch.load(split / "checkpoint-last.pth", weights_only=True)["rng"]
     assert len(states) == 2 and not torch.equal(states[0], states[1])
+
+
+def _break_decoding(path) -> None:
+    """Make a JPEG undecodable at the same byte size, its header still read: the scan start names no component."""
+    data = bytearray(path.read_bytes())
+    data[data.index(b"\xff\xda") + 5] = 0x77
+    path.write_bytes(bytes(data))
+
+
+def test_ranks_agree_on_each_step_when_skip_bad_leaves_a_whole_batch_out(small_root, reference_store, tmp_path):
+    """One image a rank per step: an image that fails at decode time after caching leaves one rank's batch empty.
+    The ranks agree to skip that step instead of one rank taking a step fewer while the other waits in DDP's
+    all-reduce for the collective timeout (two hours); bounded here far below that."""
+    root = tmp_path / "data"
+    shutil.copytree(small_root, root)  # the same files, sizes and times: the store's dataset
+    broken = sorted(root.glob("train/*/img_00[01].jpg"))[:3]
+    for path in broken:
+        _break_decoding(path)
+    out = tmp_path / "run"
+    args = distill_args(root, reference_store, out, 1, "--skip-bad")
+    args[args.index("--batch-size") + 1] = "2"
+    result = torchrun(*args, timeout=240)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["loss"] == rows[0]["loss"]
+    assert sum(f"left out {path}" in result.stdout + result.stderr for path in broken) >= 1
+    assert "a step skipped on every rank" in result.stdout + result.stderr
 
 
 def test_sync_bn_on_cpu_ranks_is_refused(small_root, reference_store, tmp_path):
