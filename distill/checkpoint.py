@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mealv2.pipeline.errors import first_line
 from mealv2.pipeline.files import atomic_write
 
 CHECKPOINT = "checkpoint-last.pth"
@@ -67,7 +68,7 @@ def load_checkpoint(path: Path, device: torch.device) -> dict:
     except OSError:
         raise
     except Exception as err:  # noqa: BLE001 - a pickle payload, a torn or foreign file: torch raises many kinds
-        raise ValueError(f"{path}: not a checkpoint mealv2 can load ({str(err).splitlines()[0][:200]}); nothing "
+        raise ValueError(f"{path}: not a checkpoint mealv2 can load ({first_line(err, 200)}); nothing "
                          "was loaded: resume from a run folder mealv2 wrote") from None
     if not isinstance(state, dict) or not isinstance(state.get("rng"), list):
         raise ValueError(f"{path}: a checkpoint of an older mealv2 (one random state for all ranks); "

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from mealv2.pipeline.errors import first_line
+
 MODES = ("distill", "online", "train")
 AMP_MODES = ("bf16", "fp16", "off")
 SCHEDULES = ("step", "multistep", "cosine", "tanh", "poly")  # timm's scheduler factory; step: the paper's
@@ -152,7 +154,7 @@ def read_run_file(path: str, command: str, known: set[str]) -> dict:
         with open(path) as handle:
             values = yaml.safe_load(handle)
     except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"--config {path}: cannot read it ({str(err).splitlines()[0]})") from None
+        raise ValueError(f"--config {path}: cannot read it ({first_line(err)})") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a mapping of option names to values")
     values = {str(key).replace("-", "_"): value for key, value in values.items()}

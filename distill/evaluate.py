@@ -21,9 +21,9 @@ from torch import nn
 
 from mealv2.pipeline.crops import CROP_MODES, center_boxes
 from mealv2.pipeline.dataset import DatasetIndex, load_index
+from mealv2.pipeline.decoders import INTERPOLATIONS
 from mealv2.pipeline.distributed import World, resolve_device
 from mealv2.pipeline.loader import ReplayLoader
-from mealv2.pipeline.pil_replay import PIL_INTERPOLATION
 from mealv2.softlabels.models import Normalize, autocast, create_model, normalization
 from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 
@@ -39,9 +39,9 @@ class EvalTransform:
     def __post_init__(self):
         if not 0 < self.crop_pct <= 1:
             raise ValueError(f"--crop-pct {self.crop_pct}: expected a fraction in (0, 1]")
-        if self.interpolation not in PIL_INTERPOLATION:
+        if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {self.interpolation!r}: the replay resizes with "
-                             f"{sorted(PIL_INTERPOLATION)}; pass --eval-interpolation")
+                             f"{INTERPOLATIONS}; pass --eval-interpolation")
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"crop mode {self.crop_mode!r}: the replay evaluates {CROP_MODES}")
 

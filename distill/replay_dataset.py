@@ -15,20 +15,10 @@ import torch
 from torch.utils.data import Dataset
 
 from mealv2.distill.targets import CachedTargets
-from mealv2.pipeline.dataset import DatasetIndex, load_index
 from mealv2.pipeline.distributed import as_device
 from mealv2.pipeline.loader import ReplayLoader, epoch_order
 from mealv2.pipeline.worker_replay import REPLAYS, replay_crop
-from mealv2.softlabels.store import LabelStore, StoreError, open_store
-
-
-def matching_index(store: LabelStore, split_dir: str | os.PathLike, world=None) -> DatasetIndex:
-    """The index of ``split_dir`` whose rows are the store's rows; StoreError when its images are not the store's."""
-    index = load_index(split_dir, skip_bad=bool(store.skipped), world=world)
-    if index.fingerprint != store.fingerprint:
-        raise StoreError(f"{store.url}: labels are for another dataset than {split_dir} (fingerprint differs); "
-                         "point at the split the store was cached from")
-    return index
+from mealv2.softlabels.store import LabelStore, open_store
 
 
 def _store_of(store: LabelStore | str) -> LabelStore:
@@ -50,7 +40,7 @@ class ReplayDataset(Dataset):
         if decoder not in REPLAYS:
             raise ValueError(f"decoder {decoder!r}: expected one of {sorted(REPLAYS)}")
         self.store = _store_of(store)
-        self.index = matching_index(self.store, Path(root) / "train")
+        self.index = self.store.matching_index(Path(root) / "train")
         self.rows = np.setdiff1d(np.arange(self.store.num_images), self.store.skipped_rows())
         self.res, self.interpolation, self.decoder = self.store.res, self.store.interpolation, decoder
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -116,7 +106,7 @@ class StoreLoader:
         self.device = as_device(device)
         if self.store.mix.enabled and batch_size % 2:
             raise ValueError(f"batch size {batch_size}: a CutMix store's batches hold whole pairs; use an even size")
-        self.index = matching_index(self.store, Path(root) / "train")
+        self.index = self.store.matching_index(Path(root) / "train")
         self.targets = CachedTargets(self.store, self.device)
         self.loader = ReplayLoader(self.index, self.store.res, batch_size, self.device, decoder,
                                    self.store.interpolation, workers)

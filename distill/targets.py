@@ -76,7 +76,7 @@ class CachedTargets:
         if following != slot and following not in self._pending:
             self._pending[following] = self._pool.submit(self.store.read_slot, following)
         # rows never labelled (images cache-teachers --skip-bad could not decode) hold zeros: train on the rest
-        self.trainable = np.flatnonzero(labels.probs[:, 0] > 0)
+        self.trainable = np.flatnonzero(labels.labelled())
         if labels.mix_partner is not None:
             self.mix = SlotMix(labels.mix_partner, labels.mix_boxes, self.store.res).at_res(self.res)
         elif self.cutmix.enabled:

@@ -109,11 +109,9 @@ class Trainer:
         self.progress = config.progress and self.world.is_main
         self.resumed = load_checkpoint(self.out / CHECKPOINT, self.device) if config.resume else None
         self.store = LabelStore.open(config.labels, "r", config.storage_options) if config.mode == "distill" else None
-        # files the store left out (cache-teachers --skip-bad) are left out here too
-        skip_bad = config.skip_bad or bool(self.store and self.store.skipped)
-        self.index = load_index(Path(config.data) / "train", skip_bad=skip_bad, world=self.world)
-        if self.store:
-            self.store.check_dataset(self.index, f"{config.data}/train")
+        split = Path(config.data) / "train"
+        self.index = (self.store.matching_index(split, config.skip_bad, self.world) if self.store
+                      else load_index(split, skip_bad=config.skip_bad, world=self.world))
         self.config = resolve_config(config, self.store, self.resumed["options"] if self.resumed else None)
         if self.store:  # every slot the run will read, before the first step (a missing chunk reads as zeros)
             self.store.check_slots(self.config.seeds)

@@ -10,7 +10,9 @@ import click
 from mealv2.distill.config import AMP_MODES, DISC_HEADS, SCHEDULES
 from mealv2.distill.config import defaults as train_defaults
 from mealv2 import __version__
-from mealv2.pipeline.decoders import DECODERS
+from mealv2.pipeline.dataset import FINGERPRINTS
+from mealv2.pipeline.decoders import DECODERS, INTERPOLATIONS
+from mealv2.pipeline.errors import first_line
 from mealv2.softlabels.cache_config import RESIDUALS, CacheJob, parse_shard
 
 CACHE = {f.name: f.default for f in dataclasses.fields(CacheJob)}  # cache-teachers defaults, declared once
@@ -19,16 +21,26 @@ DISTILL = train_defaults("distill")
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mealv2")
-def main():
+@click.option("--debug", is_flag=True, help="show the traceback behind an error instead of its one line")
+@click.pass_context
+def main(ctx, debug):
     """MEAL V2 distillation: cache a teacher ensemble's soft labels once, train many students from them."""
+    ctx.meta["mealv2.debug"] = debug
+
+
+def _debugging() -> bool:
+    """Whether this command line asked for tracebacks (--debug)."""
+    return click.get_current_context().meta.get("mealv2.debug", False)
 
 
 def _fail_cleanly(run):
-    """Turn the library's bad-input errors into one-line messages and exit status 1."""
+    """Turn the library's bad-input errors into one-line messages and exit status 1 (with --debug: the traceback)."""
     try:
         return run()
     except (ValueError, OSError, RuntimeError) as err:
-        raise click.ClickException(str(err).splitlines()[0]) from None
+        if _debugging():
+            raise
+        raise click.ClickException(first_line(err)) from None
 
 
 def _storage_options(pairs: tuple[str, ...]) -> dict:
@@ -98,16 +110,17 @@ def storage_option(command):
               help="seed slots 0..N-1 (more extends a store)")
 @click.option("--topk", type=int, default=CACHE["topk"], show_default=True)
 @click.option("--residual", type=click.Choice(RESIDUALS), default=CACHE["residual"], show_default=True)
-@click.option("--interpolation", type=click.Choice(["bilinear", "bicubic"]), default=CACHE["interpolation"],
+@click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=CACHE["interpolation"],
               show_default=True)
 @click.option("--batch-size", type=int, default=None,
               help="[default: on a GPU the largest that fits, up to 1024; on the CPU 64]")
 @click.option("--shard", default="{}/{}".format(*CACHE["shard"]), show_default=True,
               help="I/N: do only units u with u % N == I")
 @click.option("--skip-bad", is_flag=True, help="leave unreadable images out (recorded in the store)")
-@click.option("--fingerprint", type=click.Choice(["size", "content"]), default=CACHE["fingerprint"],
+@click.option("--fingerprint", type=click.Choice(FINGERPRINTS), default=CACHE["fingerprint"],
               show_default=True, help="what identifies the data beside paths and labels: byte sizes, or every "
-              "file's bytes (hashed once here and at each distill start; catches an image edited at equal size)")
+              "file's bytes (hashed here and wherever the store meets its data; catches an image edited at equal "
+              "size)")
 @click.option("--chunk-rows", type=int, default=CACHE["chunk_rows"], show_default=True,
               help="images per store chunk")
 @_apply(mix_options(CACHE["cutmix"], CACHE["mixup_prob"], "the teachers label the composites and stage two "
@@ -256,7 +269,7 @@ def eval_transform_options() -> list:
     return [
         click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None,
                      help="evaluation centre crop fraction [default: the model's timm data config; the paper's: 0.875]"),
-        click.option("--eval-interpolation", type=click.Choice(["bilinear", "bicubic"]), default=None,
+        click.option("--eval-interpolation", type=click.Choice(INTERPOLATIONS), default=None,
                      help="evaluation resize [default: the model's timm data config; the paper's: bilinear]"),
     ]
 
@@ -519,7 +532,7 @@ def demo(out, seed, quick, source, slots_study, train_teachers, teachers_from):
     from mealv2.demo import FULL, QUICK, Demo
 
     def run_command(argv: list[str]):
-        return main.main(argv, prog_name="mealv2", standalone_mode=False)
+        return main.main(["--debug", *argv] if _debugging() else argv, prog_name="mealv2", standalone_mode=False)
 
     plan = QUICK if quick else FULL
     teachers = {"teachers_from": teachers_from, "train_teachers": train_teachers}

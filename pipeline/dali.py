@@ -27,6 +27,7 @@ try:
 except ImportError:  # not on this platform: pil_replay.PilDecoder serves
     DALI_AVAILABLE = False
 
+from mealv2.pipeline.decoders import INTERPOLATIONS
 from mealv2.pipeline.distributed import as_device
 from mealv2.pipeline.epoch_plan import PlanSource, plan_path, replay_inputs, write_plan
 
@@ -52,10 +53,8 @@ def _built(pipe):
 
 
 def _interp(interpolation: str):
-    table = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
-    if interpolation not in table:
-        raise ValueError(f"interpolation {interpolation!r}: expected one of {sorted(table)}")
-    return table[interpolation]
+    """DALI's name for one of the replay's resize filters."""
+    return dict(zip(INTERPOLATIONS, (types.INTERP_LINEAR, types.INTERP_CUBIC), strict=True))[interpolation]
 
 
 def _replay(encoded, anchor, shape, roi_start, roi_end, res: int, interpolation: str, on_gpu: bool,

@@ -1,4 +1,5 @@
-"""Which decoder replays the crops: the names the command line offers, and the rule behind "auto".
+"""Which decoder replays the crops: the names the command line offers (decoders, resize filters), and the rule
+behind "auto".
 
 Free of heavy imports (the command line reads DECODERS); the rule is measured, see
 docs/benchmarks.md.
@@ -11,6 +12,7 @@ import importlib.util
 import numpy as np
 
 DECODERS = ("auto", "dali", "torch", "pil")
+INTERPOLATIONS = ("bilinear", "bicubic")  # the replay's resize filters: every decoder maps these names to its own
 # On the CPU, torchvision overtakes DALI's batched graph above about 256 × 192 pixels a picture
 # (measured on 2 cores at 2 threads: DALI 2.7× faster at 64 × 48, level at 256 × 192, 0.8× at 400 × 300).
 CPU_TORCH_ABOVE_PIXELS = 256 * 256

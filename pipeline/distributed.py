@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mealv2.pipeline.errors import first_line
+
 
 def resolve_device(name: str, local_rank: int = 0, distributed: bool = False) -> torch.device:
     """"auto" → this process's CUDA device when there is one, else the CPU; "cuda" → cuda:LOCAL_RANK.
@@ -146,7 +148,7 @@ class World:
         try:
             result = work()
         except BaseException as err:
-            self.broadcast_bytes(b"E" + (str(err).splitlines() or [type(err).__name__])[0].encode())
+            self.broadcast_bytes(b"E" + first_line(err).encode())
             raise
         self.broadcast_bytes(b"R" + (result or b""))
         return result

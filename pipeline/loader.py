@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import re
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -28,9 +27,10 @@ from tqdm import tqdm
 
 from mealv2.pipeline.dali import DaliDecoder, DaliStream
 from mealv2.pipeline.dataset import DatasetError, DatasetIndex
-from mealv2.pipeline.decoders import resolve_decoder
+from mealv2.pipeline.decoders import INTERPOLATIONS, resolve_decoder
 from mealv2.pipeline.distributed import as_device, default_workers, use_device
 from mealv2.pipeline.epoch_plan import read_bytes
+from mealv2.pipeline.errors import first_line
 from mealv2.pipeline.mix import SlotMix
 from mealv2.pipeline.pil_replay import PilDecoder
 from mealv2.pipeline.spawn_guard import check_main_is_guarded
@@ -61,13 +61,6 @@ def epoch_order(images: int | np.ndarray, seed: int, epoch: int, shuffle: bool =
     return mine[mine >= 0]
 
 
-def _first_line(err: Exception) -> str:
-    """The gist of a decoder's error: DALI's run over several lines and carry terminal colours."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
-    meaningful = [line for line in lines if line and not line.startswith(("Critical error", "Current pipeline"))]
-    return (meaningful or ["unknown decoder error"])[0][:200]
-
-
 @dataclass
 class ReplayLoader:
     """Decodes the crops (boxes, flips) of a dataset in a given order, batch by batch, on ``device``."""
@@ -88,6 +81,8 @@ class ReplayLoader:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         if self.res < 1:
             raise ValueError(f"resolution must be at least 1, got {self.res}")
+        if self.interpolation not in INTERPOLATIONS:  # checked here: a decoder's failures name a file
+            raise ValueError(f"interpolation {self.interpolation!r}: expected one of {INTERPOLATIONS}")
         self.device = as_device(self.device)
         self.workers = self.workers or default_workers()
         self.decoder_name = resolve_decoder(self.decoder, self.device.type, self.index.sizes)
@@ -186,7 +181,7 @@ class ReplayLoader:
             try:
                 self._decoder.decode([encoded[j]], boxes[[i]], flips[[i]])
             except Exception as err:  # noqa: BLE001 - any failure on a lone image is that image's
-                bad[j] = _first_line(err)
+                bad[j] = first_line(err, 200)
         return bad
 
     def _streamed(self, order: np.ndarray, boxes: np.ndarray, flips: np.ndarray):
@@ -205,8 +200,8 @@ class ReplayLoader:
             rest = order[delivered:]
             if not self._fails_on_a_file(rest[:(self._stream.prefetch + 1) * self.batch_size], boxes, flips):
                 raise RuntimeError(f"DALI's pipelined executor failed on batches that decode one at a time: "
-                                   f"{_first_line(err)}") from err
-            warnings.warn(f"DALI's pipelined epoch stopped after {delivered} images ({_first_line(err)}); "
+                                   f"{first_line(err, 200)}") from err
+            warnings.warn(f"DALI's pipelined epoch stopped after {delivered} images ({first_line(err, 200)}); "
                           "going on batch by batch", RuntimeWarning, stacklevel=2)
             yield from self._batches(rest, boxes, flips)
 

@@ -7,9 +7,10 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
+from mealv2.pipeline.decoders import INTERPOLATIONS
 from mealv2.pipeline.threaded import ThreadedDecoder
 
-PIL_INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+PIL_INTERPOLATION = dict(zip(INTERPOLATIONS, (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC), strict=True))
 
 
 def replay_pil(encoded: bytes | np.ndarray, box, flip: bool, res: int, interpolation: str = "bilinear") -> np.ndarray:
@@ -29,5 +30,4 @@ class PilDecoder(ThreadedDecoder):
     """Replays a batch with PIL on a thread pool."""
 
     name = "pil"
-    interpolations = tuple(PIL_INTERPOLATION)
     replay = staticmethod(replay_pil)

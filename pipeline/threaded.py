@@ -17,16 +17,13 @@ from mealv2.pipeline.distributed import as_device
 class ThreadedDecoder:
     """Replays a batch of crops with ``replay`` (encoded, box, flip, res, interpolation) → uint8 CHW array."""
 
-    name: str  # each subclass sets these three
-    interpolations: tuple[str, ...]
+    name: str  # each subclass sets these two
     replay: Callable[[np.ndarray, np.ndarray, bool, int, str], np.ndarray]
 
     def __init__(self, res: int, interpolation: str = "bilinear", device: torch.device | str = "cpu",
                  threads: int = 2):
-        if interpolation not in self.interpolations:
-            raise ValueError(f"interpolation {interpolation!r}: expected one of {sorted(self.interpolations)}")
         self.res = res
-        self.interpolation = interpolation
+        self.interpolation = interpolation  # one of decoders.INTERPOLATIONS (ReplayLoader checks)
         self.device = as_device(device)
         self._pool = ThreadPoolExecutor(max(1, threads))
 

@@ -13,9 +13,10 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from mealv2.pipeline.decoders import INTERPOLATIONS
 from mealv2.pipeline.threaded import ThreadedDecoder
 
-TORCH_INTERPOLATION = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
+TORCH_INTERPOLATION = dict(zip(INTERPOLATIONS, (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC), strict=True))
 
 
 def replay_torch(encoded: np.ndarray, box, flip: bool, res: int, interpolation: str = "bilinear") -> np.ndarray:
@@ -32,5 +33,4 @@ class TorchDecoder(ThreadedDecoder):
     """Replays a batch with torchvision on a thread pool."""
 
     name = "torch"
-    interpolations = tuple(TORCH_INTERPOLATION)
     replay = staticmethod(replay_torch)

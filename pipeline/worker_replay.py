@@ -14,6 +14,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, default
 
 from mealv2.pipeline.dataset import DatasetError, DatasetIndex
 from mealv2.pipeline.epoch_plan import read_bytes
+from mealv2.pipeline.errors import first_line
 from mealv2.pipeline.pil_replay import replay_pil
 from mealv2.pipeline.torch_replay import replay_torch
 
@@ -35,8 +36,7 @@ def replay_crop(index: DatasetIndex, position: int, box, flip: bool, res: int, i
     try:
         return REPLAYS[decoder](read_bytes(path), box, flip, res, interpolation)
     except Exception as err:  # noqa: BLE001 - any failure on one file is that file's
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-        raise UndecodableImage(path, (lines or [type(err).__name__])[0][:200]) from None
+        raise UndecodableImage(path, first_line(err, 200)) from None
 
 
 class _PlannedCrops(Dataset):

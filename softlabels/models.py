@@ -13,6 +13,8 @@ import timm
 import torch
 from torch import nn
 
+from mealv2.pipeline.errors import first_line
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}  # mealv2.distill.config.AMP_MODES
 
 
@@ -39,13 +41,19 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unpickling refusals and corrupt files alike
-        raise ModelError(f"{path}: not a weights-only torch checkpoint ({str(err).splitlines()[0]})") from None
+        raise ModelError(f"{path}: not a weights-only torch checkpoint ({first_line(err)})") from None
     for key in ("state_dict", "model", "student"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict):
         raise ModelError(f"{path}: expected a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def check_model_name(name: str) -> None:
+    """Refuse a name timm does not know (its architecture, before any ".tag"), before weights are looked for."""
+    if not timm.is_model(name.split(".")[0]):
+        raise ModelError(f"{name}: not a timm model name")
 
 
 def create_model(name: str, num_classes: int, checkpoint: str | None = None, pretrained: bool = False,
@@ -55,13 +63,12 @@ def create_model(name: str, num_classes: int, checkpoint: str | None = None, pre
     Hub weights must already have num_classes outputs (a teacher's head cannot be guessed);
     a checkpoint with another head size is refused. ``timm_kwargs`` go to ``timm.create_model``.
     """
-    if not timm.is_model(name.split(".")[0]):
-        raise ModelError(f"{name}: not a timm model name")
+    check_model_name(name)
     if checkpoint is None and pretrained:
         try:
             model = timm.create_model(name, pretrained=True, **timm_kwargs)
         except Exception as err:  # noqa: BLE001 - hub and network failures alike
-            raise ModelError(f"{name}: cannot load its pretrained weights ({str(err).splitlines()[0][:200]}); "
+            raise ModelError(f"{name}: cannot load its pretrained weights ({first_line(err, 200)}); "
                              "check the network or the hub cache, or give local weights") from None
         if model.num_classes != num_classes:
             raise ModelError(f"{name}: pretrained head has {model.num_classes} classes, the data has "
@@ -78,7 +85,7 @@ def create_model(name: str, num_classes: int, checkpoint: str | None = None, pre
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise ModelError(f"{checkpoint}: does not fit {name} ({str(err).splitlines()[0]})") from None
+            raise ModelError(f"{checkpoint}: does not fit {name} ({first_line(err)})") from None
     return model
 
 

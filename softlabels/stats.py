@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mealv2.pipeline.dataset import load_index
 from mealv2.softlabels.cache_config import RESIDUALS
 from mealv2.softlabels.store import LabelStore, SlotLabels, StoreError
 
@@ -119,7 +118,7 @@ class StoreStats:
 def _slot_figures(slot: int, seed: int, labels: SlotLabels, truth: np.ndarray, num_classes: int,
                   residual: str) -> tuple[SlotStats, np.ndarray, np.ndarray]:
     """One slot's SlotStats (agreement left empty), its (N,) top-1 classes and its (N,) bool scored rows."""
-    labelled = labels.probs[:, 0] > 0
+    labelled = labels.labelled()
     values = labels.probs[labelled]
     top1 = labels.classes[:, 0].astype(np.int64)
     mixed = mixed_rows(labels) & labelled
@@ -142,14 +141,11 @@ def store_stats(url: str, data: str | None = None, storage_options: dict | None 
     """Every slot's figures, reading each written slot whole once.
 
     ``data``: a dataset ROOT whose train/ split must be the one the store was made from
-    (its fingerprint); otherwise a StoreError says the labels belong to other data.
+    (LabelStore.matching_index); otherwise a StoreError says the labels are for another dataset.
     """
     store = LabelStore.open(url, "r", storage_options)
     if data is not None:
-        index = load_index(Path(data) / "train", skip_bad=bool(store.skipped))
-        if index.fingerprint != store.fingerprint:
-            raise StoreError(f"{data}/train does not match the dataset fingerprint of {url}: "
-                             "its labels belong to other data")
+        store.matching_index(Path(data) / "train")
     written = store.complete_slots()
     if not written:
         raise StoreError(f"{url}: no seed slot is written whole yet; finish cache-teachers first")

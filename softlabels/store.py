@@ -23,7 +23,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
 from mealv2.pipeline.crops import CropSpec
-from mealv2.pipeline.dataset import DatasetIndex
+from mealv2.pipeline.dataset import DatasetIndex, load_index
+from mealv2.pipeline.errors import first_line
 from mealv2.pipeline.files import temporary_path
 from mealv2.pipeline.mix import MixSpec
 from mealv2.softlabels.cache_config import CHUNK_ROWS
@@ -84,10 +85,15 @@ def teacher_identity(records: list[dict]) -> list[tuple]:
     return [(t["name"], t.get("checkpoint_sha256") or t.get("pretrained")) for t in records]
 
 
+def _fingerprint_mode(dataset: dict) -> str:
+    """The --fingerprint mode of a store's ``dataset`` attribute (stores made before content mode name none: size)."""
+    return dataset.get("fingerprint_mode", "size")
+
+
 def _differences(stored: dict, wanted: dict) -> list[str]:
     """Human-readable list of what makes two label specs disagree."""
     diffs = []
-    modes = [spec["dataset"].get("fingerprint_mode", "size") for spec in (stored, wanted)]
+    modes = [_fingerprint_mode(spec["dataset"]) for spec in (stored, wanted)]
     if modes[0] != modes[1]:
         diffs.append(f"--fingerprint {modes[0]} vs {modes[1]}")
     elif stored["dataset"]["fingerprint"] != wanted["dataset"]["fingerprint"]:
@@ -138,6 +144,13 @@ class SlotLabels:
     flips: np.ndarray    # (N,) bool
     mix_partner: np.ndarray | None = None  # CutMix stores: (N,) int32, -1 where not mixed
     mix_boxes: np.ndarray | None = None    # CutMix stores: (N, 4) int32 at the store's res
+
+    def labelled(self) -> np.ndarray:
+        """(N,) bool: the rows that hold labels; an image left out (cache-teachers --skip-bad) has a row of zeros.
+
+        The one test of "this row has no labels" that every reader uses.
+        """
+        return self.probs[:, 0] > 0
 
     def take(self, rows: slice) -> SlotLabels:
         """The labels of ``rows`` only."""
@@ -190,7 +203,7 @@ class LabelStore:
         except StoreError:
             raise
         except ValueError as err:  # a torn or edited zarr.json
-            raise StoreError(f"{url}: its metadata (zarr.json) cannot be read ({str(err).splitlines()[0]}); "
+            raise StoreError(f"{url}: its metadata (zarr.json) cannot be read ({first_line(err)}); "
                              "restore the store from a copy") from None
         attrs = group.attrs.get("mealv2")
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
@@ -313,20 +326,26 @@ class LabelStore:
 
     @property
     def fingerprint(self) -> str:
-        """The dataset fingerprint its rows belong to (mealv2.pipeline.dataset.DatasetIndex.fingerprint)."""
+        """The dataset fingerprint of its rows, in the store's --fingerprint mode (DatasetIndex.fingerprint_of)."""
         return self.attrs["dataset"]["fingerprint"]
 
-    def check_dataset(self, index: DatasetIndex, where: str) -> None:
-        """Refuse a split other than the one the labels are for: the fingerprint (in the store's mode), then the
-        upright sizes, which the scan reads anyway and which change when a picture is replaced at equal byte size."""
-        mode = self.attrs["dataset"].get("fingerprint_mode", "size")
-        if index.fingerprint_of(mode) != self.fingerprint:
-            raise StoreError(f"{self.url}: labels are for another dataset than {where} (fingerprint differs)")
+    def matching_index(self, split_dir: str | os.PathLike, skip_bad: bool = False, world=None) -> DatasetIndex:
+        """The index of ``split_dir`` (load_index: one scan per job) if its images are the ones the rows are for.
+
+        The one test of a dataset's identity: the fingerprint in the store's mode, then the upright sizes, which
+        the scan reads anyway and which change when a picture is replaced at equal byte size; StoreError if not.
+        Files the store left out (``skipped``) are left out of the scan too.
+        """
+        index = load_index(split_dir, skip_bad=skip_bad or bool(self.skipped), world=world)
+        if index.fingerprint_of(_fingerprint_mode(self.attrs["dataset"])) != self.fingerprint:
+            raise StoreError(f"{self.url}: labels are for another dataset than {split_dir} (fingerprint differs); "
+                             "point at the split the store was cached from")
         changed = np.flatnonzero((self.group["index/sizes"][...] != index.sizes).any(axis=1))
         if len(changed):
-            raise StoreError(f"{self.url}: {len(changed)} image(s) of {where} changed since their labels were made "
-                             f"(other height × width): {', '.join(index.paths[i] for i in changed[:3])}; their "
+            raise StoreError(f"{self.url}: {len(changed)} image(s) of {split_dir} changed since their labels were "
+                             f"made (other height × width): {', '.join(index.paths[i] for i in changed[:3])}; their "
                              "labels are for the pictures cached: restore those, or cache the split into a new --store")
+        return index
 
     @property
     def skipped(self) -> list[str]:
@@ -423,7 +442,7 @@ class LabelStore:
             try:
                 values[name] = self.group[name][slot]
             except (ValueError, RuntimeError, OSError) as err:  # a checksum that fails, a torn chunk
-                raise StoreError(f"{self.url}: {name} of slot {slot} cannot be read ({str(err).splitlines()[0]}); "
+                raise StoreError(f"{self.url}: {name} of slot {slot} cannot be read ({first_line(err)}); "
                                  f"`mealv2 labels verify {self.url}` names the damaged chunk") from None
         labels = SlotLabels(**values)
         if checked:
@@ -433,10 +452,6 @@ class LabelStore:
                                  if len(problems) > 1 else "") + f"; refused before training on it: run "
                                  f"`mealv2 labels verify {self.url}` for the whole list")
         return labels
-
-    def skipped_paths(self) -> set[str]:
-        """The paths of the images listed under ``skipped`` (entries are "path: reason")."""
-        return {entry.split(": ", 1)[0] for entry in self.skipped}
 
     def slot_problems(self, slot: int, labels: SlotLabels, first_chunk: int = 0) -> list[str]:
         """One line per unit whose rows differ from the record, and for empty rows not listed as skipped.
@@ -452,13 +467,12 @@ class LabelStore:
             problems += [f"slot {slot} chunk {chunk} (rows {rows.start}-{rows.stop - 1}): {what}" for what in
                          record_mismatches(self.arrays, self.group[WRITTEN][slot, chunk], rows.stop - rows.start,
                                            [getattr(unit, name) for name in self.arrays])]
-        empty = offset + np.flatnonzero(labels.probs[:, 0] == 0)
-        if len(empty):
-            paths, skipped = self.group["index/paths"][...], self.skipped_paths()
-            unlisted = [str(paths[i]) for i in empty if str(paths[i]) not in skipped]
-            if unlisted:
-                problems.append(f"slot {slot}: {len(unlisted)} row(s) hold no labels but their images are not "
-                                f"listed as skipped ({', '.join(unlisted[:3])})")
+        empty = offset + np.flatnonzero(~labels.labelled())
+        unlisted = np.setdiff1d(empty, self.skipped_rows()) if len(empty) else empty
+        if len(unlisted):
+            paths = self.group["index/paths"][...]
+            problems.append(f"slot {slot}: {len(unlisted)} row(s) hold no labels but their images are not listed "
+                            f"as skipped ({', '.join(str(paths[i]) for i in unlisted[:3])})")
         return problems
 
     def missing_chunks(self, slots: int | None = None) -> list[str]:
@@ -590,7 +604,7 @@ class LabelStore:
                 try:
                     array[region]
                 except Exception as err:  # noqa: BLE001 - any decode failure is a damaged chunk
-                    problems.append(f"{name} chunk {'.'.join(map(str, coords))}: {str(err).splitlines()[0]}")
+                    problems.append(f"{name} chunk {'.'.join(map(str, coords))}: {first_line(err)}")
         return problems
 
     # -- the public reader (mealv2.open_store) -----------------------------------------------
@@ -607,7 +621,10 @@ class LabelStore:
                           sizes=self.group["index/sizes"][...], labels=self.group["index/labels"][...])
 
     def skipped_rows(self) -> np.ndarray:
-        """Rows of the images listed in ``skipped`` that are rows (left out while decoding): they hold no labels."""
+        """Rows of the images listed in ``skipped`` that are rows (left out while decoding): no slot need label them.
+
+        The one reader of the list's "path: reason" entries, whose paths may themselves hold ": ".
+        """
         paths = {path: row for row, path in enumerate(self.index.paths)}
         rows = set()
         for entry in self.skipped:  # "path: reason"; a path may itself hold ": "
@@ -640,8 +657,8 @@ class LabelStore:
         classes = torch.from_numpy(labels.classes[rows].astype(np.int64))
         if not dense:
             return values, classes
-        skipped = values.float().sum(-1) == 0
-        return expand(values, classes, self.num_classes, self.residual).masked_fill_(skipped[:, None], 0.0)
+        empty = torch.from_numpy(~labels.labelled()[rows])
+        return expand(values, classes, self.num_classes, self.residual).masked_fill_(empty[:, None], 0.0)
 
 
 def open_store(url: str, storage_options: dict | None = None) -> LabelStore:

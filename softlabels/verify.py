@@ -13,8 +13,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mealv2.pipeline.dataset import load_index
+from mealv2.pipeline.dataset import DatasetIndex
 from mealv2.pipeline.distributed import resolve_device
+from mealv2.pipeline.errors import first_line
 from mealv2.pipeline.loader import ReplayLoader
 from mealv2.softlabels.integrity import structure_problems
 from mealv2.softlabels.store import LabelStore, SlotLabels, StoreError, teacher_identity
@@ -59,13 +60,13 @@ def _as_labelled(loader: ReplayLoader, rows: np.ndarray, labels: SlotLabels, des
         yield torch.stack([_pil_composite(crops, int(i), labels) for i in span]).to(loader.device), span
 
 
-def recompute(store: LabelStore, data: str, count: int, teachers: str | None = None, device: str = "auto",
+def recompute(store: LabelStore, index: DatasetIndex, count: int, teachers: str | None = None, device: str = "auto",
               decoder: str = "auto", workers: int | None = None, batch_size: int = 32) -> dict:
     """Re-run the teachers on ``count`` stored crops (or composites) spread over every slot; max |Δp|, mean KL.
 
-    Every slot is checked, so labels written against another slot's crops (a misaligned unit) show up.
+    ``index``: the store's data (LabelStore.matching_index). Every slot is checked, so labels written against
+    another slot's crops (a misaligned unit) show up.
     """
-    index = load_index(Path(data) / "train", skip_bad=bool(store.skipped))
     torch_device = resolve_device(device)
     ensemble = TeacherEnsemble(_store_teachers(store, teachers), store.num_classes, torch_device)
     if teacher_identity(ensemble.records) != teacher_identity(store.teachers):
@@ -76,7 +77,7 @@ def recompute(store: LabelStore, data: str, count: int, teachers: str | None = N
     max_dp, kls, worst_slot, crops = 0.0, [], None, 0
     for slot, wanted in enumerate(per_slot):
         labels = store.read_slot(slot, checked=False)  # the record's verdict is reported apart
-        labelled = np.flatnonzero(labels.probs[:, 0] > 0)  # rows of images left out hold zeros
+        labelled = np.flatnonzero(labels.labelled())
         rows = labelled[np.unique(np.linspace(0, len(labelled) - 1, min(wanted, len(labelled))).astype(np.int64))]
         for images, at in _as_labelled(loader, rows, labels, f"recompute slot {slot}"):
             probs = ensemble(images)[0].cpu()
@@ -108,7 +109,7 @@ def row_problems(store: LabelStore) -> list[str]:
             continue
         problems += store.slot_problems(slot, unit, chunk)
         problems += [f"slot {slot} chunk {chunk}: {what}" for what in structure_problems(
-            unit, sizes[rows], store.num_classes, store.num_images, store.res, rows.start, unit.probs[:, 0] > 0)]
+            unit, sizes[rows], store.num_classes, store.num_images, store.res, rows.start, unit.labelled())]
     return problems
 
 
@@ -123,17 +124,16 @@ def verify(url: str, data: str | None = None, recompute_count: int = 0, teachers
     report["problems"] += store.verify_chunks() + store.missing_chunks() + row_problems(store)
     if data is None:
         return report
-    index = load_index(Path(data) / "train", skip_bad=bool(store.skipped))
     try:
-        store.check_dataset(index, f"{data}/train")
+        index = store.matching_index(Path(data) / "train")
     except StoreError as err:
         report["problems"].append(str(err))
         return report
     if recompute_count:
         try:
-            report["recompute"] = recompute(store, data, recompute_count, teachers, device, decoder, workers)
+            report["recompute"] = recompute(store, index, recompute_count, teachers, device, decoder, workers)
         except (ValueError, RuntimeError, OSError) as err:  # a damaged chunk: the report above still stands
-            report["problems"].append(f"recompute stopped: {str(err).splitlines()[0]}")
+            report["problems"].append(f"recompute stopped: {first_line(err)}")
             return report
         if report["recompute"]["max_abs_dp"] > max_dp or report["recompute"]["mean_kl"] > max_kl:
             report["problems"].append(

@@ -71,6 +71,34 @@ def cache_args(root, store, teachers, *extra) -> list[str]:
             "--seeds", "2", "--topk", "2", "--batch-size", "4", "--chunk-rows", "8", "--device", "cpu", *extra]
 
 
+def run_cli(*args, **env):
+    """`mealv2 ARGS` in this process (click's CliRunner), arguments turned into strings; ``env``: variables set
+    for the call (HF_HUB_OFFLINE="1", say)."""
+    from click.testing import CliRunner
+
+    from mealv2.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], env=env or None)
+
+
+def distill_args(root, store, out, epochs=1, *extra, student="test_resnet", batch_size=8, recipe=()) -> list:
+    """The distill command line the tests share: a student from scratch on the CPU (resumed weights equal to the
+    bit); ``recipe`` (a file's own learning-rate flags, say) comes before ``extra``, and click keeps the last."""
+    return ["distill", "--data", root, "--labels", store, "--student", student, "--init", "scratch", "--out", out,
+            "--epochs", epochs, "--batch-size", batch_size, "--device", "cpu", "--no-progress", *recipe, *extra]
+
+
+def replace_at_equal_size(path: Path, height: int, width: int) -> None:
+    """Put another picture of ``height`` × ``width`` in ``path``'s place, padded to its byte size (as an edit might)."""
+    from PIL import Image
+
+    size = path.stat().st_size
+    Image.new("RGB", (width, height), (200, 30, 90)).save(path, format="PNG")
+    assert path.stat().st_size < size
+    with open(path, "ab") as handle:  # bytes after the PNG's end: readers ignore them
+        handle.write(b"\0" * (size - path.stat().st_size))
+
+
 def store_files(store: Path) -> dict[str, bytes]:
     """Every file of a store readers see; the root's attributes without their creation time."""
     import json
@@ -102,6 +130,13 @@ def _cached_store(tmp_path_factory, root: Path, teachers: str, name: str, *extra
 def reference_store(tmp_path_factory, small_root, teacher_files) -> Path:
     """A store written by one uninterrupted cache-teachers run."""
     return _cached_store(tmp_path_factory, small_root, teacher_files, "reference.zarr")
+
+
+@pytest.fixture(scope="session")
+def content_store(tmp_path_factory, small_root, teacher_files) -> Path:
+    """One seed slot of the reference run, its data identified by every file's bytes (--fingerprint content)."""
+    return _cached_store(tmp_path_factory, small_root, teacher_files, "content.zarr", "--seeds", "1",
+                         "--fingerprint", "content")
 
 
 @pytest.fixture(scope="session")

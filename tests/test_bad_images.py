@@ -6,20 +6,14 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import cache_args
+from conftest import cache_args, run_cli
 
 from mealv2.distill.targets import CachedTargets
-from mealv2.cli import main
 from mealv2.pipeline.dataset import DatasetIndex
 from mealv2.softlabels.store import LabelStore
 
 pytestmark = pytest.mark.slow
 TRUNCATED = "class_1/img_004.jpg"
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +66,28 @@ def test_stage_one_names_the_file_then_skips_it_and_stage_two_never_meets_it(dam
     verify = run_cli("labels", "verify", store, "--data", damaged_root, "--recompute", "20", "--teachers",
                      teacher_files, "--device", "cpu")
     assert verify.exit_code == 0, verify.output
+
+
+def test_an_unlabelled_row_is_the_same_to_every_reader_even_when_its_path_holds_a_colon(damaged_root, teacher_files,
+                                                                                         tmp_path):
+    import mealv2
+
+    root = tmp_path / "data"
+    shutil.copytree(damaged_root, root)
+    named = "class_1/img: 004.jpg"  # the skipped list reads "PATH: REASON"
+    (root / "train" / TRUNCATED).rename(root / "train" / named)
+    store = tmp_path / "labels.zarr"
+    cached = run_cli(*cache_args(root, store, teacher_files, "--seeds", "1", "--skip-bad"))
+    assert cached.exit_code == 0, cached.output
+    opened = mealv2.open_store(str(store))
+    row = opened.index.paths.index(named)
+    assert np.flatnonzero(~opened.read_slot(0).labelled()).tolist() == [row] == opened.skipped_rows().tolist()
+    assert not opened.targets(0, [row]).any() and opened.targets(0, [row - 1]).sum() == pytest.approx(1)
+    targets = CachedTargets(opened, torch.device("cpu"))
+    targets.crops(0)
+    assert row not in targets.trainable and len(targets.trainable) == 29
+    assert row not in mealv2.ReplayDataset(root, opened).rows
+    stats = run_cli("labels", "stats", store, "--json")
+    assert stats.exit_code == 0 and '"rows": 29' in stats.output, stats.output
+    verified = run_cli("labels", "verify", store)
+    assert verified.exit_code == 0, verified.output

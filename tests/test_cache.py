@@ -14,20 +14,14 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from click.testing import CliRunner
-from conftest import cache_args, store_files
+from conftest import cache_args, run_cli, store_files
 
-from mealv2.cli import main
 from mealv2.pipeline.dataset import DatasetIndex
 from mealv2.pipeline.pil_replay import replay_pil
 from mealv2.softlabels.store import LabelStore
 from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 
 pytestmark = pytest.mark.slow
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def with_option(args: list[str], name: str, value: str) -> list[str]:

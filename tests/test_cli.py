@@ -18,3 +18,24 @@ def test_help_lists_every_command():
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "mealv2", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and "mealv2" in result.stdout
+
+
+def test_an_error_is_one_line_and_debug_shows_its_traceback(tmp_path):
+    missing = tmp_path / "nothing.zarr"
+    plain = subprocess.run([sys.executable, "-m", "mealv2", "labels", "info", str(missing)], capture_output=True,
+                           text=True)
+    assert plain.returncode == 1 and plain.stderr.splitlines() == [f"Error: {missing}: no label store there"]
+    debug = subprocess.run([sys.executable, "-m", "mealv2", "--debug", "labels", "info", str(missing)],
+                           capture_output=True, text=True)
+    assert debug.returncode == 1 and debug.stderr.startswith("Traceback (most recent call last):")
+    assert f"StoreError: {missing}: no label store there" in debug.stderr and "store.py" in debug.stderr
+
+
+def test_first_line_is_the_gist_of_any_error():
+    from mealv2.pipeline.errors import first_line
+
+    dali = RuntimeError("\x1b[31mCritical error in pipeline:\x1b[0m\n\nError in CPU operator `image_slice`:\n"
+                        "Current pipeline object is no longer valid.")
+    assert first_line(dali) == "Error in CPU operator `image_slice`:"
+    assert first_line(ValueError("x" * 300), 200) == "x" * 200
+    assert first_line(ValueError("one\ntwo")) == "one" and first_line(ValueError()) == "ValueError"

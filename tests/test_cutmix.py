@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from click.testing import CliRunner
-from conftest import cache_args, store_files
+from conftest import cache_args, run_cli, store_files
 
-from mealv2.cli import main
 from mealv2.pipeline import mix as mixing
 from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import DatasetIndex
@@ -19,10 +17,6 @@ from mealv2.pipeline.loader import epoch_order
 from mealv2.pipeline.mix import MIX_ALGORITHM, MixSpec, SlotMix, beta_quantile, cutmix_boxes
 from mealv2.pipeline.pil_replay import PilDecoder
 from mealv2.softlabels.store import LabelStore
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_boxes_are_timms_rand_bbox(monkeypatch):

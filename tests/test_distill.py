@@ -1,5 +1,6 @@
 """Stage two end to end: distill from a store, exact resume, outputs, online parity, crop ranges, evaluate, train."""
 
+import functools
 import json
 import shutil
 
@@ -7,12 +8,11 @@ import numpy as np
 import pytest
 import timm
 import torch
-from click.testing import CliRunner
-from conftest import cache_args
+import conftest
+from conftest import cache_args, run_cli
 
 from mealv2.distill.targets import CachedTargets, HardTargets, OnlineTargets
 from bench.imagegen import save
-from mealv2.cli import main
 from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import DatasetIndex
 from mealv2.pipeline.loader import ReplayLoader
@@ -21,16 +21,8 @@ from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 
 pytestmark = pytest.mark.slow
 
-
-def run_cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result
-
-
-def distill_args(root, store, out, epochs, *extra):
-    return ["distill", "--data", root, "--labels", store, "--student", "test_resnet", "--init", "scratch",
-            "--out", out, "--epochs", epochs, "--lr", "0.05", "--lr-steps", "3", "--batch-size", "8",
-            "--device", "cpu", "--no-progress", *extra]  # the CPU: resumed weights equal to the bit
+# a learning rate that moves the tiny student within four epochs, cut tenfold after the third
+distill_args = functools.partial(conftest.distill_args, recipe=("--lr", "0.05", "--lr-steps", "3"))
 
 
 def metrics(out):
@@ -146,6 +138,10 @@ def test_refusals(small_root, reference_store, tmp_path):
     assert result.exit_code == 1 and "needs --online" in result.output
     result = run_cli(*distill_args(small_root, reference_store, tmp_path / "d", 1, "--batch-size", "0"))
     assert result.exit_code == 1 and "--batch-size must be at least 1" in result.output
+    for init in ("scratch", "pretrained"):  # the rule the teachers' names meet too (softlabels.models)
+        result = run_cli(*distill_args(small_root, reference_store, tmp_path / init, 1, "--student", "resnet5O",
+                                       "--init", init))
+        assert result.exit_code == 1 and "resnet5O: not a timm model name" in result.output
 
 
 def test_crops_follow_the_store_and_the_options(mild_store, small_root, tmp_path):

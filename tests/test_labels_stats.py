@@ -8,18 +8,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from click.testing import CliRunner
-from conftest import cache_args
+from conftest import cache_args, run_cli
 from PIL import Image
 
-from mealv2.cli import main
 from mealv2.softlabels.stats import dense_entropy
 from mealv2.softlabels.store import LabelStore
 from mealv2.softlabels.topk import compress, expand
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def stats_json(store, *extra) -> dict:
@@ -152,4 +146,4 @@ def test_clear_errors(reference_store, mixed_root, tmp_path):
     result = run_cli("labels", "stats", tmp_path / "nothing.zarr")
     assert result.exit_code == 1 and "nothing.zarr: no label store there" in result.output
     result = run_cli("labels", "stats", reference_store, "--data", mixed_root)
-    assert result.exit_code == 1 and "does not match the dataset fingerprint" in result.output
+    assert result.exit_code == 1 and "labels are for another dataset than" in result.output

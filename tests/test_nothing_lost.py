@@ -14,24 +14,13 @@ import pytest
 import torch
 import zarr
 from PIL import Image
-from click.testing import CliRunner
-from conftest import cache_args, store_files
+from conftest import cache_args, distill_args, replace_at_equal_size, run_cli, store_files
 
 from bench.imagegen import make_image_folder
 
-from mealv2.cli import main
 from mealv2.pipeline.dataset import DatasetError, DatasetIndex
 from mealv2.softlabels.integrity import structure_problems
 from mealv2.softlabels.store import LabelStore, SlotLabels, StoreError
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def distill_args(root, store, out, epochs=1):
-    return ["distill", "--data", root, "--student", "test_resnet", "--labels", store, "--init", "scratch",
-            "--out", out, "--epochs", epochs, "--batch-size", "8", "--device", "cpu", "--no-progress"]
 
 
 @pytest.fixture
@@ -157,15 +146,6 @@ def test_a_creation_interrupted_by_ctrl_c_resumes_on_rerun(reference_store, smal
     assert store_files(store) == store_files(reference_store)
 
 
-def replace_at_equal_size(path: Path, height: int, width: int) -> None:
-    """Put another picture of ``height`` × ``width`` in ``path``'s place, padded to its byte size (as an edit might)."""
-    size = path.stat().st_size
-    Image.new("RGB", (width, height), (200, 30, 90)).save(path, format="PNG")
-    assert path.stat().st_size < size
-    with open(path, "ab") as handle:  # bytes after the PNG's end: readers ignore them
-        handle.write(b"\0" * (size - path.stat().st_size))
-
-
 @pytest.fixture
 def data_copy(small_root, tmp_path) -> Path:
     return Path(shutil.copytree(small_root, tmp_path / "data"))
@@ -184,18 +164,44 @@ def test_an_image_replaced_at_equal_byte_size_is_refused_by_its_upright_size(dat
     assert "class_0/img_003.png" in verified.output
 
 
-def test_fingerprint_content_catches_an_image_replaced_at_equal_size_and_dimensions(data_copy, teacher_files,
+ENTRY_POINTS = ("distill", "labels verify", "labels stats", "ReplayDataset", "StoreLoader")
+
+
+def refusal(entry: str, root: Path, store: Path, out: Path) -> str | None:
+    """What ``entry`` says of ``root`` as the data of ``store``: None when it accepts it, else its refusal."""
+    import mealv2
+
+    commands = {"distill": distill_args(root, store, out), "labels verify": ["labels", "verify", store, "--data", root],
+                "labels stats": ["labels", "stats", store, "--data", root]}
+    if entry in commands:
+        result = run_cli(*commands[entry])
+        return None if result.exit_code == 0 else result.output
+    try:
+        if entry == "ReplayDataset":
+            mealv2.ReplayDataset(root, mealv2.open_store(str(store)))[0]
+        else:
+            mealv2.StoreLoader(root, str(store), batch_size=8, device="cpu")
+    except StoreError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_fingerprint_content_accepts_the_data_it_was_made_from(entry, content_store, small_root, tmp_path):
+    assert refusal(entry, small_root, content_store, tmp_path / "run") is None
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_fingerprint_content_catches_an_image_replaced_at_equal_size_and_dimensions(entry, content_store, data_copy,
                                                                                       tmp_path):
-    store = tmp_path / "content.zarr"
-    made = run_cli(*cache_args(data_copy, store, teacher_files, "--seeds", "1", "--fingerprint", "content"))
-    assert made.exit_code == 0, made.output
     picture = data_copy / "train" / "class_0" / "img_003.png"
     with Image.open(picture) as image:
         width, height = image.size
     replace_at_equal_size(picture, height, width)
-    result = run_cli(*distill_args(data_copy, store, tmp_path / "run"))
-    assert result.exit_code == 1
-    assert f"{store}: labels are for another dataset than {data_copy}/train (fingerprint differs)" in result.output
+    said = refusal(entry, data_copy, content_store, tmp_path / "run")
+    assert said and f"{content_store}: labels are for another dataset than {data_copy}/train (fingerprint " \
+                     "differs)" in said
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_decompression_bomb_and_a_symlink_loop_are_named_bad_files(tmp_path):

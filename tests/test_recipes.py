@@ -13,6 +13,7 @@ import timm
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import distill_args, run_cli
 from safetensors.torch import load_file, save_file
 from test_reliability import kill_when, mealv2_process
 
@@ -23,15 +24,6 @@ pytestmark = pytest.mark.slow
 
 TIMM_RECIPE = ("--opt", "adamw", "--lr", "0.003", "--sched", "cosine", "--warmup-epochs", "1", "--warmup-lr",
                "0.0005", "--min-lr", "0.0001", "--model-ema", "--model-ema-decay", "0.5", "--clip-grad", "1.0")
-
-
-def run_cli(*args, **env):
-    return CliRunner().invoke(main, [str(a) for a in args], env=env or None)
-
-
-def distill_args(root, store, out, epochs, *extra):
-    return ["distill", "--data", root, "--labels", store, "--student", "test_resnet", "--init", "scratch",
-            "--out", out, "--epochs", epochs, "--batch-size", "8", "--no-progress", "--device", "cpu", *extra]
 
 
 def metrics(out):

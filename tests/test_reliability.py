@@ -14,18 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import zarr
-from click.testing import CliRunner
-from conftest import cache_args, store_files
+from conftest import cache_args, run_cli, store_files
 
-from mealv2.cli import main
 from mealv2.softlabels.store import LabelStore
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def mealv2_process(*args):

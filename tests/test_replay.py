@@ -1,5 +1,6 @@
 """DALI replay against the PIL reference; epoch ordering, sharding, partial batches, errors."""
 
+import re
 import tempfile
 import time
 import warnings
@@ -12,7 +13,7 @@ from plan_spy import MarkingPlanSource
 
 from mealv2.pipeline.crops import center_boxes, sample_crops
 from mealv2.pipeline.dataset import DatasetError, DatasetIndex
-from mealv2.pipeline.decoders import resolve_decoder
+from mealv2.pipeline.decoders import INTERPOLATIONS, resolve_decoder
 from mealv2.pipeline.loader import ReplayLoader, epoch_order
 from mealv2.pipeline.pil_replay import replay_pil
 
@@ -30,7 +31,7 @@ def index(mixed_root):
 
 
 @pytest.mark.parametrize("decoder", ["dali", "torch"])
-@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS)
 def test_decoders_match_pil_reference(index, decoder, interpolation, device):
     boxes, flips = sample_crops(3, index.sizes)
     assert flips.any() and not flips.all()
@@ -207,3 +208,9 @@ def test_torchvision_workers_replay_each_epochs_own_plan(index):
 def test_bad_loader_arguments():
     with pytest.raises(ValueError, match="batch size"):
         ReplayLoader(None, res=16, batch_size=0, device="cpu")
+
+
+@pytest.mark.parametrize("decoder", ["dali", "torch", "pil"])
+def test_an_unknown_resize_filter_is_refused_by_name_before_any_file_is_blamed(index, decoder):
+    with pytest.raises(ValueError, match=re.escape(f"interpolation 'nearest': expected one of {INTERPOLATIONS}")):
+        ReplayLoader(index, res=16, batch_size=4, device="cpu", decoder=decoder, interpolation="nearest")

@@ -1,5 +1,6 @@
 """Scale-out and sharing: torchrun on two CPU ranks (gloo), --shard jobs with finalize, zip packs, S3 on loopback."""
 
+import functools
 import json
 import os
 import shutil
@@ -10,19 +11,16 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import cache_args, store_files
+import conftest
+from conftest import cache_args, run_cli, store_files
 
-from mealv2.cli import main
 from mealv2.softlabels.store import LabelStore
 
 pytestmark = pytest.mark.slow
 
 STUDENT = "test_convnext"  # LayerNorm only: without SyncBatchNorm (CUDA only) BN statistics would be per rank
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+distill_args = functools.partial(conftest.distill_args, student=STUDENT, batch_size=10,
+                                 recipe=("--lr", "0.05", "--lr-steps", "1"))
 
 
 def torchrun(*args, ranks=2, timeout=600):
@@ -41,12 +39,6 @@ def torchrun(*args, ranks=2, timeout=600):
     result = subprocess.CompletedProcess(command, run.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
-
-
-def distill_args(root, store, out, epochs, *extra):
-    return ["distill", "--data", root, "--labels", store, "--student", STUDENT, "--init", "scratch", "--out", out,
-            "--epochs", epochs, "--lr", "0.05", "--lr-steps", "1", "--batch-size", "10", "--device", "cpu",
-            "--no-progress", *extra]
 
 
 def weights(out):

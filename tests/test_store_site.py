@@ -7,18 +7,13 @@ import sys
 import textwrap
 
 import pytest
-from click.testing import CliRunner
-from conftest import cache_args, store_files
+from conftest import cache_args, run_cli, store_files
 
 from mealv2.cli import main
 from mealv2.softlabels.site import CLAIM
 from mealv2.softlabels.store import LabelStore
 
 pytestmark = pytest.mark.slow
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def snapshot(folder):
