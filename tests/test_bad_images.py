@@ -91,3 +91,32 @@ def test_an_unlabelled_row_is_the_same_to_every_reader_even_when_its_path_holds_
     assert stats.exit_code == 0 and '"rows": 29' in stats.output, stats.output
     verified = run_cli("labels", "verify", store)
     assert verified.exit_code == 0, verified.output
+
+
+def test_file_names_holding_a_newline_or_bytes_that_are_not_utf8(small_root, teacher_files, tmp_path):
+    """A name holding a newline, beside a stray file named like its second line: every image keeps its own labels
+    in DALI's workers (which receive the index) and recompute with torchvision agrees. A name that is not UTF-8
+    is one line naming it, and --skip-bad leaves it out."""
+    import os
+
+    root = tmp_path / "data"
+    shutil.copytree(small_root, root)
+    folder = root / "train" / "class_0"
+    shutil.copyfile(folder / "img_000.jpg", f"{folder / 'img_000.jpg'}\nzz.jpg")
+    shutil.copyfile(folder / "img_004.jpg", folder / "zz.jpg")
+    store = tmp_path / "names.zarr"
+    made = run_cli(*cache_args(root, store, teacher_files, "--seeds", "1", "--decoder", "dali"))
+    assert made.exit_code == 0, made.output
+    assert "class_0/img_000.jpg\nzz.jpg" in LabelStore.open(str(store)).index.paths
+    recomputed = run_cli("labels", "verify", store, "--data", root, "--recompute", "40", "--decoder", "torch",
+                         "--teachers", teacher_files, "--device", "cpu")
+    assert recomputed.exit_code == 0 and f"{store}: ok" in recomputed.output, recomputed.output
+
+    os.rename(folder / "img_001.jpg", os.fsencode(folder) + b"/caf\xe9.jpg")
+    refused = run_cli(*cache_args(root, tmp_path / "refused.zarr", teacher_files, "--seeds", "1"))
+    assert refused.exit_code == 1
+    assert f"{folder}/caf\\xe9.jpg: file name is not valid UTF-8" in refused.output
+    skipped = tmp_path / "skipped.zarr"
+    made = run_cli(*cache_args(root, skipped, teacher_files, "--seeds", "1", "--skip-bad"))
+    assert made.exit_code == 0, made.output
+    assert len(LabelStore.open(str(skipped)).index.paths) == 31  # 30, one more, one left out
