@@ -36,17 +36,32 @@ def temporary_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file here: 0o666 less the umask (read without setting it, where Linux says it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``.
 
     A failed write (a full disk, say) leaves the old file and no debris; a full disk is said so,
     naming the folder, whatever the writer raised (torch and safetensors name no file). The temporary
-    name carries the process id, so processes writing the same path at once never share one.
+    name carries the process id, so processes writing the same path at once never share one. The file
+    gets the mode the user's umask gives every new file (safetensors writes its own as 0600).
     """
     path = Path(path)
     tmp = temporary_path(path)
     try:
         write(tmp)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except Exception as err:
         if getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < _FULL_BYTES:

@@ -37,7 +37,10 @@ def full_run(small_root, reference_store, tmp_path_factory):
     return out
 
 
-def test_distill_writes_every_output(full_run):
+def test_distill_writes_every_output(full_run, tmp_path):
+    (tmp_path / "mine").touch()  # what the user's umask gives a new file
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in full_run.iterdir() if path.is_file()}
+    assert set(modes.values()) == {oct((tmp_path / "mine").stat().st_mode & 0o777)}, modes
     rows = metrics(full_run)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     assert set(rows[0]) == {"epoch", "lr", "loss", "kd_loss", "disc_loss", "val_top1", "val_top5",
