@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
+import types
 
 import click
 
@@ -26,6 +28,22 @@ DISTILL = train_defaults("distill")
 def main(ctx, debug):
     """MEAL V2 distillation: cache a teacher ensemble's soft labels once, train many students from them."""
     ctx.meta["mealv2.debug"] = debug
+
+
+def run() -> None:
+    """The console entry point (and `python -m mealv2`): the command line, less the "Exception ignored" blocks that
+    aiobotocore's coroutines print when a store that could not be reached is given up (closed outside the context
+    they began in: harmless, after the one-line error); --debug shows them."""
+    default = sys.unraisablehook
+
+    def quiet(unraisable) -> None:
+        if ("--debug" not in sys.argv[1:] and isinstance(unraisable.object, types.CoroutineType)
+                and "was created in a different Context" in str(unraisable.exc_value)):
+            return
+        default(unraisable)
+
+    sys.unraisablehook = quiet
+    main()
 
 
 def _debugging() -> bool:

@@ -7,6 +7,7 @@ attributes; workers write whole units in one assignment each and then set the un
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -42,6 +43,30 @@ IDENTITY_KEYS = ("res", "interpolation", "topk", "residual", "crop", "mix")
 
 class StoreError(ValueError):
     """A store that cannot serve the request: the message names it and what differs."""
+
+
+class StoreUnreachable(StoreError):
+    """A store that could not be reached at all: an endpoint down, no credentials, no such bucket."""
+
+
+# where the errors of reaching a remote store come from (fsspec's backends and their HTTP stacks)
+_REMOTE_LIBRARIES = {"aiobotocore", "aiohttp", "adlfs", "azure", "botocore", "fsspec", "gcsfs", "google", "requests",
+                     "s3fs", "urllib3"}
+
+
+@contextlib.contextmanager
+def reaching(url: str):
+    """Turn a failure to reach ``url`` (an OSError, or any error of fsspec's backends) into one StoreUnreachable line
+    naming the URL and what to check; ``mealv2 --debug`` shows the library's own error behind it."""
+    try:
+        yield
+    except (StoreError, FileNotFoundError):
+        raise
+    except Exception as err:
+        if not isinstance(err, OSError) and type(err).__module__.split(".")[0] not in _REMOTE_LIBRARIES:
+            raise
+        raise StoreUnreachable(f"{url}: cannot reach the store ({first_line(err, 300)}); check the URL, the "
+                               "--storage-option values (endpoint_url, credentials) and the network") from err
 
 
 def _compressors():
@@ -195,9 +220,9 @@ class LabelStore:
         if mode not in ("r", "r+"):
             raise ValueError(f"mode {mode!r}: expected 'r' or 'r+'")
         try:
-            # writers read the live metadata: consolidated copies go stale while units are written
-            group = zarr.open_group(_zarr_store(url, mode == "r", storage_options), mode=mode,
-                                    use_consolidated=None if mode == "r" else False)
+            with reaching(url):  # writers read the live metadata: consolidated copies go stale while units are written
+                group = zarr.open_group(_zarr_store(url, mode == "r", storage_options), mode=mode,
+                                        use_consolidated=None if mode == "r" else False)
         except FileNotFoundError:
             raise StoreError(f"{url}: no label store there") from None
         except StoreError:
@@ -214,6 +239,8 @@ class LabelStore:
     def exists(cls, url: str, storage_options: dict | None = None) -> bool:
         try:
             cls.open(url, "r", storage_options)
+        except StoreUnreachable:
+            raise
         except StoreError:
             return False
         return True
@@ -229,9 +256,10 @@ class LabelStore:
         from a scheduler), one claims the creation and the others wait for it, then extend.
         """
         _zarr_store(url, False, storage_options)  # refuses read-only kinds (zip) before anything is looked at
-        StoreSite(url, storage_options).create_once(
-            lambda: cls.exists(url, storage_options),
-            lambda: cls._create(url, spec, index, seeds, chunk_rows, storage_options), wait_seconds)
+        with reaching(url):
+            StoreSite(url, storage_options).create_once(
+                lambda: cls.exists(url, storage_options),
+                lambda: cls._create(url, spec, index, seeds, chunk_rows, storage_options), wait_seconds)
         store = cls.open(url, "r+", storage_options)  # made by this job or another: either way it must agree
         diffs = _differences(store.attrs, spec)
         if diffs:

@@ -158,6 +158,31 @@ def s3_endpoint():
     server.stop()
 
 
+def test_a_store_that_cannot_be_reached_is_one_line_naming_it(small_root, teacher_files, tmp_path):
+    """An S3 endpoint that is down: each command says so in one line naming the URL (no 270-line traceback, no
+    "Exception ignored" blocks at exit); --debug shows botocore's error behind it."""
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    url = "s3://labels/unreachable.zarr"
+    options = ["--storage-option", f"endpoint_url={down}", "--storage-option", "key=k", "--storage-option", "secret=s"]
+    commands = {"labels info": ["labels", "info", url, *options],
+                "cache-teachers": [*cache_args(small_root, url, teacher_files), *options],
+                "distill": [*distill_args(small_root, url, tmp_path / "run", 1), *options]}
+    env = os.environ | {"AWS_MAX_ATTEMPTS": "1"}  # botocore's retries only slow the test down
+    for name, args in commands.items():
+        run = subprocess.run([sys.executable, "-m", "mealv2", *map(str, args)], capture_output=True, text=True,
+                             env=env, timeout=120)
+        lines = [line for line in (run.stdout + run.stderr).splitlines() if not line.startswith(("cache-teachers:",
+                                                                                               "scan "))]
+        assert run.returncode == 1 and len(lines) == 1, (name, run.stdout + run.stderr)
+        assert lines[0].startswith(f"Error: {url}: cannot reach the store (Could not connect to the endpoint URL"), name
+        assert "check the URL, the --storage-option values" in lines[0]
+    debug = subprocess.run([sys.executable, "-m", "mealv2", "--debug", *commands["labels info"]], capture_output=True,
+                           text=True, env=env, timeout=120)
+    assert debug.returncode == 1 and "botocore.exceptions.EndpointConnectionError" in debug.stderr
+
+
 def test_s3_store_written_by_cache_and_read_by_distill(s3_endpoint, small_root, teacher_files, reference_store,
                                                        tmp_path):
     url = "s3://labels/small/teachers-32px.zarr"
