@@ -370,9 +370,10 @@ def training_options(mode: str):
                      help="global batch, split over ranks (timm's --batch-size is per process)"),
         click.option("--res", type=int, default=None, help="training resolution [default: the store's, or 224]"),
         *recipe_options(default),
-        click.option("--init", "--pretrained-path", "init", default=default["init"], show_default=True,
+        click.option("--init", default=default["init"], show_default=True,
                      help="pretrained (timm hub weights), scratch, or a weights PATH (a head for another class "
                           "count starts new)"),
+        click.option("--pretrained-path", default=None, help="timm's name for --init PATH"),
         click.option("--seeds", type=click.IntRange(min=1), default=None,
                      help="distill: read seed slots 0..N-1 [default: every complete slot]; train, --online: "
                           "crop seeds cycle e mod N [default: new crops each epoch]"),
@@ -397,9 +398,22 @@ def training_options(mode: str):
     ])
 
 
+def _take_pretrained_path(options: dict) -> None:
+    """timm's --pretrained-path PATH is --init PATH; both on one command line, naming two things, is refused."""
+    path = options.pop("pretrained_path")
+    if path is None:
+        return
+    given = click.get_current_context().get_parameter_source("init") is click.core.ParameterSource.COMMANDLINE
+    if given and options["init"] != path:
+        raise click.UsageError(f"--init {options['init']} and --pretrained-path {path}: give one of them")
+    options["init"] = path
+
+
 def _fit(mode: str, options: dict, storage_options: tuple[str, ...] = ()) -> None:
     from mealv2.distill.trainer import TrainConfig, Trainer
     from mealv2.pipeline.distributed import leave
+
+    _take_pretrained_path(options)
 
     def run():
         steps = tuple(int(v) for v in options.pop("lr_steps").split(",") if v.strip())

@@ -134,7 +134,12 @@ def test_a_1000_class_local_init_trains_on_3_classes(small_root, reference_store
     weights = tmp_path / "imagenet.safetensors"
     save_file(imagenet.state_dict(), str(weights))
     out = tmp_path / "init"
-    result = run_cli(*distill_args(small_root, reference_store, out, 1, "--pretrained-path", weights))
+    scratch = distill_args(small_root, reference_store, out, 1, "--pretrained-path", weights)
+    conflict = run_cli(*scratch)  # --init scratch (the shared arguments') and timm's --pretrained-path name two things
+    assert conflict.exit_code == 2 and f"--init scratch and --pretrained-path {weights}: give one" in conflict.output
+    assert not out.exists()
+    at = scratch.index("--init")
+    result = run_cli(*scratch[:at], *scratch[at + 2:])  # timm's name for --init PATH
     assert result.exit_code == 0, result.output
     assert "its head has 1000 classes, the data 3: the backbone is loaded and the classifier starts new" in result.output
     trained = load_file(str(out / "model.safetensors"))
