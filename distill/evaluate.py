@@ -21,7 +21,7 @@ from torch import nn
 
 from mealv2.pipeline.crops import CROP_MODES, center_boxes
 from mealv2.pipeline.dataset import DatasetIndex, load_index
-from mealv2.pipeline.decoders import INTERPOLATIONS
+from mealv2.pipeline.decoders import INTERPOLATIONS, resolve_decoder
 from mealv2.pipeline.distributed import World, resolve_device
 from mealv2.pipeline.loader import ReplayLoader
 from mealv2.softlabels.models import Normalize, autocast, create_model, normalization
@@ -132,8 +132,9 @@ def evaluate_saved(data: str, res: int | None = None, model: str | None = None, 
         res = res or _trained_res(checkpoint) or timm.data.resolve_data_config({}, model=scored)["input_size"][-1]
         normalize = Normalize(*normalization(scored)).to(torch_device)
         transform = EvalTransform.of([scored], crop_pct, eval_interpolation)
+    decoder = resolve_decoder(decoder, torch_device.type, index.sizes, one_pass=True)
     loader = ReplayLoader(index, res, batch_size, torch_device, decoder, transform.interpolation, workers)
-    return evaluate(scored, normalize, loader, transform, predictions=predictions) | {"res": res}
+    return evaluate(scored, normalize, loader, transform, predictions=predictions) | {"res": res, "decoder": decoder}
 
 
 def _trained_res(checkpoint: str | None) -> int | None:

@@ -22,11 +22,13 @@ def dali_installed() -> bool:
     return importlib.util.find_spec("nvidia.dali") is not None
 
 
-def resolve_decoder(kind: str, device_type: str, sizes: np.ndarray) -> str:
+def resolve_decoder(kind: str, device_type: str, sizes: np.ndarray, one_pass: bool = False) -> str:
     """The decoder to use; "auto" takes the one measured fastest for this device type and these (H, W) sizes.
 
     On a GPU that is DALI (decoding "mixed"); on the CPU, DALI for small pictures and
-    torchvision for photos. Without DALI, torchvision.
+    torchvision for photos, except for ``one_pass`` (``mealv2 evaluate``): DALI's start, worker
+    processes spawned that each import torch, is not repaid by one pass (docs/benchmarks.md).
+    Without DALI, torchvision.
     """
     if kind not in DECODERS:
         raise ValueError(f"decoder {kind!r}: expected one of {DECODERS}")
@@ -36,4 +38,5 @@ def resolve_decoder(kind: str, device_type: str, sizes: np.ndarray) -> str:
         return "torch"
     if device_type == "cuda" or len(sizes) == 0:
         return "dali"
-    return "torch" if np.median(np.prod(sizes, axis=1)) > CPU_TORCH_ABOVE_PIXELS else "dali"
+    small = np.median(np.prod(sizes, axis=1)) <= CPU_TORCH_ABOVE_PIXELS
+    return "dali" if small and not one_pass else "torch"

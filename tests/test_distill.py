@@ -79,6 +79,7 @@ def test_evaluate_reproduces_the_final_validation(full_run, small_root):
     assert result.exit_code == 0, result.output
     scores = json.loads(result.output)
     assert scores["images"] == 12
+    assert scores["decoder"] == "torch"  # "auto" for one pass on the CPU, small pictures too (DALI's start not repaid)
     assert scores["top1"] == pytest.approx(metrics(full_run)[-1]["val_top1"])
 
 
