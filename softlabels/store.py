@@ -27,7 +27,7 @@ from mealv2.pipeline.dataset import DatasetIndex
 from mealv2.pipeline.files import temporary_path
 from mealv2.pipeline.mix import MixSpec
 from mealv2.softlabels.cache_config import CHUNK_ROWS
-from mealv2.softlabels.integrity import WRITTEN, record_mismatches, unit_record
+from mealv2.softlabels.integrity import WRITTEN, record_mismatches, unit_record, unsound_rows
 from mealv2.softlabels.site import CREATE_WAIT_SECONDS, StoreSite
 from mealv2.softlabels.topk import class_dtype, expand
 
@@ -453,12 +453,16 @@ class LabelStore:
                          record_mismatches(self.arrays, self.group[WRITTEN][slot, chunk], rows.stop - rows.start,
                                            [getattr(unit, name) for name in self.arrays])]
         empty = offset + np.flatnonzero(labels.probs[:, 0] == 0)
-        if len(empty):
+        unsound = offset + np.flatnonzero(unsound_rows(labels.probs))
+        if len(empty) or len(unsound):
             paths, skipped = self.group["index/paths"][...], self.skipped_paths()
             unlisted = [str(paths[i]) for i in empty if str(paths[i]) not in skipped]
             if unlisted:
                 problems.append(f"slot {slot}: {len(unlisted)} row(s) hold no labels but their images are not "
                                 f"listed as skipped ({', '.join(unlisted[:3])})")
+            if len(unsound):  # what a teacher whose logits overflowed left, written before stage one refused it
+                problems.append(f"slot {slot}: {len(unsound)} row(s) hold probabilities that are not finite or "
+                                f"outside 0-1 ({', '.join(str(paths[i]) for i in unsound[:3])})")
         return problems
 
     def missing_chunks(self, slots: int | None = None) -> list[str]:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,9 +20,10 @@ from conftest import cache_args, store_files
 
 from bench.imagegen import make_image_folder
 
+import mealv2
 from mealv2.cli import main
 from mealv2.pipeline.dataset import DatasetError, DatasetIndex
-from mealv2.softlabels.integrity import structure_problems
+from mealv2.softlabels.integrity import WRITTEN, structure_problems, unit_record
 from mealv2.softlabels.store import LabelStore, SlotLabels, StoreError
 
 
@@ -301,3 +303,72 @@ def test_each_structural_check_names_the_rows_that_break_it(field, row, value, p
     assert structure_problems(rows, sizes, 5, 6, 8, 10, labelled) == [problem]
     labelled[row] = False  # a skipped image's empty row is not checked
     assert structure_problems(rows, sizes, 5, 6, 8, 10, labelled) == []
+
+
+# -- issue 40: non-finite labels, wrong types, special files ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def overflowing(tmp_path_factory) -> dict[str, Path]:
+    """test_resnet weights (those of teacher_files' first teacher) whose class-1 logit overflows float32 on some
+    crops ("some": its softmax is NaN there), and weights that are NaN throughout ("all", a diverged checkpoint)."""
+    import timm
+
+    torch.manual_seed(0)
+    state = timm.create_model("test_resnet", num_classes=3).state_dict()
+    folder = tmp_path_factory.mktemp("overflowing")
+    weight, bias = state["fc.weight"].double(), state["fc.bias"].clone()
+    weight[1] *= 2e38  # w·f + b passes float32's 3.4e38 where w·f is largest: about one crop in six here
+    bias[1] = 3.3e38
+    torch.save(state | {"fc.weight": weight.float(), "fc.bias": bias}, folder / "some.pth")
+    torch.save(state | {"fc.weight": torch.full_like(state["fc.weight"], float("nan"))}, folder / "all.pth")
+    return {"some": folder / "some.pth", "all": folder / "all.pth"}
+
+
+@pytest.mark.parametrize("kind", ["some", "all"])
+def test_a_teacher_whose_softmax_is_not_finite_is_named_and_its_unit_not_written(kind, overflowing, small_root,
+                                                                                 teacher_files, tmp_path):
+    spec = f"test_resnet={overflowing[kind]}"
+    store = tmp_path / "labels.zarr"
+    result = run_cli(*cache_args(small_root, store, f"{teacher_files.split(',')[1]},{spec}"))
+    assert result.exit_code == 1, result.output
+    assert re.search(rf"{re.escape(spec)}: its softmax is not finite on {small_root}/train/class_\d/img_\d+\.\w+ "
+                     r"\(seed slot \d, \d+ of the unit's \d+ crops\); the unit was not written",
+                     result.output.splitlines()[-1]), result.output
+    opened = LabelStore.open(str(store))
+    assert not opened.done().all()
+    for slot, chunk in zip(*np.nonzero(opened.done())):  # what was written is finite
+        assert np.isfinite(opened.group["probs"][slot, opened.rows(chunk)]).all()
+
+
+def rewrite_probs(store: Path, slot: int, rows, values) -> None:
+    """Put ``values`` into the probs of ``rows`` and record them as their writer would have (digests that match)."""
+    group = zarr.open_group(str(store), mode="r+", use_consolidated=False)
+    group["probs"][slot, rows] = values
+    opened = LabelStore.open(str(store))
+    for chunk in range(opened.num_chunks):
+        unit = opened.rows(chunk)
+        group[WRITTEN][slot, chunk] = unit_record(unit.stop - unit.start,
+                                                  [group[name][slot, unit] for name in opened.arrays])
+
+
+@pytest.mark.parametrize("rows, column, value", [([9], 0, np.nan), ([9], 1, np.nan), ([9], 1, -0.25),
+                                                 (slice(None), 0, np.nan)])  # the last: an all-NaN teacher's store
+def test_non_finite_or_negative_probabilities_are_refused_by_verify_distill_and_the_reader(
+        rows, column, value, store_copy, small_root, tmp_path):
+    probs = zarr.open_array(store_copy / "probs")[0, rows].astype(np.float32)
+    probs[:, column] = value
+    rewrite_probs(store_copy, 0, rows, probs)
+    paths = [str(path) for path in zarr.open_array(store_copy / "index" / "paths")[rows]]
+
+    def problem(paths):
+        return (f"slot 0: {len(paths)} row(s) hold probabilities that are not finite or outside 0-1 "
+                f"({', '.join(paths[:3])})")
+    verified = run_cli("labels", "verify", store_copy)  # verify reports unit by unit, the first unit of 8 rows here
+    assert verified.exit_code == 1 and problem(paths[:8]) in verified.output, verified.output
+    out = tmp_path / "run"
+    trained = run_cli(*distill_args(small_root, store_copy, out))
+    assert trained.exit_code == 1 and problem(paths) in trained.output, trained.output
+    assert not (out / "metrics.jsonl").exists()
+    with pytest.raises(StoreError, match=re.escape(problem(paths))):
+        mealv2.open_store(store_copy).targets(0, [9])
