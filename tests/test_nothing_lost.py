@@ -17,6 +17,7 @@ import zarr
 from PIL import Image
 from click.testing import CliRunner
 from conftest import cache_args, store_files
+from safetensors.torch import load_file
 
 from bench.imagegen import make_image_folder
 
@@ -372,3 +373,25 @@ def test_non_finite_or_negative_probabilities_are_refused_by_verify_distill_and_
     assert not (out / "metrics.jsonl").exists()
     with pytest.raises(StoreError, match=re.escape(problem(paths))):
         mealv2.open_store(store_copy).targets(0, [9])
+
+
+def test_training_stops_at_the_first_non_finite_loss_and_keeps_the_last_finite_epoch(small_root, reference_store,
+                                                                                   tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(*distill_args(small_root, reference_store, out, epochs=2), "--lr-steps", "1",
+                     "--decay-rate", "1e30")  # epoch 2 at lr 1e28: the weights diverge within a step or two
+    assert result.exit_code == 1, result.output
+    assert re.search(r"epoch 2/2, step \d+: the loss is (nan|inf); nothing of this epoch was saved", result.output)
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 1
+    assert all(torch.isfinite(value).all() for value in load_file(out / "model.safetensors").values())
+
+
+def test_online_teachers_that_overflow_stop_the_run_at_its_first_nan_loss(overflowing, small_root, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("distill", "--online", "--teachers", f"test_resnet={overflowing['some']}", "--data", small_root,
+                     "--student", "test_resnet", "--init", "scratch", "--out", out, "--epochs", "1", "--batch-size",
+                     "8", "--res", "32", "--device", "cpu", "--no-progress")
+    assert result.exit_code == 1, result.output
+    assert re.search(r"epoch 1/1, step \d+: the loss is nan", result.output), result.output
+    assert not (out / "model.safetensors").exists() and not (out / "checkpoint-last.pth").exists()
