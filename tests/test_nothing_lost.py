@@ -395,3 +395,24 @@ def test_online_teachers_that_overflow_stop_the_run_at_its_first_nan_loss(overfl
     assert result.exit_code == 1, result.output
     assert re.search(r"epoch 1/1, step \d+: the loss is nan", result.output), result.output
     assert not (out / "model.safetensors").exists() and not (out / "checkpoint-last.pth").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epochs: 1\nlr: true\n", "--config CONFIG: lr: expected a number, got true"),
+    ("epochs: 1.9\n", "--config CONFIG: epochs: expected an integer, got 1.9"),
+    ("epochs: null\n", "--config CONFIG: epochs: expected an integer, got null"),
+    ("epochs: 1\nlr: [0.1]\n", "--config CONFIG: lr: expected a number, got [0.1]"),
+    ("epochs: 1\nkd_weight: .inf\n", "--kd-weight inf: expected a finite number"),
+    ("epochs: 1\n", "--lr nan: expected a finite number"),  # with --lr nan on the command line
+])
+def test_a_config_value_of_the_wrong_type_or_not_finite_is_refused_with_its_option(text, message, small_root,
+                                                                                    reference_store, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    out = tmp_path / "run"
+    result = run_cli("distill", "--config", config, "--data", small_root, "--labels", reference_store, "--student",
+                     "test_resnet", "--init", "scratch", "--out", out, "--batch-size", "8", "--device", "cpu",
+                     "--no-progress", *(["--lr", "nan"] if "--lr" in message else []))
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[-1] == "Error: " + message.replace("CONFIG", str(config))
+    assert not out.exists()
