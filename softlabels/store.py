@@ -195,6 +195,10 @@ class LabelStore:
         attrs = group.attrs.get("mealv2")
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
             raise StoreError(f"{url}: not a mealv2 label store of format {FORMAT}")
+        slots = group["done"].shape[0]  # a job adding slots grows the arrays before it lists their seeds
+        if len(attrs.get("seeds", ())) > slots:
+            raise StoreError(f"{url}: its attributes list {len(attrs['seeds'])} seed slot(s), its arrays hold {slots}; "
+                             "the store's metadata is damaged: restore zarr.json from a copy of the store")
         return cls(url, group, writable=mode == "r+", storage_options=storage_options)
 
     @classmethod

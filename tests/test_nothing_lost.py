@@ -416,3 +416,28 @@ def test_a_config_value_of_the_wrong_type_or_not_finite_is_refused_with_its_opti
     assert result.exit_code == 1, result.output
     assert result.output.splitlines()[-1] == "Error: " + message.replace("CONFIG", str(config))
     assert not out.exists()
+
+
+def test_a_corrupt_safetensors_teacher_or_init_is_one_line(small_root, reference_store, teacher_files, tmp_path):
+    torn = tmp_path / "torn.safetensors"
+    torn.write_bytes(Path(teacher_files.split(",")[1].split("=")[1]).read_bytes()[:300])  # a download cut short
+    cached = run_cli(*cache_args(small_root, tmp_path / "labels.zarr", f"test_efficientnet={torn}"))
+    assert cached.exit_code == 1
+    assert cached.output.splitlines()[-1].startswith(f"Error: {torn}: not a readable .safetensors file ("), \
+        cached.output
+    trained = run_cli(*distill_args(small_root, reference_store, tmp_path / "run"), "--init", torn)
+    assert trained.exit_code == 1
+    assert trained.output.splitlines()[-1].startswith(f"Error: {torn}: not a readable .safetensors file ("), \
+        trained.output
+
+
+def test_a_seeds_attribute_longer_than_the_arrays_is_one_line(store_copy, small_root, tmp_path):
+    metadata = json.loads((store_copy / "zarr.json").read_text())
+    metadata["attributes"]["mealv2"]["seeds"] = [0, 1, 2]  # the arrays hold 2 slots
+    (store_copy / "zarr.json").write_text(json.dumps(metadata))
+    expected = (f"Error: {store_copy}: its attributes list 3 seed slot(s), its arrays hold 2; the store's metadata "
+                "is damaged")
+    for args in (["labels", "verify", store_copy], ["labels", "info", store_copy],
+                 distill_args(small_root, store_copy, tmp_path / "run")):
+        result = run_cli(*args)
+        assert result.exit_code == 1 and result.output.splitlines()[-1].startswith(expected), result.output
