@@ -29,6 +29,7 @@ from mealv2.pipeline.mix import MixSpec
 from mealv2.softlabels.cache_config import CHUNK_ROWS
 from mealv2.softlabels.integrity import WRITTEN, record_mismatches, unit_record, unsound_rows
 from mealv2.softlabels.site import CREATE_WAIT_SECONDS, StoreSite
+from mealv2.softlabels.store_files import RegularFileStore
 from mealv2.softlabels.topk import class_dtype, expand
 
 FORMAT = 1
@@ -54,7 +55,7 @@ def _zarr_store(url: str, read_only: bool, storage_options: dict | None):
         raise StoreError(f"{url}: a zip archive is read-only; write to a folder or bucket, then `labels pack` it")
     if "://" in url or "::" in url:
         return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
-    return zarr.storage.LocalStore(url, read_only=read_only)
+    return RegularFileStore(url, read_only=read_only)  # a FIFO or a link to a device among its files is named
 
 
 def _tool_version() -> str:
@@ -545,10 +546,12 @@ class LabelStore:
             if links:
                 raise StoreError(f"{links[0]}: a symbolic link inside the store; nothing was packed: replace it "
                                  "with the file itself (packing copies files, and would copy what it points to)")
+        local = self.group.store if isinstance(self.group.store, RegularFileStore) else None
         try:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
-                for path in sorted(fs.find(root)):
-                    archive.writestr(path[len(root) + 1:], fs.cat_file(path))
+                for path in sorted(fs.find(root)):  # a local store's files regular and bounded (a FIFO never ends)
+                    key = path[len(root) + 1:]
+                    archive.writestr(key, local.read(key) if local else fs.cat_file(path))
             _place_without_replacing(tmp, out)
         finally:
             if os.path.exists(tmp):

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -441,3 +442,48 @@ def test_a_seeds_attribute_longer_than_the_arrays_is_one_line(store_copy, small_
                  distill_args(small_root, store_copy, tmp_path / "run")):
         result = run_cli(*args)
         assert result.exit_code == 1 and result.output.splitlines()[-1].startswith(expected), result.output
+
+
+def mealv2_child(*args, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -m mealv2 ARGS`` in a child with 2 GiB of data memory, killed after ``timeout`` s: a reader that
+    blocks or fills its memory fails the test instead of hanging it or the machine."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, 2 << 30))
+    return subprocess.run([sys.executable, "-m", "mealv2", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=limit)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind, what", [("fifo", "a FIFO, not a regular file"),
+                                        ("zero", "a symbolic link to /dev/zero, a character device, not a regular "
+                                                 "file"),
+                                        ("huge", "more than the 96 bytes a probs chunk can take")])
+def test_a_chunk_that_is_a_fifo_a_device_or_too_large_is_named_by_verify_readers_and_pack(kind, what, store_copy,
+                                                                                          small_root, tmp_path):
+    chunk = store_copy / "probs" / "c" / "0" / "0" / "0"
+    chunk.unlink()
+    if kind == "fifo":
+        os.mkfifo(chunk)  # opened for reading, it waits for a writer for ever
+    elif kind == "zero":
+        chunk.symlink_to("/dev/zero")  # read whole, it never ends
+    else:
+        with open(chunk, "wb") as handle:
+            handle.truncate(100 << 20)  # a sparse 100 MB file where a chunk of under 100 bytes belongs
+    expected = f"{chunk}: {what}"
+    out = tmp_path / "labels.zip"
+    for args in (["labels", "verify", store_copy], ["labels", "stats", store_copy],
+                 distill_args(small_root, store_copy, tmp_path / "run"), ["labels", "pack", store_copy, out]):
+        result = mealv2_child(*args)
+        assert result.returncode == 1 and expected in result.stdout + result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr, result.stderr
+    assert not out.exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.timeout(120)
+def test_pack_refuses_a_fifo_anywhere_in_the_store(store_copy, tmp_path):
+    fifo = store_copy / "notes"
+    os.mkfifo(fifo)
+    out = tmp_path / "labels.zip"
+    result = mealv2_child("labels", "pack", store_copy, out)
+    assert result.returncode == 1 and f"{fifo}: a FIFO, not a regular file" in result.stderr, result.stderr
+    assert not out.exists()
