@@ -202,6 +202,22 @@ def test_fingerprint_content_catches_an_image_replaced_at_equal_size_and_dimensi
     assert f"{store}: labels are for another dataset than {data_copy}/train (fingerprint differs)" in result.output
 
 
+def test_the_index_cache_trusts_an_unchanged_mtime_and_fingerprint_content_does_not(data_copy, reference_store,
+                                                                                     teacher_files, tmp_path):
+    store = tmp_path / "content.zarr"  # caching scans the split, and the index cache keeps its headers
+    made = run_cli(*cache_args(data_copy, store, teacher_files, "--seeds", "1", "--fingerprint", "content"))
+    assert made.exit_code == 0, made.output
+    picture = data_copy / "train" / "class_0" / "img_003.png"
+    before = picture.stat()
+    replace_at_equal_size(picture, 7, 5)
+    os.utime(picture, ns=(before.st_atime_ns, before.st_mtime_ns))  # what `touch -r` does
+    trusted = run_cli("labels", "verify", reference_store, "--data", data_copy)
+    assert trusted.exit_code == 0, trusted.output  # path, byte size and mtime unchanged: the cached header is reused
+    result = run_cli(*distill_args(data_copy, store, tmp_path / "run"))
+    assert result.exit_code == 1
+    assert f"{store}: labels are for another dataset than {data_copy}/train (fingerprint differs)" in result.output
+
+
 def test_a_decompression_bomb_and_a_symlink_loop_are_named_bad_files(tmp_path):
     root = tmp_path / "data"
     make_image_folder(root, "train", classes=2, per_class=2, mixed=False)
