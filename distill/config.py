@@ -6,6 +6,8 @@ Kept free of heavy imports so that `mealv2 --help` stays instant.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, field
 
 from mealv2.pipeline.errors import first_line
@@ -90,9 +92,14 @@ class TrainConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode {self.mode!r}: expected one of {MODES}")
+        for option in dataclasses.fields(self):  # a NaN learning rate or loss weight trains to NaN weights
+            value = getattr(self, option.name)
+            if "float" in option.type and value is not None and not all(map(math.isfinite, _parts(value))):
+                raise ValueError(f"{_flag(option.name)} {' '.join(map(str, _parts(value)))}: expected a finite "
+                                 "number")
         for name in ("epochs", "batch_size", "val_every", "workers"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise ValueError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
         if self.seeds is not None and self.seeds < 1:
             raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
         self.mix  # --cutmix ALPHA >= 0, --mixup-prob 0 <= P <= 1
@@ -125,6 +132,16 @@ class TrainConfig:
         options.pop("storage_options")
         options["lr_steps"] = list(self.lr_steps)
         return options
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of option ``name``."""
+    return f"--{name.replace('_', '-')}"
+
+
+def _parts(value) -> tuple:
+    """An option's value as a tuple (--scale's two numbers, or one number alone)."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
 # options only distill has (the teachers' side); a train run's config file leaves them out
@@ -165,11 +182,50 @@ def read_run_file(path: str, command: str, known: set[str]) -> dict:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"--config {path}: unknown key {unknown[0]!r} (not an option of mealv2 {command})")
+    types = {option.name: option.type for option in dataclasses.fields(TrainConfig)} | {"online": "bool"}
+    for key, value in values.items():
+        if key in types and not any(_fits(kind, value) for kind in types[key].split(" | ")):
+            raise ValueError(f"--config {path}: {key}: expected {' or '.join(map(_describe, types[key].split(' | ')))}"
+                             f", got {json.dumps(value, default=str)}")
     if command == "distill" and mode is not None:
         values["online"] = mode == "online"
     if isinstance(values.get("lr_steps"), (list, tuple)):
         values["lr_steps"] = ",".join(map(str, values["lr_steps"]))
     return values
+
+
+def _fits(kind: str, value) -> bool:
+    """Whether a config file's ``value`` can stand for an option of type ``kind`` (one part of its annotation).
+
+    Booleans are not numbers (``lr: true`` is no 1.0), nor floats integers (``epochs: 1.9``); a number written as
+    a string counts (YAML reads ``1e-3`` as one: its floats need a dot). A list of any length may also be written
+    as its flag takes it (``lr_steps: 100,150``) or, of one item, alone (``lr_steps: 100``).
+    """
+    if kind.startswith("tuple["):
+        item, _, more = kind[len("tuple["):-1].partition(", ")
+        if more == "...":
+            value = [part for part in value.split(",") if part.strip()] if isinstance(value, str) else \
+                value if isinstance(value, list) else [value]
+        return isinstance(value, list) and (more == "..." or len(value) == kind.count(",") + 1) and \
+            all(_fits(item, part) for part in value)
+    if kind in ("None", "bool", "dict", "str"):
+        return isinstance(value, {"None": type(None), "bool": bool, "dict": dict, "str": str}[kind])
+    if isinstance(value, str):
+        try:
+            value = int(value) if kind == "int" else float(value)
+        except ValueError:
+            return False
+    return isinstance(value, int if kind == "int" else (int, float)) and not isinstance(value, bool)
+
+
+def _describe(kind: str) -> str:
+    """How a config file writes a value of type ``kind`` (one part of an option's annotation)."""
+    if kind.startswith("tuple["):
+        item, _, more = kind[len("tuple["):-1].partition(", ")
+        count = "" if more == "..." else f"{kind.count(',') + 1} "
+        return f"a list of {count}{_describe(item).split(' ', 1)[1]}s"
+    return {"None": "null", "bool": "true or false", "dict": "a mapping", "int": "an integer", "float": "a number",
+            "str": "a string"}[kind]
 
 
 def defaults(mode: str) -> dict:

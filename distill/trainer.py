@@ -26,6 +26,7 @@ from mealv2.distill.checkpoint import (CHECKPOINT, check_same_run, check_same_st
                                 restore_rng_state, rng_state, save_checkpoint)
 from mealv2.distill.config import TrainConfig, run_file
 from mealv2.distill.evaluate import EvalTransform, evaluate
+from mealv2.distill.finite import FiniteLoss
 from mealv2.distill.losses import Discriminator, discriminator_loss, soft_cross_entropy
 from mealv2.distill.recipe import clip_gradients, create_ema, create_optimizer, create_scheduler
 from mealv2.distill.run_lock import holding_run_folder
@@ -166,6 +167,7 @@ class Trainer:
                                        config.workers) if val_dir.is_dir() else None
         self.lines = StepLines(self.log, config.log_interval if self.world.is_main else 0,
                                StepLines.bars_shown(self.progress))
+        self.finite = FiniteLoss(self.world, device)
         self.start_epoch = 0
 
     def _left_out(self, position: int, reason: str) -> None:
@@ -268,6 +270,7 @@ class Trainer:
             if "disc_loss" in losses:
                 drift = torch.maximum(drift, (losses["disc_loss"].detach() - math.log(2)).abs())
             steps += 1
+            self.finite.step(losses["loss"], desc, steps)
             images_seen += len(indices)
             if steps % _POSTFIX_EVERY == 1 and not batches.bar.disable:  # the one figure a shown bar reads mid-epoch
                 batches.bar.set_postfix(loss=f"{float(sums['loss']) / steps:.4f}", refresh=False)
@@ -365,6 +368,7 @@ class Trainer:
         for epoch in range(self.start_epoch, self.config.epochs):
             lr = self.optimizer.param_groups[0]["lr"]
             stats = self.train_epoch(epoch)
+            self.finite.check()  # before anything of the epoch is evaluated or saved
             self.scheduler.step(epoch + 1)
             metrics = {"epoch": epoch + 1, "lr": lr, "loss": stats["loss"], "kd_loss": stats.get("kd_loss"),
                        "disc_loss": stats.get("disc_loss"), "val_top1": None, "val_top5": None,

@@ -19,7 +19,7 @@ from mealv2.pipeline.loader import ReplayLoader
 from mealv2.pipeline.mix import SlotMix
 from mealv2.softlabels.cache_config import CacheJob
 from mealv2.softlabels.store import LabelStore, SlotLabels, label_spec
-from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
+from mealv2.softlabels.teachers import TeacherEnsemble, TeacherError, parse_teachers
 from mealv2.softlabels.topk import class_dtype, compress
 
 
@@ -62,9 +62,10 @@ def fixed_batches(batches, size: int):
         yield torch.cat([images, images.new_zeros((size - count, *images.shape[1:]))]), indices, count
 
 
-def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, rows: slice, boxes: np.ndarray,
+def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, slot: int, rows: slice, boxes: np.ndarray,
                flips: np.ndarray, mix: SlotMix | None, topk: int, bar: tqdm) -> Callable[[], SlotLabels]:
-    """Queue the teachers on one unit's rows; returns a call that waits for the device and gives the labels.
+    """Queue the teachers on seed slot ``slot``'s unit of ``rows``; returns a call that waits for the device and
+    gives the labels, or refuses them (TeacherError) if a teacher's softmax was not finite on one of its crops.
 
     With ``mix`` the teachers see each mixed row's composite: its partner (from any chunk) is
     decoded in the same batch. A row whose partner could not be decoded is labelled unmixed,
@@ -78,6 +79,7 @@ def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, rows: slice, box
     probs = torch.zeros((n, topk), dtype=torch.float16, device=ensemble.device)
     classes = torch.zeros((n, topk), dtype=torch.int32, device=ensemble.device)
     mixed = torch.zeros(n, dtype=torch.bool, device=ensemble.device)
+    faulty = torch.zeros(n, dtype=torch.int32, device=ensemble.device)  # 1 + the first unsound teacher, per row
     order = np.arange(rows.start, rows.stop) if mix is None else mix.unit_order(rows.start, rows.stop)
     borrowed = bool(((order < rows.start) | (order >= rows.stop)).any())  # partners decoded from other chunks
 
@@ -96,17 +98,27 @@ def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, rows: slice, box
             yield images, indices
 
     for images, indices, count in fixed_batches(own_rows(), loader.batch_size):
-        mean_probs, _ = ensemble(images)
+        mean_probs, _, unsound = ensemble(images, faults=True)
         values, top = compress(mean_probs[:count], topk)
         at = indices.to(ensemble.device) - rows.start
         probs[at] = values
         classes[at] = top.to(torch.int32)
+        faulty[at] = unsound[:count]
         bar.update(count)
-    (host_probs, host_classes, host_mixed), copied = to_host((probs, classes, mixed), ensemble.device)
+    (host_probs, host_classes, host_mixed, host_faulty), copied = to_host((probs, classes, mixed, faulty),
+                                                                          ensemble.device)
     dtype = class_dtype(ensemble.num_classes)
 
     def labels() -> SlotLabels:
         copied()
+        faults = host_faulty.numpy()
+        unsound = np.flatnonzero(faults)
+        if len(unsound):
+            teacher, image = ensemble.specs[faults[unsound[0]] - 1], loader.index.file(rows.start + int(unsound[0]))
+            raise TeacherError(f"{teacher}: its softmax is not finite on {image} "
+                               f"(seed slot {slot}, {len(unsound)} of the unit's {n} crops); the unit was not "
+                               "written: check this teacher's weights (logits beyond float32's range, 3.4e38, make "
+                               "its softmax NaN)")
         labelled = SlotLabels(host_probs.numpy(), host_classes.numpy().astype(dtype), boxes[rows], flips[rows])
         if mix is not None:
             composed = host_mixed.numpy()
@@ -215,8 +227,8 @@ def run_cache(job: CacheJob, log=print) -> dict:
             if slot != crops_slot:  # units come slot by slot: draw each slot's crops (and mixes) once
                 crops_slot, (boxes, flips) = slot, job.crop.draw(store.seeds[slot], index.sizes)
                 mix = job.mix.draw(store.seeds[slot], len(index), job.res) if job.mix.enabled else None
-            writer.submit(slot, chunk, label_unit(ensemble, loader, store.rows(chunk), boxes, flips, mix, job.topk,
-                                                  bar))
+            writer.submit(slot, chunk, label_unit(ensemble, loader, slot, store.rows(chunk), boxes, flips, mix,
+                                                  job.topk, bar))
         writer.wait()
     found = world.gather_bytes(json.dumps({index.paths[i]: reason for i, reason in undecodable.items()}).encode())
     left_out = {path: reason for part in found for path, reason in json.loads(part).items()}

@@ -35,6 +35,12 @@ def record_mismatches(names: tuple[str, ...], record: np.ndarray, rows: int, val
             for name, wanted, value in zip(names, record[1:], values) if digest(value) != int(wanted)]
 
 
+def unsound_rows(probs: np.ndarray) -> np.ndarray:
+    """Rows (bool) holding a probability that is not finite or lies outside 0-1: no teacher's softmax does that."""
+    values = probs.astype(np.float32)
+    return ~(np.isfinite(values) & (values >= 0) & (values <= 1)).all(axis=1)
+
+
 def structure_problems(labels, sizes: np.ndarray, num_classes: int, num_images: int, res: int, start: int,
                        labelled: np.ndarray) -> list[str]:
     """Checks one unit's rows need no teachers for (``labels``: a SlotLabels of those rows, ``sizes`` their

@@ -36,8 +36,13 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelError(f"{path}: checkpoint not found")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as err:  # a download cut short, or another kind of file under that name
+            raise ModelError(f"{path}: not a readable .safetensors file ({str(err).splitlines()[0]}); download or "
+                             "copy it again") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - unpickling refusals and corrupt files alike

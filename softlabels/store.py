@@ -29,8 +29,9 @@ from mealv2.pipeline.errors import first_line
 from mealv2.pipeline.files import temporary_path
 from mealv2.pipeline.mix import MixSpec
 from mealv2.softlabels.cache_config import CHUNK_ROWS
-from mealv2.softlabels.integrity import WRITTEN, record_mismatches, unit_record
+from mealv2.softlabels.integrity import WRITTEN, record_mismatches, unit_record, unsound_rows
 from mealv2.softlabels.site import CREATE_WAIT_SECONDS, StoreSite
+from mealv2.softlabels.store_files import RegularFileStore
 from mealv2.softlabels.topk import class_dtype, expand
 
 FORMAT = 1
@@ -80,7 +81,7 @@ def _zarr_store(url: str, read_only: bool, storage_options: dict | None):
         raise StoreError(f"{url}: a zip archive is read-only; write to a folder or bucket, then `labels pack` it")
     if "://" in url or "::" in url:
         return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
-    return zarr.storage.LocalStore(url, read_only=read_only)
+    return RegularFileStore(url, read_only=read_only)  # a FIFO or a link to a device among its files is named
 
 
 def _tool_version() -> str:
@@ -233,6 +234,10 @@ class LabelStore:
         attrs = group.attrs.get("mealv2")
         if not isinstance(attrs, dict) or attrs.get("format") != FORMAT:
             raise StoreError(f"{url}: not a mealv2 label store of format {FORMAT}")
+        slots = group["done"].shape[0]  # a job adding slots grows the arrays before it lists their seeds
+        if len(attrs.get("seeds", ())) > slots:
+            raise StoreError(f"{url}: its attributes list {len(attrs['seeds'])} seed slot(s), its arrays hold {slots}; "
+                             "the store's metadata is damaged: restore zarr.json from a copy of the store")
         return cls(url, group, writable=mode == "r+", storage_options=storage_options)
 
     @classmethod
@@ -496,11 +501,15 @@ class LabelStore:
                          record_mismatches(self.arrays, self.group[WRITTEN][slot, chunk], rows.stop - rows.start,
                                            [getattr(unit, name) for name in self.arrays])]
         empty = offset + np.flatnonzero(~labels.labelled())
-        unlisted = np.setdiff1d(empty, self.skipped_rows()) if len(empty) else empty
+        unsound = offset + np.flatnonzero(unsound_rows(labels.probs))
+        unlisted = np.setdiff1d(np.setdiff1d(empty, unsound), self.skipped_rows()) if len(empty) else empty
+        paths = self.group["index/paths"][...] if len(unlisted) or len(unsound) else None
         if len(unlisted):
-            paths = self.group["index/paths"][...]
             problems.append(f"slot {slot}: {len(unlisted)} row(s) hold no labels but their images are not listed "
                             f"as skipped ({', '.join(str(paths[i]) for i in unlisted[:3])})")
+        if len(unsound):  # what a teacher whose logits overflowed left, written before stage one refused it
+            problems.append(f"slot {slot}: {len(unsound)} row(s) hold probabilities that are not finite or "
+                            f"outside 0-1 ({', '.join(str(paths[i]) for i in unsound[:3])})")
         return problems
 
     def missing_chunks(self, slots: int | None = None) -> list[str]:
@@ -579,10 +588,12 @@ class LabelStore:
             if links:
                 raise StoreError(f"{links[0]}: a symbolic link inside the store; nothing was packed: replace it "
                                  "with the file itself (packing copies files, and would copy what it points to)")
+        local = self.group.store if isinstance(self.group.store, RegularFileStore) else None
         try:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
-                for path in sorted(fs.find(root)):
-                    archive.writestr(path[len(root) + 1:], fs.cat_file(path))
+                for path in sorted(fs.find(root)):  # a local store's files regular and bounded (a FIFO never ends)
+                    key = path[len(root) + 1:]
+                    archive.writestr(key, local.read(key) if local else fs.cat_file(path))
             _place_without_replacing(tmp, out)
         finally:
             if os.path.exists(tmp):

@@ -143,14 +143,24 @@ class TeacherEnsemble(nn.Module):
         return record
 
     @torch.no_grad()  # not inference_mode: online distillation feeds these targets into autograd
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, 3, H, W) → (mean softmax (B, C) float32, mean logits (B, C) float32)."""
+    def forward(self, images: torch.Tensor, faults: bool = False) -> tuple[torch.Tensor, ...]:
+        """uint8 (B, 3, H, W) → (mean softmax (B, C) float32, mean logits (B, C) float32).
+
+        ``faults`` adds a third, int32 (B,): 0 where every teacher's softmax is finite and non-negative, else
+        1 + the position of the first teacher whose softmax is not (logits beyond float32's range make it NaN).
+        """
         images = images.to(self.device, non_blocking=True)
         probs = torch.zeros(images.shape[0], self.num_classes, device=self.device)
         logits = torch.zeros_like(probs)
+        faulty = torch.zeros(images.shape[0], dtype=torch.int32, device=self.device) if faults else None
         with autocast(self.device):
-            for norm, model in zip(self.norms, self._forwards):
+            for position, (norm, model) in enumerate(zip(self.norms, self._forwards), 1):
                 out = model(norm(images).contiguous(memory_format=self.memory_format)).float()
-                probs += out.softmax(-1)
+                softmax = out.softmax(-1)
+                if faulty is not None:
+                    unsound = ~(torch.isfinite(softmax) & (softmax >= 0)).all(-1)
+                    faulty.masked_fill_(unsound & (faulty == 0), position)
+                probs += softmax
                 logits += out
-        return probs / len(self.models), logits / len(self.models)
+        outputs = probs / len(self.models), logits / len(self.models)
+        return outputs if faulty is None else outputs + (faulty,)

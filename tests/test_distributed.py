@@ -182,7 +182,7 @@ def test_labelling_a_unit_reads_the_device_once_whatever_its_batches(monkeypatch
         loader = ReplayLoader(index, 32, batch, "cpu", "pil")
         with monkeypatch.context() as patch, tqdm(disable=True) as bar:
             calls = host_reads(patch)
-            labels = label_unit(ensemble, loader, slice(0, 30), boxes, flips, None, 2, bar)()
+            labels = label_unit(ensemble, loader, 0, slice(0, 30), boxes, flips, None, 2, bar)()
         counts.append(len(calls))
         results.append(labels.probs)
     assert counts[0] == counts[1], counts

@@ -189,13 +189,13 @@ def test_cutmix_hands_the_teachers_one_batch_shape_and_labels_each_own_row(small
     class Teachers:
         device, num_classes, shapes = torch.device("cpu"), 3, []
 
-        def __call__(self, images):
+        def __call__(self, images, faults=False):
             self.shapes.append(tuple(images.shape))
             probs = images.float().mean((2, 3)).softmax(-1)  # a function of each row's pixels alone
-            return probs, probs.log()
+            return (probs, probs.log()) + ((torch.zeros(len(probs), dtype=torch.int32),) if faults else ())
 
     spy = Teachers()
-    labels = label_unit(spy, ReplayLoader(index, 16, 4, "cpu", "torch", workers=1), rows, boxes, flips, mix, 2,
+    labels = label_unit(spy, ReplayLoader(index, 16, 4, "cpu", "torch", workers=1), 0, rows, boxes, flips, mix, 2,
                         tqdm(disable=True))()
     assert set(spy.shapes) == {(4, 3, 16, 16)}
     whole = ReplayLoader(index, 16, len(index), "cpu", "torch", workers=1)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -15,11 +17,13 @@ import torch
 import zarr
 from PIL import Image
 from conftest import cache_args, distill_args, replace_at_equal_size, run_cli, store_files
+from safetensors.torch import load_file
 
 from bench.imagegen import make_image_folder
 
+import mealv2
 from mealv2.pipeline.dataset import DatasetError, DatasetIndex
-from mealv2.softlabels.integrity import structure_problems
+from mealv2.softlabels.integrity import WRITTEN, structure_problems, unit_record
 from mealv2.softlabels.store import LabelStore, SlotLabels, StoreError
 
 
@@ -204,6 +208,22 @@ def test_fingerprint_content_catches_an_image_replaced_at_equal_size_and_dimensi
     assert not (tmp_path / "run").exists()
 
 
+def test_the_index_cache_trusts_an_unchanged_mtime_and_fingerprint_content_does_not(data_copy, reference_store,
+                                                                                     teacher_files, tmp_path):
+    store = tmp_path / "content.zarr"  # caching scans the split, and the index cache keeps its headers
+    made = run_cli(*cache_args(data_copy, store, teacher_files, "--seeds", "1", "--fingerprint", "content"))
+    assert made.exit_code == 0, made.output
+    picture = data_copy / "train" / "class_0" / "img_003.png"
+    before = picture.stat()
+    replace_at_equal_size(picture, 7, 5)
+    os.utime(picture, ns=(before.st_atime_ns, before.st_mtime_ns))  # what `touch -r` does
+    trusted = run_cli("labels", "verify", reference_store, "--data", data_copy)
+    assert trusted.exit_code == 0, trusted.output  # path, byte size and mtime unchanged: the cached header is reused
+    result = run_cli(*distill_args(data_copy, store, tmp_path / "run"))
+    assert result.exit_code == 1
+    assert f"{store}: labels are for another dataset than {data_copy}/train (fingerprint differs)" in result.output
+
+
 def test_a_decompression_bomb_and_a_symlink_loop_are_named_bad_files(tmp_path):
     root = tmp_path / "data"
     make_image_folder(root, "train", classes=2, per_class=2, mixed=False)
@@ -307,3 +327,185 @@ def test_each_structural_check_names_the_rows_that_break_it(field, row, value, p
     assert structure_problems(rows, sizes, 5, 6, 8, 10, labelled) == [problem]
     labelled[row] = False  # a skipped image's empty row is not checked
     assert structure_problems(rows, sizes, 5, 6, 8, 10, labelled) == []
+
+
+# -- issue 40: non-finite labels, wrong types, special files ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def overflowing(tmp_path_factory) -> dict[str, Path]:
+    """test_resnet weights (those of teacher_files' first teacher) whose class-1 logit overflows float32 on some
+    crops ("some": its softmax is NaN there), and weights that are NaN throughout ("all", a diverged checkpoint)."""
+    import timm
+
+    torch.manual_seed(0)
+    state = timm.create_model("test_resnet", num_classes=3).state_dict()
+    folder = tmp_path_factory.mktemp("overflowing")
+    weight, bias = state["fc.weight"].double(), state["fc.bias"].clone()
+    weight[1] *= 2e38  # w·f + b passes float32's 3.4e38 where w·f is largest: about one crop in six here
+    bias[1] = 3.3e38
+    torch.save(state | {"fc.weight": weight.float(), "fc.bias": bias}, folder / "some.pth")
+    torch.save(state | {"fc.weight": torch.full_like(state["fc.weight"], float("nan"))}, folder / "all.pth")
+    return {"some": folder / "some.pth", "all": folder / "all.pth"}
+
+
+@pytest.mark.parametrize("kind", ["some", "all"])
+def test_a_teacher_whose_softmax_is_not_finite_is_named_and_its_unit_not_written(kind, overflowing, small_root,
+                                                                                 teacher_files, tmp_path):
+    spec = f"test_resnet={overflowing[kind]}"
+    store = tmp_path / "labels.zarr"
+    result = run_cli(*cache_args(small_root, store, f"{teacher_files.split(',')[1]},{spec}"))
+    assert result.exit_code == 1, result.output
+    assert re.search(rf"{re.escape(spec)}: its softmax is not finite on {small_root}/train/class_\d/img_\d+\.\w+ "
+                     r"\(seed slot \d, \d+ of the unit's \d+ crops\); the unit was not written",
+                     result.output.splitlines()[-1]), result.output
+    opened = LabelStore.open(str(store))
+    assert not opened.done().all()
+    for slot, chunk in zip(*np.nonzero(opened.done())):  # what was written is finite
+        assert np.isfinite(opened.group["probs"][slot, opened.rows(chunk)]).all()
+
+
+def rewrite_probs(store: Path, slot: int, rows, values) -> None:
+    """Put ``values`` into the probs of ``rows`` and record them as their writer would have (digests that match)."""
+    group = zarr.open_group(str(store), mode="r+", use_consolidated=False)
+    group["probs"][slot, rows] = values
+    opened = LabelStore.open(str(store))
+    for chunk in range(opened.num_chunks):
+        unit = opened.rows(chunk)
+        group[WRITTEN][slot, chunk] = unit_record(unit.stop - unit.start,
+                                                  [group[name][slot, unit] for name in opened.arrays])
+
+
+@pytest.mark.parametrize("rows, column, value", [([9], 0, np.nan), ([9], 1, np.nan), ([9], 1, -0.25),
+                                                 (slice(None), 0, np.nan)])  # the last: an all-NaN teacher's store
+def test_non_finite_or_negative_probabilities_are_refused_by_verify_distill_and_the_reader(
+        rows, column, value, store_copy, small_root, tmp_path):
+    probs = zarr.open_array(store_copy / "probs")[0, rows].astype(np.float32)
+    probs[:, column] = value
+    rewrite_probs(store_copy, 0, rows, probs)
+    paths = [str(path) for path in zarr.open_array(store_copy / "index" / "paths")[rows]]
+
+    def problem(paths):
+        return (f"slot 0: {len(paths)} row(s) hold probabilities that are not finite or outside 0-1 "
+                f"({', '.join(paths[:3])})")
+    verified = run_cli("labels", "verify", store_copy)  # verify reports unit by unit, the first unit of 8 rows here
+    assert verified.exit_code == 1 and problem(paths[:8]) in verified.output, verified.output
+    out = tmp_path / "run"
+    trained = run_cli(*distill_args(small_root, store_copy, out))
+    assert trained.exit_code == 1 and problem(paths) in trained.output, trained.output
+    assert not (out / "metrics.jsonl").exists()
+    with pytest.raises(StoreError, match=re.escape(problem(paths))):
+        mealv2.open_store(store_copy).targets(0, [9])
+
+
+def test_training_stops_at_the_first_non_finite_loss_and_keeps_the_last_finite_epoch(small_root, reference_store,
+                                                                                   tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(*distill_args(small_root, reference_store, out, epochs=2), "--lr-steps", "1",
+                     "--decay-rate", "1e30")  # epoch 2 at lr 1e28: the weights diverge within a step or two
+    assert result.exit_code == 1, result.output
+    assert re.search(r"epoch 2/2, step \d+: the loss is (nan|inf); nothing of this epoch was saved", result.output)
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert torch.load(out / "checkpoint-last.pth", weights_only=True)["epoch"] == 1
+    assert all(torch.isfinite(value).all() for value in load_file(out / "model.safetensors").values())
+
+
+def test_online_teachers_that_overflow_stop_the_run_at_its_first_nan_loss(overflowing, small_root, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("distill", "--online", "--teachers", f"test_resnet={overflowing['some']}", "--data", small_root,
+                     "--student", "test_resnet", "--init", "scratch", "--out", out, "--epochs", "1", "--batch-size",
+                     "8", "--res", "32", "--device", "cpu", "--no-progress")
+    assert result.exit_code == 1, result.output
+    assert re.search(r"epoch 1/1, step \d+: the loss is nan", result.output), result.output
+    assert not (out / "model.safetensors").exists() and not (out / "checkpoint-last.pth").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epochs: 1\nlr: true\n", "--config CONFIG: lr: expected a number, got true"),
+    ("epochs: 1.9\n", "--config CONFIG: epochs: expected an integer, got 1.9"),
+    ("epochs: null\n", "--config CONFIG: epochs: expected an integer, got null"),
+    ("epochs: 1\nlr: [0.1]\n", "--config CONFIG: lr: expected a number, got [0.1]"),
+    ("epochs: 1\nkd_weight: .inf\n", "--kd-weight inf: expected a finite number"),
+    ("epochs: 1\n", "--lr nan: expected a finite number"),  # with --lr nan on the command line
+])
+def test_a_config_value_of_the_wrong_type_or_not_finite_is_refused_with_its_option(text, message, small_root,
+                                                                                    reference_store, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    out = tmp_path / "run"
+    result = run_cli("distill", "--config", config, "--data", small_root, "--labels", reference_store, "--student",
+                     "test_resnet", "--init", "scratch", "--out", out, "--batch-size", "8", "--device", "cpu",
+                     "--no-progress", *(["--lr", "nan"] if "--lr" in message else []))
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[-1] == "Error: " + message.replace("CONFIG", str(config))
+    assert not out.exists()
+
+
+def test_a_corrupt_safetensors_teacher_or_init_is_one_line(small_root, reference_store, teacher_files, tmp_path):
+    torn = tmp_path / "torn.safetensors"
+    torn.write_bytes(Path(teacher_files.split(",")[1].split("=")[1]).read_bytes()[:300])  # a download cut short
+    cached = run_cli(*cache_args(small_root, tmp_path / "labels.zarr", f"test_efficientnet={torn}"))
+    assert cached.exit_code == 1
+    assert cached.output.splitlines()[-1].startswith(f"Error: {torn}: not a readable .safetensors file ("), \
+        cached.output
+    trained = run_cli(*distill_args(small_root, reference_store, tmp_path / "run"), "--init", torn)
+    assert trained.exit_code == 1
+    assert trained.output.splitlines()[-1].startswith(f"Error: {torn}: not a readable .safetensors file ("), \
+        trained.output
+
+
+def test_a_seeds_attribute_longer_than_the_arrays_is_one_line(store_copy, small_root, tmp_path):
+    metadata = json.loads((store_copy / "zarr.json").read_text())
+    metadata["attributes"]["mealv2"]["seeds"] = [0, 1, 2]  # the arrays hold 2 slots
+    (store_copy / "zarr.json").write_text(json.dumps(metadata))
+    expected = (f"Error: {store_copy}: its attributes list 3 seed slot(s), its arrays hold 2; the store's metadata "
+                "is damaged")
+    for args in (["labels", "verify", store_copy], ["labels", "info", store_copy],
+                 distill_args(small_root, store_copy, tmp_path / "run")):
+        result = run_cli(*args)
+        assert result.exit_code == 1 and result.output.splitlines()[-1].startswith(expected), result.output
+
+
+def mealv2_child(*args, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -m mealv2 ARGS`` in a child with 2 GiB of data memory, killed after ``timeout`` s: a reader that
+    blocks or fills its memory fails the test instead of hanging it or the machine."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, 2 << 30))
+    return subprocess.run([sys.executable, "-m", "mealv2", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=limit)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind, what", [("fifo", "a FIFO, not a regular file"),
+                                        ("zero", "a symbolic link to /dev/zero, a character device, not a regular "
+                                                 "file"),
+                                        ("huge", "more than the 96 bytes a probs chunk can take")])
+def test_a_chunk_that_is_a_fifo_a_device_or_too_large_is_named_by_verify_readers_and_pack(kind, what, store_copy,
+                                                                                          small_root, tmp_path):
+    chunk = store_copy / "probs" / "c" / "0" / "0" / "0"
+    chunk.unlink()
+    if kind == "fifo":
+        os.mkfifo(chunk)  # opened for reading, it waits for a writer for ever
+    elif kind == "zero":
+        chunk.symlink_to("/dev/zero")  # read whole, it never ends
+    else:
+        with open(chunk, "wb") as handle:
+            handle.truncate(100 << 20)  # a sparse 100 MB file where a chunk of under 100 bytes belongs
+    expected = f"{chunk}: {what}"
+    out = tmp_path / "labels.zip"
+    for args in (["labels", "verify", store_copy], ["labels", "stats", store_copy],
+                 distill_args(small_root, store_copy, tmp_path / "run"), ["labels", "pack", store_copy, out]):
+        result = mealv2_child(*args)
+        assert result.returncode == 1 and expected in result.stdout + result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr, result.stderr
+    assert not out.exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.timeout(120)
+def test_pack_refuses_a_fifo_anywhere_in_the_store(store_copy, tmp_path):
+    fifo = store_copy / "notes"
+    os.mkfifo(fifo)
+    out = tmp_path / "labels.zip"
+    result = mealv2_child("labels", "pack", store_copy, out)
+    assert result.returncode == 1 and f"{fifo}: a FIFO, not a regular file" in result.stderr, result.stderr
+    assert not out.exists()
