@@ -41,7 +41,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except SafetensorError as err:  # a download cut short, or another kind of file under that name
-            raise ModelError(f"{path}: not a readable .safetensors file ({str(err).splitlines()[0]}); download or "
+            raise ModelError(f"{path}: not a readable .safetensors file ({first_line(err)}); download or "
                              "copy it again") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
