@@ -38,6 +38,7 @@ from mealv2.pipeline.dataset import load_index
 from mealv2.pipeline.distributed import setup
 from mealv2.pipeline.files import atomic_write
 from mealv2.pipeline.loader import ReplayLoader, epoch_order
+from mealv2.pipeline.progress import bars_shown
 from mealv2.softlabels.cache import provenance
 from mealv2.softlabels.models import AMP_DTYPES, Normalize, autocast, file_sha256, normalization
 from mealv2.softlabels.store import LabelStore, StoreError
@@ -165,8 +166,7 @@ class Trainer:
         self.val_loader = ReplayLoader(load_index(val_dir, skip_bad=config.skip_bad, world=self.world), config.res,
                                        rank_batch, device, config.decoder, self.eval_transform.interpolation,
                                        config.workers) if val_dir.is_dir() else None
-        self.lines = StepLines(self.log, config.log_interval if self.world.is_main else 0,
-                               StepLines.bars_shown(self.progress))
+        self.lines = StepLines(self.log, config.log_interval if self.world.is_main else 0, bars_shown(self.progress))
         self.finite = FiniteLoss(self.world, device)
         self.start_epoch = 0
 

@@ -139,6 +139,9 @@ def storage_option(command):
               show_default=True, help="what identifies the data beside paths and labels: byte sizes, or every "
               "file's bytes (hashed here and wherever the store meets its data; catches an image edited at equal "
               "size)")
+@click.option("--log-interval", type=click.IntRange(min=0), default=CACHE["log_interval"], show_default=True,
+              help="batches between progress lines when no bar is shown (Slurm, nohup; also in STORE.log beside a "
+                   "local store); one at least every 30 s; 0: none")
 @click.option("--chunk-rows", type=int, default=CACHE["chunk_rows"], show_default=True,
               help="images per store chunk")
 @_apply(mix_options(CACHE["cutmix"], CACHE["mixup_prob"], "the teachers label the composites and stage two "
@@ -151,15 +154,16 @@ def storage_option(command):
 def cache_teachers(storage_options, shard, scale, ratio, **options):
     """Stage one: run the teachers once per seed slot and store their top-k mean softmax."""
     from mealv2.pipeline.crops import CropSpec
-    from mealv2.softlabels.cache import run_cache
+    from mealv2.softlabels.cache import job_log, run_cache
 
     def run():
         job = CacheJob(**options, shard=parse_shard(shard), crop=CropSpec.from_options(scale, ratio),
                        storage_options=_storage_options(storage_options))
-        summary = run_cache(job, log=click.echo)
+        log = job_log(click.echo, job.store)
+        summary = run_cache(job, log=log)
         if summary["rank"] != 0:  # under torchrun rank 0 speaks for the job
             return
-        click.echo(f"{summary['images']} images × {summary['seed_slots']} seed slot(s): "
+        log(f"{summary['images']} images × {summary['seed_slots']} seed slot(s): "
                    f"{summary['images_labelled']} labelled in {summary['labelling_seconds']:.1f} s "
                    f"({summary['images_per_sec']:.1f} img/s; {summary['seconds']:.1f} s in all); "
                    f"store {summary['bytes'] / 1e6:.2f} MB, "
