@@ -126,6 +126,18 @@ def test_online_mode_trains(small_root, teacher_files, tmp_path, device):
     assert metrics(out)[0]["disc_loss"] is not None
 
 
+def test_the_start_line_says_how_often_a_crop_repeats_and_warns_below_the_advice(small_root, reference_store,
+                                                                                 tmp_path):
+    """docs/slots.md: at least one seed slot per two epochs; fewer is said, with the command that extends the store."""
+    few = run_cli(*distill_args(small_root, reference_store, tmp_path / "few", 3, "--seeds", "1"))
+    assert few.exit_code == 0, few.output
+    assert "; 1 seed slot(s): each crop seen up to 3 times;" in few.output
+    assert ("warning: 1 seed slot(s) for 3 epochs shows each crop up to 3 times; docs/slots.md measured" in few.output
+            and "(cache-teachers --seeds 2 extends the store)" in few.output)
+    enough = run_cli(*distill_args(small_root, reference_store, tmp_path / "enough", 1))
+    assert "; 2 seed slot(s): each crop seen up to 1 times;" in enough.output and "seed slot(s) for" not in enough.output
+
+
 def test_refusals(small_root, reference_store, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(small_root, other)
