@@ -6,8 +6,10 @@ import dataclasses
 import json
 import sys
 import types
+from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from mealv2.distill.config import AMP_MODES, DISC_HEADS, SCHEDULES
 from mealv2.distill.config import defaults as train_defaults
@@ -407,10 +409,26 @@ def _take_pretrained_path(options: dict) -> None:
     path = options.pop("pretrained_path")
     if path is None:
         return
-    given = click.get_current_context().get_parameter_source("init") is click.core.ParameterSource.COMMANDLINE
+    given = click.get_current_context().get_parameter_source("init") is ParameterSource.COMMANDLINE
     if given and options["init"] != path:
         raise click.UsageError(f"--init {options['init']} and --pretrained-path {path}: give one of them")
     options["init"] = path
+
+
+def _run_paths_follow_out(options: dict) -> None:
+    """A --config run's own folder for TensorBoard (--log-tb) follows a new --out given on the command line, unless
+    given again: two runs never write event files into one folder."""
+    ctx = click.get_current_context()
+    source, old_out = ctx.get_parameter_source, (ctx.default_map or {}).get("out")
+    if (options.get("log_tb") is None or old_out is None or source("out") is not ParameterSource.COMMANDLINE
+            or source("log_tb") is not ParameterSource.DEFAULT_MAP):
+        return
+    try:
+        inside = Path(options["log_tb"]).resolve().relative_to(Path(old_out).resolve())
+    except ValueError:
+        raise click.UsageError(f"--log-tb {options['log_tb']} (from --config) lies outside its run {old_out}: give "
+                               f"--log-tb again for --out {options['out']}") from None
+    options["log_tb"] = str(Path(options["out"]) / inside)
 
 
 def _fit(mode: str, options: dict, storage_options: tuple[str, ...] = ()) -> None:
@@ -418,6 +436,7 @@ def _fit(mode: str, options: dict, storage_options: tuple[str, ...] = ()) -> Non
     from mealv2.pipeline.distributed import leave
 
     _take_pretrained_path(options)
+    _run_paths_follow_out(options)
 
     def run():
         steps = tuple(int(v) for v in options.pop("lr_steps").split(",") if v.strip())
