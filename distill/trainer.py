@@ -357,6 +357,10 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.resumed:
             self._restore()
+            if self.start_epoch >= self.config.epochs:
+                self.log(f"nothing to train: {self.out} has trained {self.start_epoch} epoch(s) of --epochs "
+                         f"{self.config.epochs}; a larger --epochs continues it")
+                return []
         else:
             self._start_fresh()
         if self.world.is_main:
