@@ -90,8 +90,10 @@ def _wandb(config: dict, out: Path) -> bool:
 class StepLines(ProgressLines):
     """Training's progress lines: step, images, loss, lr, pace."""
 
-    def step(self, epoch: str, steps: int, images: int, total: int, loss, lr: float) -> None:
-        """After a step: ``loss`` is read (a device sync) only when a line is due."""
-        if self.due():
-            self.log(f"{epoch} step {steps} | {images}/{total} img | loss {float(loss):.4f} | lr {lr:.4g} | "
-                     f"{self.pace(images, total)}")
+    def step(self, epoch: str, steps: int, images: int, total: int, loss, lr: float) -> bool:
+        """After a step: ``loss`` is read (a device sync) only when a line is due; whether it was."""
+        if not self.due():
+            return False
+        self.log(f"{epoch} step {steps} | {images}/{total} img | loss {float(loss):.4f} | lr {lr:.4g} | "
+                 f"{self.pace(images, total)}")
+        return True

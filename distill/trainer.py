@@ -272,9 +272,12 @@ class Trainer:
             steps += 1
             self.finite.step(losses["loss"], desc, steps)
             images_seen += len(indices)
-            if steps % _POSTFIX_EVERY == 1 and not batches.bar.disable:  # the one figure a shown bar reads mid-epoch
+            synced = steps % _POSTFIX_EVERY == 1 and not batches.bar.disable  # the one figure a shown bar reads
+            if synced:
                 batches.bar.set_postfix(loss=f"{float(sums['loss']) / steps:.4f}", refresh=False)
-            self.lines.step(desc, steps, images_seen, len(order), sums["loss"] / steps, lr)
+            synced |= self.lines.step(desc, steps, images_seen, len(order), sums["loss"] / steps, lr)
+            if synced:  # the device was just waited for: looking at the loss record costs nothing more
+                self.finite.check_here()
         if "disc_loss" in sums and float(drift) < INERT_DISCRIMINATOR:
             cause = ("(its last ReLU can give 0 for every input; it may wake later, or never; --disc-head "
                      "linear learned in every run measured)" if self.config.disc_head == "relu"
