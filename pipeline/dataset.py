@@ -7,6 +7,7 @@ both decoders produce.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import os
@@ -14,6 +15,7 @@ import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -125,6 +127,21 @@ def _file_digest(path: str) -> bytes:
     return digest.digest()
 
 
+SCAN_WINDOW = 4096  # files read at once by a scan's threads and queued behind them: a Future each, not one a file
+
+
+def in_windows(pool: ThreadPoolExecutor, work: Callable[[int], object], count: int):
+    """``work(0)``, ``work(1)``, … ``work(count - 1)`` on ``pool``, results in order, at most SCAN_WINDOW submitted
+    ahead of the one consumed (``pool.map`` submits all ``count`` at once: memory in proportion to the split)."""
+    pending: collections.deque = collections.deque()
+    for i in range(count):
+        pending.append(pool.submit(work, i))
+        if len(pending) >= SCAN_WINDOW:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def _is_utf8(name: str) -> bool:
     """Whether a listed name is text: os.scandir hands bytes that are not UTF-8 over as surrogate escapes."""
     try:
@@ -191,7 +208,7 @@ class DatasetIndex:
             raise DatasetError(f"--fingerprint {mode!r}: expected one of {FINGERPRINTS}")
         digest = hashlib.sha256(self.fingerprint.encode())
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            files = pool.map(_file_digest, map(self.file, range(len(self))), chunksize=64)
+            files = in_windows(pool, lambda i: _file_digest(self.file(i)), len(self))
             for value in tqdm(files, total=len(self), desc="fingerprint content", unit="img", disable=None,
                               leave=False):
                 digest.update(value)
@@ -239,7 +256,7 @@ class DatasetIndex:
         sizes = np.zeros((len(keys), 2), np.int32)
         bad: dict[int, str] = {}
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            results = pool.map(header_or_error, range(len(keys)), chunksize=256)
+            results = in_windows(pool, header_or_error, len(keys))
             for i, result in tqdm(zip(range(len(keys)), results), total=len(keys), desc=f"scan {split_dir.name}",
                                   unit="img", disable=None, leave=False):
                 if isinstance(result, str):
@@ -259,9 +276,9 @@ class DatasetIndex:
             skipped=[bad[i] for i in sorted(bad)],
             mtimes=listing.mtimes[keep],
         )
-        for label, name in enumerate(index.classes):
-            if not np.any(index.labels == label):
-                raise DatasetError(f"{split_dir / name}: class folder holds no usable images")
+        empty = np.flatnonzero(np.bincount(index.labels, minlength=len(index.classes)) == 0)  # O(N), not O(N·C)
+        if len(empty):
+            raise DatasetError(f"{split_dir / index.classes[empty[0]]}: class folder holds no usable images")
         return index
 
     def to_bytes(self) -> bytes:
