@@ -12,10 +12,10 @@ import hashlib
 import io
 import os
 import posixpath
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -156,17 +156,47 @@ def printable_path(path: str | os.PathLike) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _pack_strings(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(bytes, ends): the strings' bytes one after another and where each ends, so that a name holding a newline
-    stays one name; surrogate escapes, which stand for a file name's bytes that are not UTF-8, are kept as bytes."""
-    encoded = [string.encode("utf-8", "surrogateescape") for string in strings]
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8), np.cumsum([len(e) for e in encoded], dtype=np.int64)
+class PackedStrings(Sequence):
+    """Strings as two arrays, their UTF-8 bytes one after another and where each ends: read-only, one object for a
+    million names. Forked DataLoader workers read it without copying it (a list of str objects is copied page by
+    page as workers touch each object's reference count), it pickles as two buffers, and a name holding a newline
+    stays one name. Surrogate escapes, which stand for a file name's bytes that are not UTF-8, are kept as bytes."""
 
+    def __init__(self, data: np.ndarray, ends: np.ndarray):
+        self.data, self.ends = np.asarray(data, np.uint8), np.asarray(ends, np.int64)
 
-def _unpack_strings(data: np.ndarray, ends: np.ndarray) -> list[str]:
-    raw = data.tobytes()
-    starts = [0, *ends[:-1].tolist()]
-    return [raw[start:end].decode("utf-8", "surrogateescape") for start, end in zip(starts, ends.tolist())]
+    @classmethod
+    def of(cls, strings: Sequence[str]) -> PackedStrings:
+        if isinstance(strings, PackedStrings):
+            return strings
+        encoded = [string.encode("utf-8", "surrogateescape") for string in strings]
+        return cls(np.frombuffer(b"".join(encoded), np.uint8), np.cumsum([len(e) for e in encoded], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]  # negative positions, and IndexError past the end
+        start = int(self.ends[i - 1]) if i else 0
+        return self.data[start:int(self.ends[i])].tobytes().decode("utf-8", "surrogateescape")
+
+    def __iter__(self):
+        raw, start = self.data.tobytes(), 0
+        for end in self.ends.tolist():
+            yield raw[start:end].decode("utf-8", "surrogateescape")
+            start = end
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, PackedStrings):
+            return np.array_equal(self.ends, other.ends) and np.array_equal(self.data, other.data)
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"PackedStrings({len(self)} strings, {len(self.data)} bytes)"
 
 
 @dataclass(frozen=True)
@@ -174,13 +204,16 @@ class DatasetIndex:
     """An ImageFolder split: sorted relative paths, labels, (height, width) after EXIF, byte sizes."""
 
     root: str
-    paths: list[str]
+    paths: Sequence[str]  # PackedStrings: any sequence given is packed
     labels: np.ndarray
     sizes: np.ndarray
     byte_sizes: np.ndarray
     classes: list[str]
     skipped: list[str] = field(default_factory=list)
     mtimes: np.ndarray | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "paths", PackedStrings.of(self.paths))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -284,12 +317,13 @@ class DatasetIndex:
     def to_bytes(self) -> bytes:
         """The index as a pickle-free .npz, in memory (what ``save`` writes and ranks receive)."""
         buffer = io.BytesIO()
-        strings = {name: _pack_strings(values) for name, values in
+        strings = {name: PackedStrings.of(values) for name, values in
                    (("root", [self.root]), ("paths", self.paths), ("classes", self.classes), ("skipped", self.skipped))}
         np.savez(
             buffer, format=np.int64(_INDEX_FORMAT), labels=self.labels, sizes=self.sizes, byte_sizes=self.byte_sizes,
             mtimes=self.mtimes if self.mtimes is not None else np.zeros(len(self), np.int64),
-            **{f"{name}{part}": array for name, packed in strings.items() for part, array in zip(("", "_ends"), packed)},
+            **{key: array for name, packed in strings.items() for key, array in ((name, packed.data),
+                                                                                  (f"{name}_ends", packed.ends))},
         )
         return buffer.getvalue()
 
@@ -298,11 +332,11 @@ class DatasetIndex:
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             if int(arrays["format"]) != _INDEX_FORMAT:
                 raise DatasetError(f"{name}: index format {int(arrays['format'])}, expected {_INDEX_FORMAT}")
-            strings = {name: _unpack_strings(arrays[name], arrays[f"{name}_ends"])
+            strings = {name: PackedStrings(arrays[name], arrays[f"{name}_ends"])
                        for name in ("root", "paths", "classes", "skipped")}
             return cls(root=strings["root"][0], paths=strings["paths"], labels=arrays["labels"], sizes=arrays["sizes"],
-                       byte_sizes=arrays["byte_sizes"], classes=strings["classes"], skipped=strings["skipped"],
-                       mtimes=arrays["mtimes"])
+                       byte_sizes=arrays["byte_sizes"], classes=list(strings["classes"]),
+                       skipped=list(strings["skipped"]), mtimes=arrays["mtimes"])
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the index as a pickle-free .npz (atomically: temp file, then rename)."""
