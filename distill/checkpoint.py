@@ -99,11 +99,6 @@ def metrics_until(path: Path, epoch: int, log=print) -> list[str]:
     return kept
 
 
-def saved_options(out: Path) -> dict:
-    """The resolved options of the run in ``out`` that --resume continues (from its checkpoint)."""
-    return load_checkpoint(out / CHECKPOINT, torch.device("cpu"))["options"]
-
-
 def check_same_run(path: Path, saved: dict, current: dict) -> None:
     """Refuse to resume with options that change what the run trains, naming the first that differs."""
     for key in RESUME_KEYS:
