@@ -38,8 +38,8 @@ from mealv2.pipeline.dataset import load_index
 from mealv2.pipeline.distributed import setup
 from mealv2.pipeline.files import atomic_write
 from mealv2.pipeline.loader import ReplayLoader, epoch_order
-from mealv2.softlabels.cache import provenance
-from mealv2.softlabels.models import AMP_DTYPES, Normalize, autocast, file_sha256, normalization
+from mealv2.pipeline.provenance import provenance
+from mealv2.pipeline.models import AMP_DTYPES, Normalize, autocast, file_sha256, normalization
 from mealv2.softlabels.store import LabelStore, StoreError
 from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 

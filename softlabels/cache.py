@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +16,7 @@ from mealv2.pipeline.dataset import load_index
 from mealv2.pipeline.distributed import setup, use_device
 from mealv2.pipeline.loader import ReplayLoader
 from mealv2.pipeline.mix import SlotMix
+from mealv2.pipeline.provenance import provenance
 from mealv2.softlabels.cache_config import CacheJob
 from mealv2.softlabels.store import LabelStore, SlotLabels, label_spec
 from mealv2.softlabels.teachers import TeacherEnsemble, TeacherError, parse_teachers
@@ -126,22 +126,6 @@ def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, slot: int, rows:
             labelled.mix_boxes = np.where(composed[:, None], mix.boxes[rows], 0).astype(np.int32)
         return labelled
     return labels
-
-
-def provenance(decoder: str, device: torch.device) -> dict:
-    """How a job made its labels: what a teammate recomputing a row on other hardware needs to know."""
-    def version(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    dali = next((v for v in map(version, ("nvidia-dali-cuda120", "nvidia-dali-cuda130")) if v), None)
-    return {"decoder": decoder, "device": device.type,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "autocast": "bfloat16" if device.type == "cuda" else "off",  # the teachers' autocast (models.autocast)
-            "torch": torch.__version__, "timm": version("timm"), "dali": dali,
-            "zarr": version("zarr")}
 
 
 class UnitWriter:

@@ -142,7 +142,7 @@ def test_refusals(small_root, reference_store, tmp_path):
     assert result.exit_code == 1 and "needs --online" in result.output
     result = run_cli(*distill_args(small_root, reference_store, tmp_path / "d", 1, "--batch-size", "0"))
     assert result.exit_code == 1 and "--batch-size must be at least 1" in result.output
-    for init in ("scratch", "pretrained"):  # the rule the teachers' names meet too (softlabels.models)
+    for init in ("scratch", "pretrained"):  # the rule the teachers' names meet too (pipeline.models)
         result = run_cli(*distill_args(small_root, reference_store, tmp_path / init, 1, "--student", "resnet5O",
                                        "--init", init))
         assert result.exit_code == 1 and "resnet5O: not a timm model name" in result.output

@@ -24,7 +24,7 @@ from mealv2.distill.student import synchronize_batchnorm
 from mealv2.pipeline.dataset import DatasetIndex
 from mealv2.pipeline.distributed import World
 from mealv2.pipeline.loader import ReplayLoader
-from mealv2.softlabels.models import Normalize, normalization
+from mealv2.pipeline.models import Normalize, normalization
 
 
 class SpyWorld(World):
