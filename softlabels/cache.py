@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mealv2.pipeline.composites import DeviceMix
 from mealv2.pipeline.dataset import load_index
 from mealv2.pipeline.distributed import setup, use_device
 from mealv2.pipeline.loader import ReplayLoader
@@ -82,6 +83,7 @@ def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, slot: int, rows:
     faulty = torch.zeros(n, dtype=torch.int32, device=ensemble.device)  # 1 + the first unsound teacher, per row
     order = np.arange(rows.start, rows.stop) if mix is None else mix.unit_order(rows.start, rows.stop)
     borrowed = bool(((order < rows.start) | (order >= rows.stop)).any())  # partners decoded from other chunks
+    composites = DeviceMix(mix) if mix is not None else None
 
     def own_rows():
         """The unit's own rows of each decoded batch (composites, with ``mix``)."""
@@ -89,7 +91,7 @@ def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, slot: int, rows:
             if not len(indices):  # every file of the batch left out (--skip-bad)
                 continue
             if mix is not None:
-                batch = mix.batch(indices)
+                batch = composites.batch(indices)
                 images, composed = batch.images(images), batch.mixed
                 if borrowed:  # the teachers label this unit's rows only
                     own = (indices >= rows.start) & (indices < rows.stop)
@@ -200,7 +202,7 @@ def run_cache(job: CacheJob, log=print) -> dict:
     units = [u for u in store.pending_units(shard, num_shards) if u[0] < job.seeds]
     todo = sum(store.rows(chunk).stop - store.rows(chunk).start for _, chunk in units)
     log(f"cache-teachers: {len(index)} images, {job.seeds} seed slot(s), {len(units)} unit(s) to do "
-        f"on {device} with {loader.decoder_name}, {batch_size} a batch"
+        f"on {device} with {loader.decoder}, {batch_size} a batch"
         + (f" (rank 0 of {world.world_size})" if world.distributed else ""))
     crops_slot, boxes, flips, mix = None, None, None, None
     labelling_started = time.perf_counter()  # the rate leaves out set-up (index, teachers, store), paid once
@@ -220,7 +222,7 @@ def run_cache(job: CacheJob, log=print) -> dict:
         store.add_skipped([f"{path}: cannot decode image ({reason})" for path, reason in sorted(left_out.items())])
         log(f"left out {len(left_out)} undecodable image(s), listed in the store: " + ", ".join(sorted(left_out)[:5]))
     if world.is_main and units:
-        store.add_provenance(provenance(loader.decoder_name, device))
+        store.add_provenance(provenance(loader.decoder, device))
     todo = int(world.sum(torch.tensor(todo)))  # waits until every rank has written its units
     complete = store.finalize() if world.is_main else bool(store.done().all())
     finished = time.perf_counter()

@@ -159,7 +159,7 @@ def test_a_training_epoch_reads_the_device_a_fixed_number_of_times_whatever_its_
                              batch_size=batch, res=32, device="cpu", decoder="pil", progress=progress)  # LayerNorm
         # only, so that batches of one image train
         trainer = Trainer(config)
-        trainer.targets.crops(0)
+        trainer.targets.plan(0)
         with monkeypatch.context() as patch:
             calls = host_reads(patch)
             trainer.train_epoch(0)
