@@ -141,11 +141,11 @@ def stage1_figures(tmp: Path, device: torch.device, figures: Figures, teachers: 
 
 def _step_rate(trainer: Trainer, repeats: int) -> float:
     """Images/s of the same training step on one batch already on the device: the synthetic-data bound."""
-    boxes, flips = trainer.targets.crops(0)
-    batches = trainer.loader.epoch(trainer.targets.trainable, boxes, flips, progress=False)
+    plan = trainer.targets.plan(0)
+    batches = trainer.loader.epoch(plan.trainable, plan.boxes, plan.flips, progress=False)
     images, indices = next(iter(batches))
     batches.close()
-    seconds = measures.median_seconds(lambda: trainer.step(images, indices), repeats, warmup=5,
+    seconds = measures.median_seconds(lambda: trainer.step(images, indices, plan), repeats, warmup=5,
                                       device=trainer.device)
     return len(indices) / seconds
 

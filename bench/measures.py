@@ -20,7 +20,8 @@ from mealv2.distill.losses import Discriminator, discriminator_loss, soft_cross_
 from mealv2.distill.trainer import TrainConfig, Trainer
 from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import DatasetIndex, load_index
-from mealv2.pipeline.loader import ReplayLoader, epoch_order
+from mealv2.pipeline.loader import ReplayLoader
+from mealv2.pipeline.sampler import EpochSampler
 from mealv2.softlabels.stats import store_stats
 from mealv2.softlabels.store import LabelStore, SlotLabels, label_spec
 from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
@@ -120,7 +121,7 @@ def replay_rate(index: DatasetIndex, res: int, workers: int, rounds: int, device
     """Median images/s of the replay loader over ``rounds`` passes after a warm one, delivered on the device."""
     device = torch.device(device)
     boxes, flips = CropSpec().draw(0, index.sizes)
-    order = epoch_order(len(index), 0, 0)
+    order = EpochSampler().order(len(index), 0)
     replay = ReplayLoader(index, res, batch, device, decoder, "bilinear", workers, hw_decoder_load=hw_decoder_load)
     rates = [_images_per_sec(replay.epoch(order, boxes, flips, progress=False), len(order), device)
              for _ in range(rounds + 1)]
@@ -138,7 +139,7 @@ def loader_rates(index: DatasetIndex, res: int, workers: int, rounds: int, seed:
     """
     device = torch.device(device)
     boxes, flips = CropSpec().draw(seed, index.sizes)
-    order = epoch_order(len(index), 0, 0)
+    order = EpochSampler().order(len(index), 0)
     replay = ReplayLoader(index, res, batch, device, decoder, "bilinear", workers)
     torchvision = DataLoader(_TorchvisionCrops(index, boxes, flips, res), batch_size=batch, num_workers=workers,
                              sampler=order.tolist(), persistent_workers=workers > 0,

@@ -102,11 +102,6 @@ def metrics_until(path: Path, epoch: int, log=print) -> list[str]:
     return kept
 
 
-def saved_options(out: Path) -> dict:
-    """The resolved options of the run in ``out`` that --resume continues (from its checkpoint)."""
-    return load_checkpoint(out / CHECKPOINT, torch.device("cpu"))["options"]
-
-
 def check_same_run(path: Path, saved: dict, current: dict) -> None:
     """Refuse to resume with an option that changes what the run trains, naming the first that differs (the
     run's recipe stays one, as its config.json records it)."""

@@ -24,7 +24,7 @@ from mealv2.pipeline.dataset import DatasetIndex, load_index
 from mealv2.pipeline.decoders import INTERPOLATIONS, resolve_decoder
 from mealv2.pipeline.distributed import World, resolve_device
 from mealv2.pipeline.loader import ReplayLoader
-from mealv2.softlabels.models import Normalize, autocast, create_model, normalization
+from mealv2.pipeline.models import Normalize, autocast, create_model, normalization
 from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 
 

@@ -16,7 +16,8 @@ from torch.utils.data import Dataset
 
 from mealv2.distill.targets import CachedTargets
 from mealv2.pipeline.distributed import as_device
-from mealv2.pipeline.loader import ReplayLoader, epoch_order
+from mealv2.pipeline.loader import ReplayLoader
+from mealv2.pipeline.sampler import EpochSampler
 from mealv2.pipeline.worker_replay import REPLAYS, replay_crop
 from mealv2.softlabels.store import LabelStore, open_store
 
@@ -104,13 +105,13 @@ class StoreLoader:
                  seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
         self.store = _store_of(store)
         self.device = as_device(device)
+        self.sampler = EpochSampler(seed, shuffle, rank, world_size)
         if self.store.mix.enabled and batch_size % 2:
             raise ValueError(f"batch size {batch_size}: a CutMix store's batches hold whole pairs; use an even size")
         self.index = self.store.matching_index(Path(root) / "train")
         self.targets = CachedTargets(self.store, self.device)
         self.loader = ReplayLoader(self.index, self.store.res, batch_size, self.device, decoder,
                                    self.store.interpolation, workers)
-        self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
 
     def close(self) -> None:
         """Shut the decoder's pipelines, processes and threads down now (``with StoreLoader(...) as loader:`` does)."""
@@ -124,11 +125,9 @@ class StoreLoader:
 
     def epoch(self, epoch: int, progress: bool = True):
         """Epoch ``epoch``'s batches from slot ``epoch`` mod S, each image of this rank's share once."""
-        boxes, flips = self.targets.crops(epoch)
-        order = epoch_order(self.targets.trainable, self.seed, epoch, self.shuffle, self.rank, self.world_size,
-                            mix=self.targets.mix)
-        for images, rows in self.loader.epoch(order, boxes, flips, desc=f"epoch {epoch}", progress=progress):
-            mix = self.targets.mix.batch(rows) if self.targets.mix is not None else None
-            if mix is not None:
-                images = mix.images(images)
-            yield images, self.targets(images, rows, mix).probs, rows
+        plan = self.targets.plan(epoch)
+        order = self.sampler.order(plan.trainable, epoch, plan.mix)
+        for images, rows in self.loader.epoch(order, plan.boxes, plan.flips, desc=f"epoch {epoch}",
+                                              progress=progress):
+            images, targets = plan.batch(images, rows)
+            yield images, targets.probs, rows

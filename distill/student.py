@@ -7,7 +7,7 @@ from timm.layers import convert_sync_batchnorm
 from torch import nn
 
 from mealv2.pipeline.errors import first_line
-from mealv2.softlabels.models import ModelError, check_model_name, create_model, load_state_dict
+from mealv2.pipeline.models import ModelError, check_model_name, create_model, load_state_dict
 
 
 def create_student(name: str, num_classes: int, init: str = "pretrained", log=print, **timm_kwargs) -> nn.Module:

@@ -1,22 +1,24 @@
 """Where a training batch's targets come from: the label store, teachers in the loop, or hard labels.
 
-Each source also says which crops an epoch replays and how they are mixed (``mix``, a
-SlotMix or None), so the student always sees the very pixels its targets were computed
-on; where no teacher saw the composite (hard labels, a store without mixes) the targets
-are mixed by area instead.
+Each source plans every epoch (``plan(epoch)`` → EpochPlan): which crops it replays, which
+images it trains on and how they are mixed (a SlotMix or None), so the student always sees
+the very pixels its targets were computed on; where no teacher saw the composite (hard
+labels, a store without mixes) the targets are mixed by area instead.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
+from mealv2.pipeline.composites import BatchMix, DeviceMix
 from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import DatasetIndex
-from mealv2.pipeline.mix import BatchMix, MixSpec, SlotMix
+from mealv2.pipeline.mix import MixSpec, SlotMix
 from mealv2.softlabels.store import LabelStore, SlotLabels
 from mealv2.softlabels.teachers import TeacherEnsemble
 from mealv2.softlabels.topk import expand
@@ -32,6 +34,50 @@ class BatchTargets:
     probs: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     teacher_side: torch.Tensor | None = None
+
+
+Targets = Callable[[torch.Tensor, torch.Tensor, "BatchMix | None"], BatchTargets]  # (images, indices, mix) → targets
+
+
+@dataclass
+class EpochPlan:
+    """One epoch: boxes (N, 4) and flips (N,) by dataset position, the positions to train on (``trainable``), the
+    CutMix pairing (None: unmixed) and the targets of its batches; ``batch`` turns a decoded batch into both."""
+
+    boxes: np.ndarray
+    flips: np.ndarray
+    trainable: np.ndarray
+    mix: SlotMix | None
+    targets: Targets
+    _composites: DeviceMix | None = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._composites = DeviceMix(self.mix) if self.mix is not None else None
+
+    def batch(self, images: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, BatchTargets]:
+        """(the images the student sees, their targets): with CutMix the composites, made on the device (each
+        image was decoded once, its partner is in the batch)."""
+        mix = self._composites.batch(indices) if self._composites is not None else None
+        if mix is not None:
+            images = mix.images(images)
+        return images, self.targets(images, indices, mix)
+
+
+class SlotTargets:
+    """One seed slot's stored top-k rows on the device, expanded to dense targets batch by batch."""
+
+    def __init__(self, labels: SlotLabels, device: torch.device, num_classes: int, residual: str,
+                 blend_by_area: bool):
+        self.device, self.num_classes, self.residual, self.blend_by_area = device, num_classes, residual, blend_by_area
+        self._probs = torch.from_numpy(labels.probs).to(device)
+        self._classes = torch.from_numpy(labels.classes.astype(np.int64)).to(device)
+
+    def __call__(self, images: torch.Tensor, indices: torch.Tensor, mix: BatchMix | None = None) -> BatchTargets:
+        at = indices.to(self.device, non_blocking=True)
+        probs = expand(self._probs[at], self._classes[at], self.num_classes, self.residual)
+        if mix is not None and self.blend_by_area:
+            probs = mix.blend(probs)
+        return BatchTargets(probs=probs, teacher_side=probs.clamp_min(_LOG_FLOOR).log())
 
 
 class CachedTargets:
@@ -52,11 +98,8 @@ class CachedTargets:
         self.res = res or store.res
         self.cutmix = cutmix
         self.blend_by_area = cutmix.enabled and not store.mix.enabled  # no teacher saw the composites
-        self.trainable = np.arange(store.num_images)  # until a slot is loaded
-        self.mix: SlotMix | None = None
         self._pool = ThreadPoolExecutor(1)
         self._pending: dict[int, Future] = {}
-        self._probs = self._classes = None
 
     def _slot(self, epoch: int) -> int:
         return epoch % self.slots
@@ -65,36 +108,29 @@ class CachedTargets:
         future = self._pending.pop(slot, None)
         return future.result() if future is not None else self.store.read_slot(slot)
 
-    def crops(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Load this epoch's slot, start reading the next; return its stored boxes and flips.
+    def plan(self, epoch: int) -> EpochPlan:
+        """Load this epoch's slot and start reading the next; its stored crops, labelled rows, mixes and targets.
 
-        ``trainable`` then holds the dataset positions of the slot's labelled rows.
+        Rows never labelled (images cache-teachers --skip-bad could not decode) are not trained on.
         """
         slot = self._slot(epoch)
         labels = self._load(slot)
         following = self._slot(epoch + 1)
         if following != slot and following not in self._pending:
             self._pending[following] = self._pool.submit(self.store.read_slot, following)
-        # rows never labelled (images cache-teachers --skip-bad could not decode) hold zeros: train on the rest
-        self.trainable = np.flatnonzero(labels.labelled())
+        mix = None
         if labels.mix_partner is not None:
-            self.mix = SlotMix(labels.mix_partner, labels.mix_boxes, self.store.res).at_res(self.res)
+            mix = SlotMix(labels.mix_partner, labels.mix_boxes, self.store.res).at_res(self.res)
         elif self.cutmix.enabled:
-            self.mix = self.cutmix.draw(self.store.seeds[slot], self.store.num_images, self.res)
-        self._probs = torch.from_numpy(labels.probs).to(self.device)
-        self._classes = torch.from_numpy(labels.classes.astype(np.int64)).to(self.device)
-        return labels.boxes, labels.flips
-
-    def __call__(self, images: torch.Tensor, indices: torch.Tensor, mix: BatchMix | None = None) -> BatchTargets:
-        at = indices.to(self.device, non_blocking=True)
-        probs = expand(self._probs[at], self._classes[at], self.num_classes, self.residual)
-        if mix is not None and self.blend_by_area:
-            probs = mix.blend(probs)
-        return BatchTargets(probs=probs, teacher_side=probs.clamp_min(_LOG_FLOOR).log())
+            mix = self.cutmix.draw(self.store.seeds[slot], self.store.num_images, self.res)
+        targets = SlotTargets(labels, self.device, self.num_classes, self.residual, self.blend_by_area)
+        return EpochPlan(labels.boxes, labels.flips, np.flatnonzero(labels.labelled()), mix, targets)
 
 
 class _SampledCrops:
-    """Crops (and mixes) drawn per epoch: seed e mod ``seeds`` (like a store of that many slots), or e when None."""
+    """Crops (and mixes) drawn per epoch: seed e mod ``seeds`` (like a store of that many slots), or e when None.
+
+    Each subclass is its epochs' targets (``__call__``)."""
 
     def __init__(self, index: DatasetIndex, seeds: int | None, crop: CropSpec, cutmix: MixSpec = MixSpec(),
                  res: int = 224):
@@ -103,14 +139,12 @@ class _SampledCrops:
         self.crop = crop
         self.res = res
         self.cutmix = cutmix
-        self.trainable = np.arange(len(index))
-        self.mix: SlotMix | None = None
 
-    def crops(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def plan(self, epoch: int) -> EpochPlan:
         seed = epoch % self.seeds if self.seeds else epoch
-        if self.cutmix.enabled:
-            self.mix = self.cutmix.draw(seed, len(self.sizes), self.res)
-        return self.crop.draw(seed, self.sizes)
+        mix = self.cutmix.draw(seed, len(self.sizes), self.res) if self.cutmix.enabled else None
+        boxes, flips = self.crop.draw(seed, self.sizes)
+        return EpochPlan(boxes, flips, np.arange(len(self.sizes)), mix, self)
 
 
 class OnlineTargets(_SampledCrops):

@@ -32,15 +32,16 @@ from mealv2.distill.recipe import clip_gradients, create_ema, create_optimizer, 
 from mealv2.distill.run_lock import holding_run_folder
 from mealv2.distill.runlog import SUMMARY, RunLog, StepLines
 from mealv2.distill.student import create_student, synchronize_batchnorm
-from mealv2.distill.targets import CachedTargets, HardTargets, OnlineTargets
+from mealv2.distill.targets import CachedTargets, EpochPlan, HardTargets, OnlineTargets
 from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import load_index
 from mealv2.pipeline.distributed import setup
 from mealv2.pipeline.files import atomic_write
-from mealv2.pipeline.loader import ReplayLoader, epoch_order
+from mealv2.pipeline.loader import ReplayLoader
+from mealv2.pipeline.models import AMP_DTYPES, Normalize, autocast, file_sha256, normalization
 from mealv2.pipeline.progress import bars_shown
-from mealv2.softlabels.cache import provenance
-from mealv2.softlabels.models import AMP_DTYPES, Normalize, autocast, file_sha256, normalization
+from mealv2.pipeline.provenance import provenance
+from mealv2.pipeline.sampler import EpochSampler
 from mealv2.softlabels.store import LabelStore, StoreError
 from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 
@@ -153,6 +154,7 @@ class Trainer:
             self.student_parallel = torch.compile(self.student_parallel)
         self.discriminator_parallel = self._parallel(self.discriminator)
         self.targets = self._targets()
+        self.sampler = EpochSampler(config.seed, rank=self.world.rank, world_size=self.world.world_size)
         self.optimizer = create_optimizer(config, self.student, self.discriminator)
         self.scheduler = create_scheduler(config, self.optimizer)
         self.ema = create_ema(config, self.student)
@@ -199,11 +201,8 @@ class Trainer:
 
     # -- one step, one epoch -------------------------------------------------------------------
 
-    def _losses(self, images: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        mix = self.targets.mix.batch(indices) if self.targets.mix is not None else None
-        if mix is not None:  # composed on the device: each image was decoded once, its partner is in the batch
-            images = mix.images(images)
-        targets = self.targets(images, indices, mix)
+    def _losses(self, images: torch.Tensor, indices: torch.Tensor, plan: EpochPlan) -> dict[str, torch.Tensor]:
+        images, targets = plan.batch(images, indices)
         x = self.normalize(images).contiguous(
             memory_format=torch.channels_last if self.device.type == "cuda" else torch.contiguous_format)
         with autocast(self.device, self.config.amp):
@@ -220,9 +219,10 @@ class Trainer:
             losses["loss"] = losses["loss"] + self.config.disc_weight * disc
         return losses
 
-    def step(self, images: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimisation step on a batch (uint8 images, dataset positions); the losses stay on the device."""
-        losses = self._losses(images, indices)
+    def step(self, images: torch.Tensor, indices: torch.Tensor, plan: EpochPlan) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch (uint8 images, dataset positions) of ``plan``'s epoch; the losses stay
+        on the device."""
+        losses = self._losses(images, indices, plan)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
         if self.config.clip_grad is not None:
@@ -251,20 +251,19 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> dict:
         self.student.train()
-        boxes, flips = self.targets.crops(epoch)
-        order = epoch_order(self.targets.trainable, self.config.seed, epoch, shuffle=True, rank=self.world.rank,
-                            world_size=self.world.world_size, mix=self.targets.mix)
+        plan = self.targets.plan(epoch)
+        order = self.sampler.order(plan.trainable, epoch, plan.mix)
         sums: dict[str, torch.Tensor] = {}
         steps = images_seen = 0
         drift = torch.zeros((), device=self.device)  # the discriminator loss's largest distance from ln 2
         desc, lr = f"epoch {epoch + 1}/{self.config.epochs}", self.optimizer.param_groups[0]["lr"]
         started = time.perf_counter()
         self.lines.start()
-        batches = self.loader.epoch(order, boxes, flips, desc=desc, progress=self.progress)
+        batches = self.loader.epoch(order, plan.boxes, plan.flips, desc=desc, progress=self.progress)
         for images, indices in batches:
             if not self._step_runs(len(indices), desc):
                 continue
-            losses = self.step(images, indices)
+            losses = self.step(images, indices, plan)
             for key, value in losses.items():  # summed on the device: no host sync per step
                 sums[key] = sums.get(key, 0.0) + value.detach()
             if "disc_loss" in losses:
@@ -420,7 +419,7 @@ class Trainer:
         return (f"{config.mode} {config.model} for {config.epochs} epochs: batch {config.batch_size} global "
                 f"({config.batch_size // ranks} per rank × {ranks}), {recipe}"
                 + (", EMA of the weights" if self.ema is not None else "") + slots
-                + f"; on {self.device}, {self.loader.decoder_name} decoder, outputs in {self.out}")
+                + f"; on {self.device}, {self.loader.decoder} decoder, outputs in {self.out}")
 
     def _too_few_slots(self) -> str | None:
         """A warning where crops repeat more than docs/slots.md advises (S >= epochs / 2); None otherwise."""
@@ -436,7 +435,7 @@ class Trainer:
 
     def _ran(self) -> dict:
         """What actually ran, for config.json: decoder, device, world size, autocast, versions, store, init."""
-        made = provenance(self.loader.decoder_name, self.device)
+        made = provenance(self.loader.decoder, self.device)
         dtype = AMP_DTYPES[self.config.amp] if self.device.type == "cuda" else None
         made["autocast"] = str(dtype).removeprefix("torch.") if dtype else "off"
         init = self.config.init

@@ -47,7 +47,7 @@ def write_manifest(folder: str | Path, teachers: list[PinnedTeacher]) -> Path:
 
 def verified_spec(folder: str | Path) -> tuple[list[PinnedTeacher], str]:
     """The manifest's teachers and their `--teachers NAME=PATH,...` spec, each file checked against its sha256."""
-    from mealv2.softlabels.models import file_sha256
+    from mealv2.pipeline.models import file_sha256
 
     teachers = read_manifest(folder)
     for teacher in teachers:
@@ -69,7 +69,7 @@ def export_float16(checkpoint: str | Path, dest: str | Path) -> str:
     """Write ``checkpoint``'s weights to ``dest`` with float tensors as float16 (half the bytes); returns its sha256."""
     from safetensors.torch import save_file
 
-    from mealv2.softlabels.models import file_sha256, load_state_dict
+    from mealv2.pipeline.models import file_sha256, load_state_dict
 
     save_file({k: v.half() if v.is_floating_point() else v for k, v in load_state_dict(checkpoint).items()},
               str(dest))

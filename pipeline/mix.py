@@ -1,9 +1,11 @@
-"""Consistent CutMix: a fixed pairing of a seed slot's images, a box per mixed image, and the composite.
+"""Consistent CutMix: a fixed pairing of a seed slot's images and a box per mixed image (numpy only).
 
 Every draw comes from the crops' counter-based generator (mealv2.pipeline.crops.uniforms, draw
 numbers of their own), so stage one labels the very composite that stage two rebuilds
 after decoding each image once: image i's composite is its replayed crop at ``res`` with
-the region of its box taken from its partner's replayed crop (docs/store-format.md).
+the region of its box taken from its partner's replayed crop (docs/store-format.md). The
+composites themselves are made on the device (``composites.py``); this half stays free of
+torch, so that the command line, which declares --cutmix with MixSpec, starts without it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from mealv2.pipeline.crops import uniforms
 
@@ -125,9 +126,6 @@ class SlotMix:
     boxes: np.ndarray    # (N, 4) int32
     res: int
 
-    def __post_init__(self):
-        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
     def at_res(self, res: int) -> "SlotMix":
         """The same mixes for crops replayed at another resolution: boxes scaled (rounded) to ``res``."""
         if res == self.res:
@@ -155,50 +153,3 @@ class SlotMix:
         partner = self.partner[start:stop]
         rows = self.groups(np.union1d(np.arange(start, stop), partner[partner >= 0])).ravel()
         return rows[rows >= 0]
-
-    def batch(self, indices: torch.Tensor) -> "BatchMix":
-        """The mixes of one decoded batch (dataset positions ``indices``, on the images' device)."""
-        device = indices.device
-        if device not in self._on_device:
-            self._on_device[device] = (torch.from_numpy(self.partner.astype(np.int64)).to(device),
-                                       torch.from_numpy(self.boxes.astype(np.int64)).to(device))
-        partner, boxes = self._on_device[device]
-        wanted = partner[indices]
-        match = wanted[:, None] == indices[None, :]  # -1 never matches a position
-        partner_at = torch.where(match.any(1), match.to(torch.int8).argmax(1), -1)
-        return BatchMix(partner_at, torch.where((partner_at >= 0)[:, None], boxes[indices], 0), self.res)
-
-
-@dataclass
-class BatchMix:
-    """One batch's mixes: each image's partner's place in the batch (-1: unmixed) and its box at ``res``."""
-
-    partner_at: torch.Tensor  # (B,) int64
-    boxes: torch.Tensor       # (B, 4) int64
-    res: int
-
-    @property
-    def mixed(self) -> torch.Tensor:
-        """(B,) bool: the images whose pixels come partly from their partner."""
-        return self.partner_at >= 0
-
-    def images(self, images: torch.Tensor) -> torch.Tensor:
-        """The composites: each mixed image with its box's region taken from its partner's (uint8 NCHW at res)."""
-        if tuple(images.shape[-2:]) != (self.res, self.res):
-            raise ValueError(f"CutMix boxes are at {self.res} px, the batch is {tuple(images.shape[-2:])}")
-        span = torch.arange(self.res, device=images.device)
-        top, left, height, width = self.boxes.unbind(1)
-        rows = (span >= top[:, None]) & (span < (top + height)[:, None])
-        cols = (span >= left[:, None]) & (span < (left + width)[:, None])
-        inside = rows[:, :, None] & cols[:, None, :] & self.mixed[:, None, None]
-        return torch.where(inside[:, None], images[self.partner_at.clamp_min(0)], images)
-
-    def pasted(self) -> torch.Tensor:
-        """(B,) float32: the share of each image's pixels taken from its partner (0 where unmixed)."""
-        return (self.boxes[:, 2] * self.boxes[:, 3]).float() / (self.res * self.res)
-
-    def blend(self, targets: torch.Tensor) -> torch.Tensor:
-        """Dense (B, C) targets mixed by area, as for labels no teacher computed on the composite (FKD's way)."""
-        share = self.pasted().to(targets.dtype)[:, None]
-        return (1 - share) * targets + share * targets[self.partner_at.clamp_min(0)]
-

@@ -1,6 +1,6 @@
-"""Batch decoders that replay image by image on a thread pool: the PIL reference and torchvision.
+"""A batch decoder that replays image by image on a thread pool (PIL's, pil_replay.PilDecoder).
 
-Both libraries release the GIL while decoding and resizing, so threads decode in parallel.
+PIL releases the GIL while decoding and resizing, so threads decode in parallel.
 """
 
 from __future__ import annotations

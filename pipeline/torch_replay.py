@@ -14,7 +14,6 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from mealv2.pipeline.decoders import INTERPOLATIONS
-from mealv2.pipeline.threaded import ThreadedDecoder
 
 TORCH_INTERPOLATION = dict(zip(INTERPOLATIONS, (InterpolationMode.BILINEAR, InterpolationMode.BICUBIC), strict=True))
 
@@ -28,9 +27,3 @@ def replay_torch(encoded: np.ndarray, box, flip: bool, res: int, interpolation: 
                            antialias=True)
     return (crop.flip(-1) if flip else crop).numpy()
 
-
-class TorchDecoder(ThreadedDecoder):
-    """Replays a batch with torchvision on a thread pool."""
-
-    name = "torch"
-    replay = staticmethod(replay_torch)

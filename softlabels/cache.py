@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import json
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,12 +13,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mealv2.pipeline.composites import DeviceMix
 from mealv2.pipeline.dataset import load_index
 from mealv2.pipeline.distributed import setup, use_device
 from mealv2.pipeline.errors import first_line
 from mealv2.pipeline.loader import ReplayLoader
 from mealv2.pipeline.mix import SlotMix
 from mealv2.pipeline.progress import ProgressLines
+from mealv2.pipeline.provenance import provenance
 from mealv2.softlabels.cache_config import CacheJob
 from mealv2.softlabels.store import LabelStore, SlotLabels, label_spec
 from mealv2.softlabels.teachers import TeacherEnsemble, TeacherError, parse_teachers
@@ -85,6 +86,7 @@ def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, slot: int, rows:
     faulty = torch.zeros(n, dtype=torch.int32, device=ensemble.device)  # 1 + the first unsound teacher, per row
     order = np.arange(rows.start, rows.stop) if mix is None else mix.unit_order(rows.start, rows.stop)
     borrowed = bool(((order < rows.start) | (order >= rows.stop)).any())  # partners decoded from other chunks
+    composites = DeviceMix(mix) if mix is not None else None
 
     def own_rows():
         """The unit's own rows of each decoded batch (composites, with ``mix``)."""
@@ -92,7 +94,7 @@ def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, slot: int, rows:
             if not len(indices):  # every file of the batch left out (--skip-bad)
                 continue
             if mix is not None:
-                batch = mix.batch(indices)
+                batch = composites.batch(indices)
                 images, composed = batch.images(images), batch.mixed
                 if borrowed:  # the teachers label this unit's rows only
                     own = (indices >= rows.start) & (indices < rows.stop)
@@ -129,22 +131,6 @@ def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, slot: int, rows:
             labelled.mix_boxes = np.where(composed[:, None], mix.boxes[rows], 0).astype(np.int32)
         return labelled
     return labels
-
-
-def provenance(decoder: str, device: torch.device) -> dict:
-    """How a job made its labels: what a teammate recomputing a row on other hardware needs to know."""
-    def version(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    dali = next((v for v in map(version, ("nvidia-dali-cuda120", "nvidia-dali-cuda130")) if v), None)
-    return {"decoder": decoder, "device": device.type,
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "autocast": "bfloat16" if device.type == "cuda" else "off",  # the teachers' autocast (models.autocast)
-            "torch": torch.__version__, "timm": version("timm"), "dali": dali,
-            "zarr": version("zarr")}
 
 
 class UnitWriter:
@@ -252,7 +238,7 @@ def run_cache(job: CacheJob, log=print) -> dict:
     units = [u for u in store.pending_units(shard, num_shards) if u[0] < job.seeds]
     todo = sum(store.rows(chunk).stop - store.rows(chunk).start for _, chunk in units)
     log(f"cache-teachers: {len(index)} images, {job.seeds} seed slot(s), {len(units)} unit(s) to do "
-        f"on {device} with {loader.decoder_name}, {batch_size} a batch"
+        f"on {device} with {loader.decoder}, {batch_size} a batch"
         + (f", shard {job.shard[0]}/{job.shard[1]}" if job.shard[1] > 1 else "")
         + (f" (rank 0 of {world.world_size})" if world.distributed else ""))
     crops_slot, boxes, flips, mix = None, None, None, None
@@ -274,7 +260,7 @@ def run_cache(job: CacheJob, log=print) -> dict:
         store.add_skipped([f"{path}: cannot decode image ({reason})" for path, reason in sorted(left_out.items())])
         log(f"left out {len(left_out)} undecodable image(s), listed in the store: " + ", ".join(sorted(left_out)[:5]))
     if world.is_main and units:
-        store.add_provenance(provenance(loader.decoder_name, device))
+        store.add_provenance(provenance(loader.decoder, device))
     todo = int(world.sum(torch.tensor(todo)))  # waits until every rank has written its units
     complete = store.finalize() if world.is_main else bool(store.done().all())
     finished = time.perf_counter()

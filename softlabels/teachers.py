@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mealv2.pipeline.distributed import as_device
-from mealv2.softlabels.models import Normalize, autocast, create_model, file_sha256, normalization
+from mealv2.pipeline.models import Normalize, autocast, create_model, file_sha256, normalization
 
 DEFAULT_TEACHERS = {
     224: ("senet154.gluon_in1k", "resnet152s.gluon_in1k"),

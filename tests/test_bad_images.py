@@ -56,9 +56,8 @@ def test_stage_one_names_the_file_then_skips_it_and_stage_two_never_meets_it(dam
     for slot in range(2):
         labels = opened.read_slot(slot)
         assert (labels.probs[row] == 0).all() and (labels.probs[np.arange(30) != row, 0] > 0).all()
-    targets = CachedTargets(opened, torch.device("cpu"))
-    targets.crops(0)
-    assert row not in targets.trainable and len(targets.trainable) == 29
+    trainable = CachedTargets(opened, torch.device("cpu")).plan(0).trainable
+    assert row not in trainable and len(trainable) == 29
     run = run_cli("distill", "--data", damaged_root, "--labels", store, "--student", "test_resnet", "--init",
                   "scratch", "--out", tmp_path / "run", "--epochs", "2", "--batch-size", "8", "--no-progress",
                   "--no-discriminator", "--device", "cpu")
@@ -83,9 +82,8 @@ def test_an_unlabelled_row_is_the_same_to_every_reader_even_when_its_path_holds_
     row = opened.index.paths.index(named)
     assert np.flatnonzero(~opened.read_slot(0).labelled()).tolist() == [row] == opened.skipped_rows().tolist()
     assert not opened.targets(0, [row]).any() and opened.targets(0, [row - 1]).sum() == pytest.approx(1)
-    targets = CachedTargets(opened, torch.device("cpu"))
-    targets.crops(0)
-    assert row not in targets.trainable and len(targets.trainable) == 29
+    trainable = CachedTargets(opened, torch.device("cpu")).plan(0).trainable
+    assert row not in trainable and len(trainable) == 29
     assert row not in mealv2.ReplayDataset(root, opened).rows
     stats = run_cli("labels", "stats", store, "--json")
     assert stats.exit_code == 0 and '"rows": 29' in stats.output, stats.output

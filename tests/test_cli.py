@@ -1,5 +1,6 @@
 """The command line: every command listed; `python -m mealv2` works (so `torchrun -m mealv2` does)."""
 
+import os
 import subprocess
 import sys
 
@@ -39,3 +40,15 @@ def test_first_line_is_the_gist_of_any_error():
     assert first_line(dali) == "Error in CPU operator `image_slice`:"
     assert first_line(ValueError("x" * 300), 200) == "x" * 200
     assert first_line(ValueError("one\ntwo")) == "one" and first_line(ValueError()) == "ValueError"
+
+
+def test_the_command_line_starts_without_torch(tmp_path):
+    """`mealv2 --help` and `mealv2 distill --help` with torch made unimportable (a torch package whose import raises,
+    first on the path): the command line imports torch only when a command runs."""
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text('raise ImportError("torch is unimportable in this test")\n')
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    for args in (["--help"], ["distill", "--help"]):
+        result = subprocess.run([sys.executable, "-m", "mealv2", *args], capture_output=True, text=True, cwd=tmp_path,
+                                env=os.environ | {"PYTHONPATH": path})
+        assert result.returncode == 0 and result.stdout.startswith("Usage: python -m mealv2"), result.stderr[-3000:]

@@ -10,12 +10,12 @@ import torch
 import zarr
 from conftest import cache_args, run_cli, store_files
 
-from mealv2.pipeline import mix as mixing
+from mealv2.pipeline.composites import BatchMix, DeviceMix
 from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import DatasetIndex
-from mealv2.pipeline.loader import epoch_order
-from mealv2.pipeline.mix import MIX_ALGORITHM, MixSpec, SlotMix, beta_quantile, cutmix_boxes
+from mealv2.pipeline.mix import MIX_ALGORITHM, MixSpec, beta_quantile, cutmix_boxes
 from mealv2.pipeline.pil_replay import PilDecoder
+from mealv2.pipeline.sampler import EpochSampler
 from mealv2.softlabels.store import LabelStore
 
 
@@ -79,7 +79,7 @@ def test_composite_takes_the_box_from_the_partner():
     slot = MixSpec(1.0).draw(3, 6, 16)
     images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
     indices = torch.tensor([4, 0, 5, 2, 1, 3])
-    batch = slot.batch(indices)
+    batch = DeviceMix(slot).batch(indices)
     composed = batch.images(images)
     for j, i in enumerate(indices.tolist()):
         partner_at = indices.tolist().index(int(slot.partner[i]))
@@ -88,13 +88,13 @@ def test_composite_takes_the_box_from_the_partner():
         top, left, height, width = slot.boxes[i]
         expected[:, top:top + height, left:left + width] = images[partner_at, :, top:top + height, left:left + width]
         assert torch.equal(composed[j], expected)
-    lone = slot.batch(indices[:1])  # a partner outside the batch: left unmixed
+    lone = DeviceMix(slot).batch(indices[:1])  # a partner outside the batch: left unmixed
     assert lone.partner_at.tolist() == [-1] and torch.equal(lone.images(images[:1]), images[:1])
 
 
 def test_blend_weights_each_target_by_the_pasted_area():
     slot = MixSpec(1.0).draw(1, 4, 10)
-    batch = slot.batch(torch.arange(4))
+    batch = DeviceMix(slot).batch(torch.arange(4))
     targets = torch.eye(4)
     blended = batch.blend(targets)
     share = torch.from_numpy(slot.boxes[:, 2] * slot.boxes[:, 3] / 100.0).float()
@@ -108,7 +108,7 @@ def test_blend_weights_each_target_by_the_pasted_area():
 def test_epoch_orders_hold_whole_pairs(n, world_size):
     slot = MixSpec(1, 0.6).draw(2, n, 32)
     trainable = np.setdiff1d(np.arange(n), [5])  # an unlabelled image: its partner goes unmixed
-    orders = [epoch_order(trainable, 0, 3, rank=r, world_size=world_size, mix=slot) for r in range(world_size)]
+    orders = [EpochSampler(rank=r, world_size=world_size).order(trainable, 3, slot) for r in range(world_size)]
     assert len({len(o) for o in orders}) == 1
     seen = np.concatenate(orders)
     assert set(seen) == set(trainable)
@@ -119,7 +119,7 @@ def test_epoch_orders_hold_whole_pairs(n, world_size):
             if slot.partner[i] >= 0 and slot.partner[i] != 5:
                 at = int(np.flatnonzero(order == i)[0])
                 assert order[at ^ 1] == slot.partner[i]  # the pair sits at (2m, 2m + 1): even batches hold it
-    assert not np.array_equal(orders[0], epoch_order(trainable, 0, 4, world_size=world_size, mix=slot))
+    assert not np.array_equal(orders[0], EpochSampler(world_size=world_size).order(trainable, 4, slot))
 
 
 def test_cutmix_store_schema_and_identity(cutmix_store, reference_store, small_root, teacher_files, tmp_path):
@@ -172,9 +172,9 @@ def test_verify_recomputes_mixed_rows_on_pil_composites(cutmix_store, small_root
 
 
 def _record_composites(monkeypatch) -> dict:
-    """Spy on mealv2.pipeline.mix: every mixed image's composites, by dataset position."""
+    """Spy on mealv2.pipeline.composites: every mixed image's composites, by dataset position."""
     seen: dict[int, torch.Tensor] = {}
-    batch, images = SlotMix.batch, mixing.BatchMix.images
+    batch, images = DeviceMix.batch, BatchMix.images
 
     def spy_batch(self, indices):
         made = batch(self, indices)
@@ -188,8 +188,8 @@ def _record_composites(monkeypatch) -> dict:
                 seen.setdefault(i, []).append(image.cpu().clone())
         return composed
 
-    monkeypatch.setattr(SlotMix, "batch", spy_batch)
-    monkeypatch.setattr(mixing.BatchMix, "images", spy_images)
+    monkeypatch.setattr(DeviceMix, "batch", spy_batch)
+    monkeypatch.setattr(BatchMix, "images", spy_images)
     return seen
 
 
@@ -229,17 +229,18 @@ def test_targets_blend_by_area_without_a_teacher_on_the_composite(reference_stor
     cached = CachedTargets(store, torch.device("cpu"), res=32, cutmix=MixSpec(1.0))
     plain = CachedTargets(store, torch.device("cpu"), res=32)
     hard = HardTargets(index, 2, CropSpec(), torch.device("cpu"), MixSpec(1.0), res=32)
-    for source in (cached, plain, hard):
-        source.crops(1)
+    cached, plain, hard = (source.plan(1) for source in (cached, plain, hard))
     assert plain.mix is None
     assert np.array_equal(cached.mix.partner, MixSpec(1.0).draw(store.seeds[1], 30, 32).partner)
     assert np.array_equal(hard.mix.partner, cached.mix.partner)
     indices = torch.arange(30)
-    batch = cached.mix.batch(indices)
+    batch = DeviceMix(cached.mix).batch(indices)
     images = torch.zeros(30, 3, 32, 32, dtype=torch.uint8)
-    assert torch.allclose(cached(images, indices, batch).probs, batch.blend(plain(images, indices).probs))
+    assert torch.allclose(cached.targets(images, indices, batch).probs,
+                          batch.blend(plain.targets(images, indices).probs))
+    assert torch.allclose(cached.batch(images, indices)[1].probs, batch.blend(plain.targets(images, indices).probs))
     one_hot = torch.nn.functional.one_hot(torch.from_numpy(index.labels.astype(np.int64)), 3).float()
-    assert torch.allclose(hard(images, indices, batch).labels, batch.blend(one_hot))
+    assert torch.allclose(hard.targets(images, indices, batch).labels, batch.blend(one_hot))
 
 
 def test_cutmix_training_options(cutmix_store, small_root, tmp_path):

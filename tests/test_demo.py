@@ -13,7 +13,7 @@ from mealv2.cli import main
 from mealv2.demo import QUICK, Demo
 from mealv2.pretrained import read_manifest, verified_spec
 from mealv2.pipeline.fashion_mnist import DEBIAN_SOURCE
-from mealv2.softlabels.models import load_state_dict
+from mealv2.pipeline.models import load_state_dict
 
 pytestmark = pytest.mark.slow
 

@@ -130,12 +130,11 @@ def test_online_targets_with_k_equal_c_match_the_cache(small_root, teacher_files
     # teachers run in bf16 (8 mantissa bits) on DALI's nvJPEG/hardware-decoded pixels (a few grey levels off)
     tolerance = 1e-3 if device == "cpu" else 2e-2
     for epoch in (0, 1, 2):
-        boxes, flips = cached.crops(epoch)
-        online_boxes, online_flips = online.crops(epoch)
-        np.testing.assert_array_equal(boxes, online_boxes)
-        np.testing.assert_array_equal(flips, online_flips)
-        for images, indices in loader.epoch(np.arange(len(index)), boxes, flips, progress=False):
-            torch.testing.assert_close(cached(images, indices).probs, online(images, indices).probs,
+        stored, drawn = cached.plan(epoch), online.plan(epoch)
+        np.testing.assert_array_equal(stored.boxes, drawn.boxes)
+        np.testing.assert_array_equal(stored.flips, drawn.flips)
+        for images, indices in loader.epoch(np.arange(len(index)), stored.boxes, stored.flips, progress=False):
+            torch.testing.assert_close(stored.batch(images, indices)[1].probs, drawn.batch(images, indices)[1].probs,
                                        atol=tolerance, rtol=0)
 
 
@@ -176,7 +175,7 @@ def test_refusals(small_root, reference_store, tmp_path):
     assert result.exit_code == 1 and "needs --online" in result.output
     result = run_cli(*distill_args(small_root, reference_store, tmp_path / "d", 1, "--batch-size", "0"))
     assert result.exit_code == 1 and "--batch-size must be at least 1" in result.output
-    for init in ("scratch", "pretrained"):  # the rule the teachers' names meet too (softlabels.models)
+    for init in ("scratch", "pretrained"):  # the rule the teachers' names meet too (pipeline.models)
         result = run_cli(*distill_args(small_root, reference_store, tmp_path / init, 1, "--student", "resnet5O",
                                        "--init", init))
         assert result.exit_code == 1 and "resnet5O: not a timm model name" in result.output
@@ -193,8 +192,9 @@ def test_crops_follow_the_store_and_the_options(mild_store, small_root, tmp_path
     cached = CachedTargets(LabelStore.open(str(mild_store)), torch.device("cpu"))
     hard = HardTargets(index, 2, CropSpec(scale=(0.5, 1)), torch.device("cpu"))
     for epoch in (0, 1, 2):
-        for stored, drawn in zip(cached.crops(epoch), hard.crops(epoch)):
-            np.testing.assert_array_equal(stored, drawn)
+        stored, drawn = cached.plan(epoch), hard.plan(epoch)
+        np.testing.assert_array_equal(stored.boxes, drawn.boxes)
+        np.testing.assert_array_equal(stored.flips, drawn.flips)
     train = ["train", "--data", small_root, "--model", "test_resnet", "--init", "scratch", "--out",
              tmp_path / "train", "--batch-size", "8", "--res", "32", "--device", "cpu", "--no-progress"]
     result = run_cli(*train, "--epochs", "1", "--scale", "0.5", "1")

@@ -19,12 +19,10 @@ import timm
 import torch
 
 import mealv2.pipeline.distributed as distributed
-from mealv2.distill.evaluate import EvalTransform, evaluate
 from mealv2.distill.student import synchronize_batchnorm
 from mealv2.pipeline.dataset import DatasetIndex
 from mealv2.pipeline.distributed import World
 from mealv2.pipeline.loader import ReplayLoader
-from mealv2.softlabels.models import Normalize, normalization
 
 
 class SpyWorld(World):
@@ -59,22 +57,6 @@ def test_sum_hands_the_collective_the_backend_device_whatever_the_caller_passes(
     total = spy_world.sum(counts)
     assert spy_world.seen == [torch.device("meta")]
     assert total.device == counts.device and total.dtype == counts.dtype
-
-
-def test_evaluation_and_a_training_epoch_run_collectives_on_the_backend_device(spy_world, small_root, tmp_path):
-    from mealv2.distill.trainer import TrainConfig, Trainer
-
-    index = DatasetIndex.scan(small_root / "val")
-    model = timm.create_model("test_resnet", num_classes=3)
-    loader = ReplayLoader(index, 32, 4, "cpu", "pil")
-    result = evaluate(model, Normalize(*normalization(model)), loader, EvalTransform(), world=spy_world,
-                      progress=False)
-    assert result["images"] == 0  # the spy's zeros: what matters is where the counts went
-    trainer = Trainer(TrainConfig(mode="train", data=str(small_root), out=str(tmp_path / "run"), model="test_resnet",
-                                  init="scratch", epochs=1, batch_size=8, res=32, device="cpu", progress=False))
-    trainer.world = spy_world
-    trainer.train_epoch(0)
-    assert spy_world.seen == [torch.device("meta")] * 2
 
 
 def test_synchronised_batchnorm_keeps_timm_fused_activations():
@@ -112,24 +94,79 @@ RANK = textwrap.dedent("""
 """)
 
 
-def test_rank_zero_scans_and_every_rank_gets_the_index(small_root, tmp_path):
+def run_ranks(script: str, *args, ranks: int = 2, tmp_path) -> list[dict]:
+    """``script ARGS`` in ``ranks`` processes joined as torchrun joins them (gloo on the CPU); each prints one JSON
+    line last, returned in rank order."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = os.environ | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+    env = os.environ | {"WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                         "MEALV2_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(small_root / "train"), str(tmp_path / "missing")],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
-    outputs = [rank.communicate(timeout=120) for rank in ranks]
-    assert [rank.returncode for rank in ranks] == [0, 0], outputs
-    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    processes = [subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env=env | {"RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(ranks)})
+                 for r in range(ranks)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0] * ranks, outputs
+    return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+
+def test_rank_zero_scans_and_every_rank_gets_the_index(small_root, tmp_path):
+    reports = run_ranks(RANK, small_root / "train", tmp_path / "missing", tmp_path=tmp_path)
     assert [r["scans"] for r in reports] == [1, 0]
     assert len({r["fingerprint"] for r in reports}) == 1
     assert reports[0]["fingerprint"] == DatasetIndex.scan(small_root / "train").fingerprint
     assert all(r["states"] == ["000000", "01010101"] for r in reports)  # each rank's own bytes, in rank order
     assert all("no such split folder" in r["failure"] for r in reports)  # rank 0's error, on every rank
     np.testing.assert_array_equal(np.arange(2), [r["rank"] for r in reports])
+
+
+TRAINING_RANK = textwrap.dedent("""
+    import hashlib, json, sys
+    import torch
+    import mealv2.pipeline.distributed as distributed
+    from torch.nn.parallel import DistributedDataParallel
+    from mealv2.distill.config import TrainConfig
+    from mealv2.distill.evaluate import evaluate
+    from mealv2.distill.trainer import Trainer
+    from mealv2.pipeline.dataset import DatasetIndex
+    from mealv2.pipeline.distributed import leave
+    scans, collectives = [], []
+    original_scan, original_all_reduce = DatasetIndex.scan.__func__, distributed._all_reduce
+    DatasetIndex.scan = classmethod(lambda cls, *a, **k: scans.append(1) or original_scan(cls, *a, **k))
+    distributed._all_reduce = lambda tensor: collectives.append(str(tensor.device)) or original_all_reduce(tensor)
+    trainer = Trainer(TrainConfig(mode="train", data=sys.argv[1], out=sys.argv[2], model="test_resnet",
+                                  init="scratch", epochs=1, batch_size=8, res=32, device="cpu", decoder="pil",
+                                  progress=False), log=lambda *_: None)
+    positions, step = [], trainer.step
+    trainer.step = lambda images, indices, plan: positions.append(indices.tolist()) or step(images, indices, plan)
+    stats = trainer.train_epoch(0)
+    scored = evaluate(trainer.student, trainer.normalize, trainer.val_loader, trainer.eval_transform,
+                      world=trainer.world, progress=False)
+    weights = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in trainer.student.parameters()))
+    print(json.dumps({"ddp": isinstance(trainer.student_parallel, DistributedDataParallel), "scans": len(scans),
+                      "positions": positions, "images_per_sec": stats["images_per_sec"], "scored": scored["images"],
+                      "collectives": sorted(set(collectives)), "backend": str(trainer.world.collective_device),
+                      "weights": weights.hexdigest()}))
+    leave(trainer.world)
+""")
+
+
+def test_two_gloo_ranks_train_and_evaluate_through_the_real_path(small_root, tmp_path):
+    """torchrun's two CPU ranks: rank 0 alone scans (train and val) and sends the index, the student is DDP-wrapped,
+    each rank steps on its own half of the epoch in batches of batch_size / 2, the weights agree after the epoch
+    (batch norm statistics stay per rank),
+    every validation image is scored once over both ranks, and each collective gets the backend's device."""
+    reports = run_ranks(TRAINING_RANK, small_root, tmp_path / "run", tmp_path=tmp_path)
+    assert [r["scans"] for r in reports] == [2, 0]
+    assert all(r["ddp"] for r in reports)
+    steps = [r["positions"] for r in reports]
+    assert [[len(batch) for batch in rank] for rank in steps] == [[4, 4, 4, 3]] * 2  # 30 images, 15 a rank
+    halves = [{i for batch in rank for i in batch} for rank in steps]
+    assert not halves[0] & halves[1] and halves[0] | halves[1] == set(range(30))
+    assert len({r["weights"] for r in reports}) == 1
+    assert [r["scored"] for r in reports] == [12, 12]
+    assert all(r["collectives"] == [r["backend"]] == ["cpu"] for r in reports)
 
 
 READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
@@ -159,7 +196,7 @@ def test_a_training_epoch_reads_the_device_a_fixed_number_of_times_whatever_its_
                              batch_size=batch, res=32, device="cpu", decoder="pil", progress=progress)  # LayerNorm
         # only, so that batches of one image train
         trainer = Trainer(config)
-        trainer.targets.crops(0)
+        trainer.targets.plan(0)
         with monkeypatch.context() as patch:
             calls = host_reads(patch)
             trainer.train_epoch(0)

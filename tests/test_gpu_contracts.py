@@ -9,6 +9,7 @@ checked here: `make gpu-check` runs the device-taking tests on one.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 import mealv2
 
+from mealv2.pipeline.composites import DeviceMix
 from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import load_index
 from mealv2.pipeline.decoders import dali_installed
@@ -31,25 +33,60 @@ from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 from mealv2.softlabels.topk import compress
 
 
+class SpyStream(str):
+    """A CUDA stream as the spy names it ("stream of cuda:1"); ``waited`` lists the events it was made to wait for."""
+
+    def wait_event(self, event) -> None:
+        self.waited.append(event)
+
+
 class CudaSpy:
-    """torch.cuda's per-thread current device and the streams its events are recorded on, without a GPU."""
+    """torch.cuda's per-thread current device and stream and the streams its events are recorded on, without a GPU.
+
+    Tensors "on a GPU" stay in host memory: every copy to one (``Tensor.to``) is recorded in ``copies`` as (on a
+    thread other than the main one, the thread's current device, its current stream, the target), and each
+    ``record_stream`` in ``used_on``. What only a GPU shows (the bytes landing, the memory used) is not seen here.
+    """
 
     def __init__(self, monkeypatch):
         self._thread = threading.local()
+        self._streams: dict[str, SpyStream] = {}
         self.recorded_on: list[str] = []
+        self.copies: list[tuple] = []
+        self.used_on: list[str] = []
         spy = self
 
         class Event:
             def record(self, stream=None):
-                spy.recorded_on.append(stream if stream is not None else spy.current_stream())
+                self.stream = stream if stream is not None else spy.current_stream()
+                spy.recorded_on.append(self.stream)
 
             def synchronize(self):
                 pass
 
+        def to(tensor, *args, _to=torch.Tensor.to, **kwargs):
+            target = kwargs.get("device", args[0] if args else None)
+            if isinstance(target, (str, torch.device)) and torch.device(target).type == "cuda":
+                self.copies.append((threading.current_thread() is not threading.main_thread(), self.current_device(),
+                                    self.current_stream(), torch.device(target)))
+                return tensor
+            return _to(tensor, *args, **kwargs)
+
         monkeypatch.setattr(torch.cuda, "set_device", self.set_device)
         monkeypatch.setattr(torch.cuda, "current_device", self.current_device)
         monkeypatch.setattr(torch.cuda, "current_stream", self.current_stream)
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: self._stream(f"copy stream of {device}"))
+        monkeypatch.setattr(torch.cuda, "stream", self.stream)
         monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.Tensor, "to", to)
+        monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor: tensor)
+        monkeypatch.setattr(torch.Tensor, "record_stream", lambda tensor, stream: self.used_on.append(stream))
+
+    def _stream(self, name: str) -> SpyStream:
+        if name not in self._streams:
+            self._streams[name] = SpyStream(name)
+            self._streams[name].waited = []
+        return self._streams[name]
 
     def set_device(self, device) -> None:
         """As torch: an int or an indexed device; a bare "cuda" raises ValueError (torch.cuda._utils's rule)."""
@@ -58,9 +95,22 @@ class CudaSpy:
     def current_device(self) -> int:
         return getattr(self._thread, "index", 0)
 
-    def current_stream(self, device=None) -> str:
+    def current_stream(self, device=None) -> SpyStream:
+        """The thread's stream: one made current with ``torch.cuda.stream``, else the device's own."""
         index = self.current_device() if device is None else torch.device(device).index
-        return f"stream of cuda:{index}"
+        made_current = getattr(self._thread, "stream", None)
+        if made_current is not None and index == self.current_device():
+            return made_current
+        return self._stream(f"stream of cuda:{index}")
+
+    @contextlib.contextmanager
+    def stream(self, stream):
+        """As torch.cuda.stream: ``stream`` is the thread's current one inside."""
+        before, self._thread.stream = getattr(self._thread, "stream", None), stream
+        try:
+            yield
+        finally:
+            self._thread.stream = before
 
 
 @pytest.fixture
@@ -81,22 +131,21 @@ def test_a_single_process_job_on_cuda_1_makes_it_the_current_device(cuda, monkey
     assert setup("cuda:1").device == torch.device("cuda", 1) and torch.cuda.current_device() == 1
 
 
-def test_the_loaders_producer_thread_works_on_the_loaders_device(cuda, small_root, monkeypatch):
-    """The thread that decodes and copies a batch makes the loader's GPU its own first (a new thread's is GPU 0)."""
+def test_the_loaders_producer_thread_copies_on_its_gpu_and_the_step_waits_for_the_copies(cuda, small_root):
+    """A loader built for cuda:1: the thread that decodes and copies makes GPU 1 its own first (a new thread's is
+    GPU 0) and copies every batch on the copy stream; each batch ends with an event on that stream, which the
+    consumer's stream on cuda:1 waits for, and the tensors are marked as used on it."""
     index = load_index(small_root / "train")
-    loader = ReplayLoader(index, 16, 8, "cpu", "pil", workers=1)
-    decoder = loader._decoder  # the CPU decoder, built before the loader is told its device is cuda:1
-    devices = []
-
-    def decode(*args):
-        devices.append((threading.current_thread() is not threading.main_thread(), torch.cuda.current_device()))
-        return torch.zeros(len(args[0]), 3, 16, 16, dtype=torch.uint8)
-
-    monkeypatch.setattr(decoder, "decode", decode)
-    loader.device = torch.device("cuda", 1)
     boxes, flips = CropSpec().draw(0, index.sizes)
-    assert sum(len(i) for _, i in loader.epoch(np.arange(len(index)), boxes, flips, progress=False)) == len(index)
-    assert devices == [(True, 1)] * 4
+    with ReplayLoader(index, 16, 8, "cuda:1", "pil", workers=1) as loader:
+        batches = list(loader.epoch(np.arange(len(index)), boxes, flips, progress=False))
+    assert [len(indices) for _, indices in batches] == [8, 8, 8, 6]
+    gpu = torch.device("cuda", 1)
+    assert cuda.copies == [(True, 1, "copy stream of cuda:1", gpu)] * 8  # each batch's images and its indices
+    assert cuda.recorded_on == ["copy stream of cuda:1"] * 4
+    step = torch.cuda.current_stream(gpu)
+    assert step == "stream of cuda:1" and [event.stream for event in step.waited] == cuda.recorded_on
+    assert cuda.used_on == [step] * 8
 
 
 def test_a_bare_cuda_device_is_the_callers_current_gpu_in_every_thread(cuda, small_root, reference_store,
@@ -106,11 +155,11 @@ def test_a_bare_cuda_device_is_the_callers_current_gpu_in_every_thread(cuda, sma
     from mealv2.pipeline.loader import Epoch
     from mealv2.pipeline.threaded import ThreadedDecoder
 
-    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: f"copy stream of {device}")
     torch.cuda.set_device(1)
     loader = ReplayLoader(load_index(small_root / "train"), 16, 8, "cuda", "pil", workers=1)
-    assert loader.device == torch.device("cuda", 1) and loader._decoder.device == torch.device("cuda", 1)
-    assert isinstance(loader._decoder, ThreadedDecoder)
+    decoder = loader._backend.decoder
+    assert loader.device == torch.device("cuda", 1) and decoder.device == torch.device("cuda", 1)
+    assert isinstance(decoder, ThreadedDecoder)
     assert list(Epoch(iter(()), 0, 1, "epoch", False, loader.device)) == []  # the producer's use_device passed
     public = mealv2.StoreLoader(small_root, mealv2.open_store(str(reference_store)), 8, decoder="pil", workers=1)
     assert public.device == public.loader.device == public.targets.device == torch.device("cuda", 1)
@@ -163,7 +212,7 @@ def test_a_pipelined_path_that_cannot_run_is_an_error_not_a_fallback(small_root)
     instead of a warning and the epoch batch by batch, every epoch."""
     index = load_index(small_root / "train")
     loader = ReplayLoader(index, 16, 8, "cpu", "dali", workers=1)
-    real = loader._stream
+    real = loader._backend.stream
 
     class Stream:
         prefetch = real.prefetch
@@ -172,7 +221,7 @@ def test_a_pipelined_path_that_cannot_run_is_an_error_not_a_fallback(small_root)
             raise TypeError("run() takes 1 positional argument but 2 were given")
             yield
 
-    loader._stream = Stream()
+    loader._backend.stream = Stream()
     boxes, flips = CropSpec().draw(0, index.sizes)
     with pytest.raises(RuntimeError, match="failed on batches that decode one at a time: run"):
         list(loader.epoch(np.arange(len(index)), boxes, flips, progress=False))
@@ -200,7 +249,7 @@ def test_cutmix_hands_the_teachers_one_batch_shape_and_labels_each_own_row(small
     assert set(spy.shapes) == {(4, 3, 16, 16)}
     whole = ReplayLoader(index, 16, len(index), "cpu", "torch", workers=1)
     images, indices = next(iter(whole.epoch(np.arange(len(index)), boxes, flips, progress=False)))
-    values, top = compress(spy(mix.batch(indices).images(images))[0][rows], 2)
+    values, top = compress(spy(DeviceMix(mix).batch(indices).images(images))[0][rows], 2)
     np.testing.assert_array_equal(labels.probs, values.numpy())
     np.testing.assert_array_equal(labels.classes, top.numpy().astype(labels.classes.dtype))
     assert (labels.mix_partner == mix.partner[rows]).all()
@@ -240,9 +289,10 @@ def test_the_replay_pipeline_runs_dalis_dynamic_asynchronous_executor(small_root
     """pipeline/dali.py is written for DALI's dynamic, asynchronous, pipelined executor (pinned here by DALI's
     own properties, which read the same on the CPU); what it does on a GPU is not checked here."""
     loader = ReplayLoader(load_index(small_root / "train"), 16, 8, "cpu", "dali", workers=1)
-    pipe = loader._stream._build()
+    stream = loader._backend.stream
+    pipe = stream._build()
     assert (pipe.exec_dynamic, pipe.exec_async, pipe.exec_pipelined) == (True, True, True)
-    assert pipe.prefetch_queue_depth == loader._stream.prefetch
+    assert pipe.prefetch_queue_depth == stream.prefetch
 
 
 @needs_dali

@@ -4,7 +4,7 @@ import pytest
 
 from mealv2.demo import FULL, Demo
 from mealv2.pretrained import SHIPPED, PinnedTeacher, export_float16, read_manifest, verified_spec, write_manifest
-from mealv2.softlabels.models import create_model
+from mealv2.pipeline.models import create_model
 
 RUN_ONLY = {"--data", "--out", "--workers", "--val-every", "--no-progress"}  # where and how visibly, not what
 

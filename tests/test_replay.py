@@ -14,7 +14,8 @@ from plan_spy import MarkingPlanSource
 from mealv2.pipeline.crops import center_boxes, sample_crops
 from mealv2.pipeline.dataset import DatasetError, DatasetIndex
 from mealv2.pipeline.decoders import INTERPOLATIONS, resolve_decoder
-from mealv2.pipeline.loader import ReplayLoader, epoch_order
+from mealv2.pipeline.loader import ReplayLoader
+from mealv2.pipeline.sampler import EpochSampler
 from mealv2.pipeline.pil_replay import replay_pil
 
 dali = pytest.importorskip("nvidia.dali", reason="DALI is not installable on this platform")
@@ -69,7 +70,7 @@ def test_flip_mirrors_the_crop(index):
 def test_every_image_once_and_last_partial_batch_delivered(index, decoder, device):
     boxes, flips = sample_crops(0, index.sizes)
     loader = ReplayLoader(index, res=16, batch_size=7, device=device, decoder=decoder)  # 24 = 7+7+7+3
-    order = epoch_order(len(index), seed=1, epoch=0)
+    order = EpochSampler(seed=1).order(len(index), epoch=0)
     batches = list(loader.epoch(order, boxes, flips, progress=False))
     assert [len(b[1]) for b in batches] == [7, 7, 7, 3]
     seen = torch.cat([b[1] for b in batches]).cpu().numpy()
@@ -94,29 +95,29 @@ def test_dali_epochs_run_pipelined_and_read_ahead(index, monkeypatch, device):
     monkeypatch.setattr("mealv2.pipeline.dali.PlanSource", MarkingPlanSource)
     boxes, flips = sample_crops(0, index.sizes)
     loader = ReplayLoader(index, res=16, batch_size=4, device=device, decoder="dali", prefetch=3)  # 6 batches
-    order = epoch_order(len(index), seed=0, epoch=0)
+    order = EpochSampler().order(len(index), epoch=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fall-back to the batch-by-batch path
         epoch = iter(loader.epoch(order, boxes, flips, progress=False))
         first = next(epoch)
-        pipe_folder = Path(loader._stream._plans.name)
+        pipe_folder = Path(loader._backend.stream._plans.name)
         asked = lambda: {p.name for p in pipe_folder.glob("asked-0-*")}  # noqa: E731
         deadline = time.monotonic() + 60
         while len(asked()) < 4 and time.monotonic() < deadline:  # the consumer holds batch 0 only
             time.sleep(0.05)
         assert {"asked-0-1", "asked-0-2", "asked-0-3"} <= asked()
-        pipe = loader._stream._pipe
+        pipe = loader._backend.stream._pipe
         assert pipe.exec_async and pipe.exec_pipelined and pipe.prefetch_queue_depth >= 2
         rest = list(epoch)
         np.testing.assert_array_equal(torch.cat([first[1]] + [b[1] for b in rest]).cpu().numpy(), order)
         abandoned = iter(loader.epoch(order, boxes, flips, progress=False))
         next(abandoned)
         abandoned.close()
-        again = epoch_order(len(index), seed=0, epoch=1)
+        again = EpochSampler().order(len(index), epoch=1)
         images, indices = run_epoch(loader, again, boxes, flips)
     np.testing.assert_array_equal(indices.cpu().numpy(), again)
     reference = ReplayLoader(index, res=16, batch_size=4, device=device, decoder="dali")
-    reference._stream = None  # the batch-at-a-time decoder: the pipelined one must give the same pixels
+    reference._backend = reference._backend.fallback  # DALI a batch at a time: the pipelined one must match it
     expected, _ = run_epoch(reference, again, boxes, flips)
     if device == "cpu":
         assert torch.equal(images, expected)
@@ -130,8 +131,8 @@ def test_dali_epochs_run_pipelined_and_read_ahead(index, monkeypatch, device):
 def test_an_epoch_started_while_another_is_unfinished_gets_its_own_images(index):
     boxes, flips = sample_crops(0, index.sizes)
     loader = ReplayLoader(index, res=16, batch_size=4, device="cpu", decoder="dali")
-    stream = loader._stream
-    first, second = epoch_order(len(index), 0, 0), epoch_order(len(index), 0, 1)
+    stream = loader._backend.stream
+    first, second = EpochSampler().order(len(index), 0), EpochSampler().order(len(index), 1)
     unfinished = stream.epoch(first, boxes, flips)
     next(unfinished)
     seen = torch.cat([positions for _, positions in stream.epoch(second, boxes, flips)])
@@ -163,13 +164,15 @@ def test_eval_boxes_replay_like_resize_then_center_crop(index):
 
 
 def test_epoch_order_shuffles_by_epoch_and_shards_evenly():
-    a, b = epoch_order(10, seed=0, epoch=0), epoch_order(10, seed=0, epoch=1)
+    a, b = EpochSampler().order(10, epoch=0), EpochSampler().order(10, epoch=1)
     assert sorted(a) == list(range(10)) and (a != b).any()
-    np.testing.assert_array_equal(a, epoch_order(10, seed=0, epoch=0))
-    shards = [epoch_order(10, seed=0, epoch=0, rank=r, world_size=3) for r in range(3)]
+    np.testing.assert_array_equal(a, EpochSampler().order(10, epoch=0))
+    shards = [EpochSampler(rank=r, world_size=3).order(10, epoch=0) for r in range(3)]
     assert [len(s) for s in shards] == [4, 4, 4]
     assert set(np.concatenate(shards)) == set(range(10))
-    np.testing.assert_array_equal(epoch_order(5, 0, 0, shuffle=False), np.arange(5))
+    np.testing.assert_array_equal(EpochSampler(shuffle=False).order(5, 0), np.arange(5))
+    with pytest.raises(ValueError, match="rank 3 outside a world of 3"):
+        EpochSampler(rank=3, world_size=3)
 
 
 @pytest.mark.parametrize("decoder", ["pil", "torch"])
@@ -194,10 +197,10 @@ def test_torchvision_workers_replay_each_epochs_own_plan(index):
     loader = ReplayLoader(index, res=16, batch_size=4, device="cpu", decoder="torch", workers=2)
     first_boxes, first_flips = sample_crops(0, index.sizes)
     boxes, flips = sample_crops(1, index.sizes)
-    abandoned = iter(loader.epoch(epoch_order(len(index), 0, 0), first_boxes, first_flips, progress=False))
+    abandoned = iter(loader.epoch(EpochSampler().order(len(index), 0), first_boxes, first_flips, progress=False))
     next(abandoned)
     abandoned.close()
-    order = epoch_order(len(index), 0, 1)
+    order = EpochSampler().order(len(index), 1)
     images, positions = run_epoch(loader, order, boxes, flips)
     np.testing.assert_array_equal(positions.numpy(), order)
     reference, _ = run_epoch(ReplayLoader(index, res=16, batch_size=4, device="cpu", decoder="torch", workers=0),

@@ -24,7 +24,7 @@ PARENT = textwrap.dedent("""
     loader = ReplayLoader(index, 16, 4, "cpu", "dali")
     for _ in loader.epoch(np.arange(len(index)), boxes, flips, progress=False):
         pass
-    print(loader._stream._plans.name, flush=True)
+    print(loader._backend.stream._plans.name, flush=True)
     time.sleep(120)
 """)
 
