@@ -212,6 +212,16 @@ class LabelStore:
         self.writable = writable
         self.storage_options = dict(storage_options or {})
         self._held: tuple[int, SlotLabels] | None = None  # the slot crops()/targets() read last
+        self._opened_as: dict | None = None  # the identity its slots are read under (its own, unless reopened)
+
+    def __reduce__(self):
+        """Pickled as its address and identity: unpickled (in a worker process) it is opened again and still read
+        under the identity of the store first opened, so a store rebuilt meanwhile is refused, not read."""
+        return _reopened, (self.url, self.storage_options, self.opened_as)
+
+    def reopened(self) -> LabelStore:
+        """This store opened again (a forked worker's own handle), its slots read under this handle's identity."""
+        return _reopened(self.url, self.storage_options, self.opened_as)
 
     # -- opening -------------------------------------------------------------------------
 
@@ -400,6 +410,30 @@ class LabelStore:
                 "teachers": [list(t) for t in teacher_identity(self.teachers)],
                 **{key: attrs[key] for key in IDENTITY_KEYS if key in attrs}}
 
+    @property
+    def opened_as(self) -> dict:
+        """The identity of the store this handle was opened on (the first handle's, for one reopened)."""
+        if self._opened_as is None:
+            self._opened_as = self.identity()
+        return self._opened_as
+
+    def _check_unchanged(self, slot: int) -> None:
+        """Refuse to read on from a store rebuilt or removed at its URL since it was opened: its rows would be another
+        store's labels. Cheap: the identity is in the root's attributes, one small file."""
+        try:
+            now = LabelStore.open(self.url, "r", self.storage_options).identity()
+        except StoreUnreachable:
+            raise
+        except StoreError as err:
+            raise StoreError(f"{self.url}: was removed while this run read it ({first_line(err)}); nothing was read "
+                             f"for seed slot {slot}: put the store back, then --resume") from None
+        then = self.opened_as
+        differing = [key for key in {**then, **now} if then.get(key) != now.get(key)]
+        if differing:
+            raise StoreError(f"{self.url}: was replaced while this run read it ({', '.join(differing)} differ); "
+                             f"nothing was read for seed slot {slot}: write a rebuilt store to a new --store path, "
+                             "and put this one back to --resume the run")
+
     def complete_slots(self) -> int:
         """How many leading seed slots are written whole: a store being extended serves those already."""
         done = self.done().all(axis=1)
@@ -467,9 +501,11 @@ class LabelStore:
     def read_slot(self, slot: int, checked: bool = True) -> SlotLabels:
         """Seed slot ``slot``'s rows whole (stage two reads one per epoch; never random rows per batch).
 
+        Refuses a store replaced at its URL since this handle was opened (StoreError naming what differs).
         ``checked``: refuse rows that differ from what their writers recorded, and empty rows of images
         not listed as skipped (StoreError naming the first problem).
         """
+        self._check_unchanged(slot)
         values = {}
         for name in self.arrays:
             try:
@@ -477,6 +513,7 @@ class LabelStore:
             except (ValueError, RuntimeError, OSError) as err:  # a checksum that fails, a torn chunk
                 raise StoreError(f"{self.url}: {name} of slot {slot} cannot be read ({first_line(err)}); "
                                  f"`mealv2 labels verify {self.url}` names the damaged chunk") from None
+        self._check_unchanged(slot)  # and not while its chunks were read
         labels = SlotLabels(**values)
         if checked:
             problems = self.slot_problems(slot, labels)
@@ -698,6 +735,12 @@ class LabelStore:
             return values, classes
         empty = torch.from_numpy(~labels.labelled()[rows])
         return expand(values, classes, self.num_classes, self.residual).masked_fill_(empty[:, None], 0.0)
+
+
+def _reopened(url: str, storage_options: dict, opened_as: dict) -> LabelStore:
+    store = LabelStore.open(url, "r", storage_options)
+    store._opened_as = opened_as
+    return store
 
 
 def open_store(url: str, storage_options: dict | None = None) -> LabelStore:

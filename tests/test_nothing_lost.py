@@ -509,3 +509,43 @@ def test_pack_refuses_a_fifo_anywhere_in_the_store(store_copy, tmp_path):
     result = mealv2_child("labels", "pack", store_copy, out)
     assert result.returncode == 1 and f"{fifo}: a FIFO, not a regular file" in result.stderr, result.stderr
     assert not out.exists()
+
+
+def test_a_store_rebuilt_at_its_path_during_a_run_stops_it_before_other_labels_are_read(small_root, reference_store,
+                                                                                      teacher_files, tmp_path,
+                                                                                      monkeypatch):
+    from mealv2.distill import trainer
+
+    store = Path(shutil.copytree(reference_store, tmp_path / "labels.zarr"))
+    saved = trainer.save_checkpoint
+
+    def rebuilt_after_the_first_epoch(path, **state):
+        saved(path, **state)
+        if state["epoch"] == 1:  # epoch 2's slot was read during epoch 1; epoch 3's is read from the rebuilt store
+            shutil.rmtree(store)
+            rebuild = cache_args(small_root, store, teacher_files.split(",")[0])  # one teacher of the two
+            done = subprocess.run([sys.executable, "-m", "mealv2", *map(str, rebuild)], capture_output=True,
+                                  text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+
+    monkeypatch.setattr(trainer, "save_checkpoint", rebuilt_after_the_first_epoch)
+    out = tmp_path / "run"
+    result = run_cli(*distill_args(small_root, store, out, 3))
+    assert result.exit_code == 1, result.output
+    assert f"{store}: was replaced while this run read it (created, teachers differ)" in result.output.splitlines()[-1]
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs in ([1], [1, 2])  # nothing was trained on the rebuilt store's labels
+
+
+def test_a_replay_dataset_worker_refuses_a_store_rebuilt_after_the_dataset_was_made(small_root, reference_store,
+                                                                                    mild_store, tmp_path):
+    import pickle
+
+    store = Path(shutil.copytree(reference_store, tmp_path / "labels.zarr"))
+    dataset = mealv2.ReplayDataset(small_root, str(store))
+    sent = pickle.dumps(dataset)  # what a DataLoader worker process receives
+    shutil.rmtree(store)
+    shutil.copytree(mild_store, store)  # rebuilt with milder crops before the worker starts
+    worker_copy = pickle.loads(sent)
+    with pytest.raises(StoreError, match=r"was replaced while this run read it \(created, crop differ\)"):
+        worker_copy[0]
