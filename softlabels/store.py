@@ -15,6 +15,7 @@ import importlib.metadata
 import os
 import warnings
 import zipfile
+from collections.abc import Iterator
 
 import fsspec
 import numpy as np
@@ -26,7 +27,7 @@ from zarr.core.sync import sync
 from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import DatasetIndex, load_index
 from mealv2.pipeline.errors import first_line
-from mealv2.pipeline.files import temporary_path
+from mealv2.pipeline.files import temporary_file
 from mealv2.pipeline.mix import MixSpec
 from mealv2.softlabels.cache_config import CHUNK_ROWS
 from mealv2.softlabels.integrity import WRITTEN, record_mismatches, unit_record, unsound_rows
@@ -327,17 +328,36 @@ class LabelStore:
 
     def _add_seeds(self, seeds: list[int]) -> None:
         """Grow the seed axis for seeds not stored yet; existing slots stay untouched."""
-        attrs = self.attrs
-        stored = list(attrs["seeds"])
-        if seeds[:len(stored)] != stored[:len(seeds)]:
-            raise StoreError(f"{self.url}: holds seeds {stored}, this job asks for {seeds}")
-        if len(seeds) <= len(stored):
-            return
-        for name in self.arrays + ("done",) + self._record:
-            array = self.group[name]
-            array.resize((len(seeds),) + array.shape[1:])
-        self.group.attrs["mealv2"] = {**attrs, "seeds": list(seeds), "complete": False}
-        self._consolidate()  # readers must not see the old shapes
+        with self._changing() as group:
+            attrs = dict(group.attrs["mealv2"])
+            stored = list(attrs["seeds"])
+            if seeds[:len(stored)] != stored[:len(seeds)]:
+                raise StoreError(f"{self.url}: holds seeds {stored}, this job asks for {seeds}")
+            if len(seeds) <= len(stored):
+                return
+            for name in self.arrays + ("done",) + self._record:
+                array = group[name]
+                array.resize((len(seeds),) + array.shape[1:])
+            group.attrs["mealv2"] = {**attrs, "seeds": list(seeds), "complete": False}
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[zarr.Group]:
+        """The store's root as storage holds it now, for this job alone to change (attributes, the seed axis); the
+        metadata is consolidated after, and this handle holds the result.
+
+        Jobs sharing the store (--shard jobs, a teammate adding seed slots) take turns here (StoreSite.changing),
+        each changing what the others wrote before it: once every job wrote back the attributes it had read at
+        its start, and two --skip-bad jobs' store listed one of their two bad images, and a --seeds 3 job that
+        ended last took a --seeds 4 job's slot away.
+        """
+        if not self.writable:
+            raise StoreError(f"{self.url}: opened read-only")
+        with StoreSite(self.url, self.storage_options).changing.holding(CREATE_WAIT_SECONDS,
+                                                                         "changing the store's metadata"):
+            group = zarr.open_group(self.group.store, mode="r+", use_consolidated=False)
+            yield group
+            self.group = group
+            self._consolidate()  # readers must not see old shapes or attributes
 
     # -- shape of the work -----------------------------------------------------------------
 
@@ -579,25 +599,27 @@ class LabelStore:
                              "store, or rebuild it with cache-teachers into a new --store")
 
     def add_skipped(self, entries: list[str]) -> None:
-        """Coordinator: list more images as holding no labels ("path: reason"); their rows stay zero."""
-        attrs = self.attrs
-        known = set(attrs.get("skipped", []))
-        self.group.attrs["mealv2"] = {**attrs, "skipped": list(attrs.get("skipped", [])) +
-                                      [entry for entry in entries if entry not in known]}
+        """List more images as holding no labels ("path: reason"); their rows stay zero. Sorted, so that jobs listing
+        theirs in any order make the same store."""
+        with self._changing() as group:
+            attrs = dict(group.attrs["mealv2"])
+            group.attrs["mealv2"] = {**attrs, "skipped": sorted(set(attrs.get("skipped", [])) | set(entries))}
 
     def add_provenance(self, record: dict) -> None:
-        """Coordinator: record how this job made its labels (decoder, device, precision, versions), once per kind."""
-        attrs = self.attrs
-        made_with = list(attrs.get("made_with", []))
-        if record not in made_with:
-            self.group.attrs["mealv2"] = {**attrs, "made_with": made_with + [record]}
+        """Record how this job made its labels (decoder, device, precision, versions), once per kind."""
+        with self._changing() as group:
+            attrs = dict(group.attrs["mealv2"])
+            made_with = list(attrs.get("made_with", []))
+            if record not in made_with:
+                group.attrs["mealv2"] = {**attrs, "made_with": made_with + [record]}
 
     def finalize(self) -> bool:
-        """Coordinator: mark complete and consolidate metadata once every unit is done; returns completeness."""
-        complete = bool(self.done().all())
-        if complete and not self.attrs["complete"]:
-            self.group.attrs["mealv2"] = {**self.attrs, "complete": True}
-            self._consolidate()
+        """Mark complete once every unit is done (any job may: the last to finish does); returns completeness."""
+        with self._changing() as group:
+            complete = bool(group["done"][...].all())
+            attrs = dict(group.attrs["mealv2"])
+            if complete and not attrs["complete"]:
+                group.attrs["mealv2"] = {**attrs, "complete": True}
         return complete
 
     def pack(self, out: str | os.PathLike) -> int:
@@ -613,28 +635,24 @@ class LabelStore:
         fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         root = root.rstrip("/")
         out = os.fspath(out)
-        tmp = os.fspath(temporary_path(out))  # and a killed pack's temporary is removed
-        if os.path.lexists(out):
-            raise StoreError(f"{out}: exists already; nothing was changed: pack into a new file")
-        missing = self.missing_chunks()
-        if missing:
-            raise StoreError(f"{self.url}: {missing[0]}; nothing was packed: `mealv2 labels verify {self.url}`")
-        if "file" in fs.protocol:
-            links = [os.path.join(folder, name) for folder, dirs, files in os.walk(root) for name in dirs + files
-                     if os.path.islink(os.path.join(folder, name))]
-            if links:
-                raise StoreError(f"{links[0]}: a symbolic link inside the store; nothing was packed: replace it "
-                                 "with the file itself (packing copies files, and would copy what it points to)")
-        local = self.group.store if isinstance(self.group.store, RegularFileStore) else None
-        try:
+        with temporary_file(out) as tmp:  # and a killed pack's temporary is removed
+            if os.path.lexists(out):
+                raise StoreError(f"{out}: exists already; nothing was changed: pack into a new file")
+            missing = self.missing_chunks()
+            if missing:
+                raise StoreError(f"{self.url}: {missing[0]}; nothing was packed: `mealv2 labels verify {self.url}`")
+            if "file" in fs.protocol:
+                links = [os.path.join(folder, name) for folder, dirs, files in os.walk(root) for name in dirs + files
+                         if os.path.islink(os.path.join(folder, name))]
+                if links:
+                    raise StoreError(f"{links[0]}: a symbolic link inside the store; nothing was packed: replace it "
+                                     "with the file itself (packing copies files, and would copy what it points to)")
+            local = self.group.store if isinstance(self.group.store, RegularFileStore) else None
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
                 for path in sorted(fs.find(root)):  # a local store's files regular and bounded (a FIFO never ends)
                     key = path[len(root) + 1:]
                     archive.writestr(key, local.read(key) if local else fs.cat_file(path))
-            _place_without_replacing(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            _place_without_replacing(os.fspath(tmp), out)
         return os.path.getsize(out)
 
     def _consolidate(self) -> None:
