@@ -19,9 +19,12 @@ from mealv2.pipeline.errors import first_line
 from mealv2.pipeline.files import atomic_write
 
 CHECKPOINT = "checkpoint-last.pth"
-# options a resumed run must share with the run it continues (the rest, like --epochs, may change)
-RESUME_KEYS = ("mode", "model", "teachers", "res", "interpolation", "scale", "ratio", "seeds", "cutmix", "mixup_prob",
-               "opt", "model_ema", "disc_head")
+# what a resumed run may change: where and how it runs and reports, not what it trains (every other option, new
+# ones too, must be the run's own: config.json then says what ran); --epochs only under a step schedule, whose
+# learning rates do not depend on the run's length
+RESUME_MAY_CHANGE = {"epochs", "data", "out", "labels", "device", "decoder", "hw_decoder_load", "workers", "compile",
+                     "skip_bad", "resume", "progress", "log_interval", "log_tb", "log_wandb", "val_every"}
+LENGTH_FREE_SCHEDULES = ("step", "multistep")
 
 
 def rng_state(device: torch.device) -> bytes:
@@ -105,11 +108,20 @@ def saved_options(out: Path) -> dict:
 
 
 def check_same_run(path: Path, saved: dict, current: dict) -> None:
-    """Refuse to resume with options that change what the run trains, naming the first that differs."""
-    for key in RESUME_KEYS:
+    """Refuse to resume with an option that changes what the run trains, naming the first that differs (the
+    run's recipe stays one, as its config.json records it)."""
+    may_change = RESUME_MAY_CHANGE - (set() if saved.get("sched") in LENGTH_FREE_SCHEDULES else {"epochs"})
+    for key in saved.keys() - may_change:
         now = json.loads(json.dumps(current.get(key)))  # tuples as the lists JSON saved
-        if key in saved and saved[key] != now:
-            raise ValueError(f"{path}: was written with --{key.replace('_', '-')} {saved[key]}, not {now}")
+        if saved[key] != now:
+            flag = f"--{key.replace('_', '-')}"
+            raise ValueError(f"{flag} {_shown(key, now)}: {path} was trained with {flag} {_shown(key, saved[key])}; "
+                             f"resume with the run's own {flag}, or start a new run (--out)")
+
+
+def _shown(key: str, value) -> str:
+    """An option's value as its flag takes it (--lr-steps 30,60; --scale 0.08 1.0)."""
+    return (",", " ")[key != "lr_steps"].join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def check_same_store(path: Path, saved: dict, current: dict, url: str) -> None:

@@ -7,13 +7,12 @@ timm's ``update_summary``, so its columns are timm's (epoch, train_*, eval_*, lr
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 
 from timm.utils import update_summary
 
-LINE_SECONDS = 30.0  # a progress line at least this often when no bar is shown
+from mealv2.pipeline.progress import ProgressLines
+
 SUMMARY = "summary.csv"
 
 
@@ -88,29 +87,13 @@ def _wandb(config: dict, out: Path) -> bool:
     return True
 
 
-class StepLines:
-    """Progress lines for a log without a terminal: every ``interval`` steps or LINE_SECONDS, whichever comes first."""
+class StepLines(ProgressLines):
+    """Training's progress lines: step, images, loss, lr, pace."""
 
-    def __init__(self, log, interval: int, shown: bool):
-        self.log, self.interval = log, interval
-        self.enabled = interval > 0 and not shown
-        self._last = time.perf_counter()
-
-    @staticmethod
-    def bars_shown(progress: bool) -> bool:
-        """Whether tqdm draws bars here (it draws none on a stderr that is not a terminal)."""
-        return progress and sys.stderr.isatty()
-
-    def start(self) -> None:
-        self._started = self._last = time.perf_counter()
-
-    def step(self, epoch: str, steps: int, images: int, total: int, loss, lr: float) -> None:
-        """After a step: ``loss`` is read (a device sync) only when a line is due."""
-        now = time.perf_counter()
-        if not self.enabled or (steps % self.interval and now - self._last < LINE_SECONDS):
-            return
-        self._last = now
-        rate = images / max(now - self._started, 1e-9)
-        eta = (total - images) / rate if rate else 0.0
+    def step(self, epoch: str, steps: int, images: int, total: int, loss, lr: float) -> bool:
+        """After a step: ``loss`` is read (a device sync) only when a line is due; whether it was."""
+        if not self.due():
+            return False
         self.log(f"{epoch} step {steps} | {images}/{total} img | loss {float(loss):.4f} | lr {lr:.4g} | "
-                 f"{rate:.0f} img/s | eta {eta:.0f} s")
+                 f"{self.pace(images, total)}")
+        return True

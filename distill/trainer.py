@@ -38,6 +38,7 @@ from mealv2.pipeline.dataset import load_index
 from mealv2.pipeline.distributed import setup
 from mealv2.pipeline.files import atomic_write
 from mealv2.pipeline.loader import ReplayLoader, epoch_order
+from mealv2.pipeline.progress import bars_shown
 from mealv2.softlabels.cache import provenance
 from mealv2.softlabels.models import AMP_DTYPES, Normalize, autocast, file_sha256, normalization
 from mealv2.softlabels.store import LabelStore, StoreError
@@ -165,8 +166,7 @@ class Trainer:
         self.val_loader = ReplayLoader(load_index(val_dir, skip_bad=config.skip_bad, world=self.world), config.res,
                                        rank_batch, device, config.decoder, self.eval_transform.interpolation,
                                        config.workers) if val_dir.is_dir() else None
-        self.lines = StepLines(self.log, config.log_interval if self.world.is_main else 0,
-                               StepLines.bars_shown(self.progress))
+        self.lines = StepLines(self.log, config.log_interval if self.world.is_main else 0, bars_shown(self.progress))
         self.finite = FiniteLoss(self.world, device)
         self.start_epoch = 0
 
@@ -272,9 +272,12 @@ class Trainer:
             steps += 1
             self.finite.step(losses["loss"], desc, steps)
             images_seen += len(indices)
-            if steps % _POSTFIX_EVERY == 1 and not batches.bar.disable:  # the one figure a shown bar reads mid-epoch
+            synced = steps % _POSTFIX_EVERY == 1 and not batches.bar.disable  # the one figure a shown bar reads
+            if synced:
                 batches.bar.set_postfix(loss=f"{float(sums['loss']) / steps:.4f}", refresh=False)
-            self.lines.step(desc, steps, images_seen, len(order), sums["loss"] / steps, lr)
+            synced |= self.lines.step(desc, steps, images_seen, len(order), sums["loss"] / steps, lr)
+            if synced:  # the device was just waited for: looking at the loss record costs nothing more
+                self.finite.check_here()
         if "disc_loss" in sums and float(drift) < INERT_DISCRIMINATOR:
             cause = ("(its last ReLU can give 0 for every input; it may wake later, or never; --disc-head "
                      "linear learned in every run measured)" if self.config.disc_head == "relu"
@@ -357,6 +360,10 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.resumed:
             self._restore()
+            if self.start_epoch >= self.config.epochs:
+                self.log(f"nothing to train: {self.out} has trained {self.start_epoch} epoch(s) of --epochs "
+                         f"{self.config.epochs}; a larger --epochs continues it")
+                return []
         else:
             self._start_fresh()
         if self.world.is_main:
@@ -364,6 +371,8 @@ class Trainer:
             atomic_write(self.out / "config.json",
                          lambda tmp: tmp.write_text(json.dumps(run_file(self.config, self._ran()), indent=2)))
             self.log(self._start_line())
+            if warning := self._too_few_slots():
+                self.log(warning)
         history = []
         for epoch in range(self.start_epoch, self.config.epochs):
             lr = self.optimizer.param_groups[0]["lr"]
@@ -406,10 +415,24 @@ class Trainer:
         config, ranks = self.config, self.world.world_size
         recipe = f"{config.opt} lr {config.lr:g}, {config.sched} schedule" + (
             f" after {config.warmup_epochs} warm-up epoch(s)" if config.warmup_epochs else "")
+        slots = (f"; {config.seeds} seed slot(s): each crop seen up to {-(-config.epochs // config.seeds)} times"
+                 if config.seeds else "; new crops every epoch")
         return (f"{config.mode} {config.model} for {config.epochs} epochs: batch {config.batch_size} global "
                 f"({config.batch_size // ranks} per rank × {ranks}), {recipe}"
-                + (", EMA of the weights" if self.ema is not None else "")
+                + (", EMA of the weights" if self.ema is not None else "") + slots
                 + f"; on {self.device}, {self.loader.decoder_name} decoder, outputs in {self.out}")
+
+    def _too_few_slots(self) -> str | None:
+        """A warning where crops repeat more than docs/slots.md advises (S >= epochs / 2); None otherwise."""
+        config = self.config
+        if not config.seeds or 2 * config.seeds >= config.epochs:
+            return None
+        wanted = -(-config.epochs // 2)
+        cure = (f"cache-teachers --seeds {wanted} extends the store" if config.mode == "distill"
+                else f"--seeds {wanted}, or leave --seeds out for new crops every epoch")
+        return (f"warning: {config.seeds} seed slot(s) for {config.epochs} epochs shows each crop up to "
+                f"{-(-config.epochs // config.seeds)} times; docs/slots.md measured 1.1 top-1 points lost at one slot "
+                f"per 12 epochs and 8.5 at one slot for 96: give at least one slot per two epochs ({cure})")
 
     def _ran(self) -> dict:
         """What actually ran, for config.json: decoder, device, world size, autocast, versions, store, init."""

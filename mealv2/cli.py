@@ -6,8 +6,10 @@ import dataclasses
 import json
 import sys
 import types
+from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from mealv2.distill.config import AMP_MODES, DISC_HEADS, SCHEDULES
 from mealv2.distill.config import defaults as train_defaults
@@ -139,6 +141,9 @@ def storage_option(command):
               show_default=True, help="what identifies the data beside paths and labels: byte sizes, or every "
               "file's bytes (hashed here and wherever the store meets its data; catches an image edited at equal "
               "size)")
+@click.option("--log-interval", type=click.IntRange(min=0), default=CACHE["log_interval"], show_default=True,
+              help="batches between progress lines when no bar is shown (Slurm, nohup; also in STORE.log beside a "
+                   "local store); one at least every 30 s; 0: none")
 @click.option("--chunk-rows", type=int, default=CACHE["chunk_rows"], show_default=True,
               help="images per store chunk")
 @_apply(mix_options(CACHE["cutmix"], CACHE["mixup_prob"], "the teachers label the composites and stage two "
@@ -151,15 +156,16 @@ def storage_option(command):
 def cache_teachers(storage_options, shard, scale, ratio, **options):
     """Stage one: run the teachers once per seed slot and store their top-k mean softmax."""
     from mealv2.pipeline.crops import CropSpec
-    from mealv2.softlabels.cache import run_cache
+    from mealv2.softlabels.cache import job_log, run_cache
 
     def run():
         job = CacheJob(**options, shard=parse_shard(shard), crop=CropSpec.from_options(scale, ratio),
                        storage_options=_storage_options(storage_options))
-        summary = run_cache(job, log=click.echo)
+        log = job_log(click.echo, job.store)
+        summary = run_cache(job, log=log)
         if summary["rank"] != 0:  # under torchrun rank 0 speaks for the job
             return
-        click.echo(f"{summary['images']} images × {summary['seed_slots']} seed slot(s): "
+        log(f"{summary['images']} images × {summary['seed_slots']} seed slot(s): "
                    f"{summary['images_labelled']} labelled in {summary['labelling_seconds']:.1f} s "
                    f"({summary['images_per_sec']:.1f} img/s; {summary['seconds']:.1f} s in all); "
                    f"store {summary['bytes'] / 1e6:.2f} MB, "
@@ -403,10 +409,26 @@ def _take_pretrained_path(options: dict) -> None:
     path = options.pop("pretrained_path")
     if path is None:
         return
-    given = click.get_current_context().get_parameter_source("init") is click.core.ParameterSource.COMMANDLINE
+    given = click.get_current_context().get_parameter_source("init") is ParameterSource.COMMANDLINE
     if given and options["init"] != path:
         raise click.UsageError(f"--init {options['init']} and --pretrained-path {path}: give one of them")
     options["init"] = path
+
+
+def _run_paths_follow_out(options: dict) -> None:
+    """A --config run's own folder for TensorBoard (--log-tb) follows a new --out given on the command line, unless
+    given again: two runs never write event files into one folder."""
+    ctx = click.get_current_context()
+    source, old_out = ctx.get_parameter_source, (ctx.default_map or {}).get("out")
+    if (options.get("log_tb") is None or old_out is None or source("out") is not ParameterSource.COMMANDLINE
+            or source("log_tb") is not ParameterSource.DEFAULT_MAP):
+        return
+    try:
+        inside = Path(options["log_tb"]).resolve().relative_to(Path(old_out).resolve())
+    except ValueError:
+        raise click.UsageError(f"--log-tb {options['log_tb']} (from --config) lies outside its run {old_out}: give "
+                               f"--log-tb again for --out {options['out']}") from None
+    options["log_tb"] = str(Path(options["out"]) / inside)
 
 
 def _fit(mode: str, options: dict, storage_options: tuple[str, ...] = ()) -> None:
@@ -414,6 +436,7 @@ def _fit(mode: str, options: dict, storage_options: tuple[str, ...] = ()) -> Non
     from mealv2.pipeline.distributed import leave
 
     _take_pretrained_path(options)
+    _run_paths_follow_out(options)
 
     def run():
         steps = tuple(int(v) for v in options.pop("lr_steps").split(",") if v.strip())

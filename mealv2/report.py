@@ -15,17 +15,27 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_report(curves: dict[str, list[dict]], summary: dict, path: Path) -> None:
     """curves: run name → its metrics.jsonl rows; summary: the demo's summary.json."""
-    fig, (val_ax, loss_ax, bar_ax) = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig = report_figure(curves, summary)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report_figure(curves: dict[str, list[dict]], summary: dict):
+    """Validation top-1 of every run; the training losses in two panels, since a cross-entropy to hard labels and
+    one to the teachers' soft labels are not on one scale; the accuracy bars."""
+    fig, (val_ax, hard_ax, soft_ax, bar_ax) = plt.subplots(1, 4, figsize=(21, 4.8))
     for name, rows in curves.items():
         style = "--" if name.startswith("teacher") else "-"
         points = [(r["epoch"], r["val_top1"]) for r in rows if r["val_top1"] is not None]
         val_ax.plot(*zip(*points), style, marker="o", label=name)
-        loss_ax.plot([r["epoch"] for r in rows], [r["kd_loss"] if r["kd_loss"] is not None else r["loss"]
-                                                    for r in rows], style, marker=".", label=name)
+        soft = rows[0].get("kd_loss") is not None
+        (soft_ax if soft else hard_ax).plot([r["epoch"] for r in rows], [r["kd_loss" if soft else "loss"]
+                                                                         for r in rows], style, marker=".", label=name)
     val_ax.set(title="validation top-1", xlabel="epoch", ylabel="%")
-    loss_ax.set(title="training loss (cross-entropy to its targets)", xlabel="epoch")
-    val_ax.legend(fontsize=8)
-    loss_ax.legend(fontsize=8)
+    hard_ax.set(title="training loss: cross-entropy to hard labels", xlabel="epoch")
+    soft_ax.set(title="training loss: cross-entropy to the teachers' soft labels", xlabel="epoch")
+    for ax in (val_ax, hard_ax, soft_ax):
+        ax.legend(fontsize=8)
 
     plan = summary["plan"]
     names = [*summary["teachers"], "ensemble", "hard labels", "MEAL V2"]
@@ -45,8 +55,7 @@ def plot_report(curves: dict[str, list[dict]], summary: dict, path: Path) -> Non
     bar_ax.set(title=f"top-1 on {summary['val_images']} test images\nstudent {plan['student']}", ylabel="%")
     bar_ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def plot_runs(runs: list[Path], path: Path) -> None:

@@ -7,10 +7,12 @@ both decoders produce.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import os
 import posixpath
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +127,21 @@ def _file_digest(path: str) -> bytes:
     return digest.digest()
 
 
+SCAN_WINDOW = 4096  # files read at once by a scan's threads and queued behind them: a Future each, not one a file
+
+
+def in_windows(pool: ThreadPoolExecutor, work: Callable[[int], object], count: int):
+    """``work(0)``, ``work(1)``, … ``work(count - 1)`` on ``pool``, results in order, at most SCAN_WINDOW submitted
+    ahead of the one consumed (``pool.map`` submits all ``count`` at once: memory in proportion to the split)."""
+    pending: collections.deque = collections.deque()
+    for i in range(count):
+        pending.append(pool.submit(work, i))
+        if len(pending) >= SCAN_WINDOW:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def _is_utf8(name: str) -> bool:
     """Whether a listed name is text: os.scandir hands bytes that are not UTF-8 over as surrogate escapes."""
     try:
@@ -139,17 +156,47 @@ def printable_path(path: str | os.PathLike) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _pack_strings(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(bytes, ends): the strings' bytes one after another and where each ends, so that a name holding a newline
-    stays one name; surrogate escapes, which stand for a file name's bytes that are not UTF-8, are kept as bytes."""
-    encoded = [string.encode("utf-8", "surrogateescape") for string in strings]
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8), np.cumsum([len(e) for e in encoded], dtype=np.int64)
+class PackedStrings(Sequence):
+    """Strings as two arrays, their UTF-8 bytes one after another and where each ends: read-only, one object for a
+    million names. Forked DataLoader workers read it without copying it (a list of str objects is copied page by
+    page as workers touch each object's reference count), it pickles as two buffers, and a name holding a newline
+    stays one name. Surrogate escapes, which stand for a file name's bytes that are not UTF-8, are kept as bytes."""
 
+    def __init__(self, data: np.ndarray, ends: np.ndarray):
+        self.data, self.ends = np.asarray(data, np.uint8), np.asarray(ends, np.int64)
 
-def _unpack_strings(data: np.ndarray, ends: np.ndarray) -> list[str]:
-    raw = data.tobytes()
-    starts = [0, *ends[:-1].tolist()]
-    return [raw[start:end].decode("utf-8", "surrogateescape") for start, end in zip(starts, ends.tolist())]
+    @classmethod
+    def of(cls, strings: Sequence[str]) -> PackedStrings:
+        if isinstance(strings, PackedStrings):
+            return strings
+        encoded = [string.encode("utf-8", "surrogateescape") for string in strings]
+        return cls(np.frombuffer(b"".join(encoded), np.uint8), np.cumsum([len(e) for e in encoded], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]  # negative positions, and IndexError past the end
+        start = int(self.ends[i - 1]) if i else 0
+        return self.data[start:int(self.ends[i])].tobytes().decode("utf-8", "surrogateescape")
+
+    def __iter__(self):
+        raw, start = self.data.tobytes(), 0
+        for end in self.ends.tolist():
+            yield raw[start:end].decode("utf-8", "surrogateescape")
+            start = end
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, PackedStrings):
+            return np.array_equal(self.ends, other.ends) and np.array_equal(self.data, other.data)
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"PackedStrings({len(self)} strings, {len(self.data)} bytes)"
 
 
 @dataclass(frozen=True)
@@ -157,13 +204,16 @@ class DatasetIndex:
     """An ImageFolder split: sorted relative paths, labels, (height, width) after EXIF, byte sizes."""
 
     root: str
-    paths: list[str]
+    paths: Sequence[str]  # PackedStrings: any sequence given is packed
     labels: np.ndarray
     sizes: np.ndarray
     byte_sizes: np.ndarray
     classes: list[str]
     skipped: list[str] = field(default_factory=list)
     mtimes: np.ndarray | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "paths", PackedStrings.of(self.paths))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -191,7 +241,7 @@ class DatasetIndex:
             raise DatasetError(f"--fingerprint {mode!r}: expected one of {FINGERPRINTS}")
         digest = hashlib.sha256(self.fingerprint.encode())
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            files = pool.map(_file_digest, map(self.file, range(len(self))), chunksize=64)
+            files = in_windows(pool, lambda i: _file_digest(self.file(i)), len(self))
             for value in tqdm(files, total=len(self), desc="fingerprint content", unit="img", disable=None,
                               leave=False):
                 digest.update(value)
@@ -239,7 +289,7 @@ class DatasetIndex:
         sizes = np.zeros((len(keys), 2), np.int32)
         bad: dict[int, str] = {}
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            results = pool.map(header_or_error, range(len(keys)), chunksize=256)
+            results = in_windows(pool, header_or_error, len(keys))
             for i, result in tqdm(zip(range(len(keys)), results), total=len(keys), desc=f"scan {split_dir.name}",
                                   unit="img", disable=None, leave=False):
                 if isinstance(result, str):
@@ -259,20 +309,21 @@ class DatasetIndex:
             skipped=[bad[i] for i in sorted(bad)],
             mtimes=listing.mtimes[keep],
         )
-        for label, name in enumerate(index.classes):
-            if not np.any(index.labels == label):
-                raise DatasetError(f"{split_dir / name}: class folder holds no usable images")
+        empty = np.flatnonzero(np.bincount(index.labels, minlength=len(index.classes)) == 0)  # O(N), not O(N·C)
+        if len(empty):
+            raise DatasetError(f"{split_dir / index.classes[empty[0]]}: class folder holds no usable images")
         return index
 
     def to_bytes(self) -> bytes:
         """The index as a pickle-free .npz, in memory (what ``save`` writes and ranks receive)."""
         buffer = io.BytesIO()
-        strings = {name: _pack_strings(values) for name, values in
+        strings = {name: PackedStrings.of(values) for name, values in
                    (("root", [self.root]), ("paths", self.paths), ("classes", self.classes), ("skipped", self.skipped))}
         np.savez(
             buffer, format=np.int64(_INDEX_FORMAT), labels=self.labels, sizes=self.sizes, byte_sizes=self.byte_sizes,
             mtimes=self.mtimes if self.mtimes is not None else np.zeros(len(self), np.int64),
-            **{f"{name}{part}": array for name, packed in strings.items() for part, array in zip(("", "_ends"), packed)},
+            **{key: array for name, packed in strings.items() for key, array in ((name, packed.data),
+                                                                                  (f"{name}_ends", packed.ends))},
         )
         return buffer.getvalue()
 
@@ -281,11 +332,11 @@ class DatasetIndex:
         with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
             if int(arrays["format"]) != _INDEX_FORMAT:
                 raise DatasetError(f"{name}: index format {int(arrays['format'])}, expected {_INDEX_FORMAT}")
-            strings = {name: _unpack_strings(arrays[name], arrays[f"{name}_ends"])
+            strings = {name: PackedStrings(arrays[name], arrays[f"{name}_ends"])
                        for name in ("root", "paths", "classes", "skipped")}
             return cls(root=strings["root"][0], paths=strings["paths"], labels=arrays["labels"], sizes=arrays["sizes"],
-                       byte_sizes=arrays["byte_sizes"], classes=strings["classes"], skipped=strings["skipped"],
-                       mtimes=arrays["mtimes"])
+                       byte_sizes=arrays["byte_sizes"], classes=list(strings["classes"]),
+                       skipped=list(strings["skipped"]), mtimes=arrays["mtimes"])
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the index as a pickle-free .npz (atomically: temp file, then rename)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import json
 import time
@@ -15,8 +16,10 @@ from tqdm import tqdm
 
 from mealv2.pipeline.dataset import load_index
 from mealv2.pipeline.distributed import setup, use_device
+from mealv2.pipeline.errors import first_line
 from mealv2.pipeline.loader import ReplayLoader
 from mealv2.pipeline.mix import SlotMix
+from mealv2.pipeline.progress import ProgressLines
 from mealv2.softlabels.cache_config import CacheJob
 from mealv2.softlabels.store import LabelStore, SlotLabels, label_spec
 from mealv2.softlabels.teachers import TeacherEnsemble, TeacherError, parse_teachers
@@ -181,6 +184,39 @@ class UnitWriter:
             pending.result()
 
 
+class LabelProgress(ProgressLines):
+    """The tqdm bar, and where none is drawn a line every ``interval`` batches or 30 s: images labelled, units
+    written, pace."""
+
+    def __init__(self, bar: tqdm, log, interval: int, total: int, units: int, writer: UnitWriter):
+        super().__init__(log, interval, shown=not bar.disable)
+        self.bar, self.total, self.units, self.writer, self.done = bar, total, units, writer, 0
+
+    def update(self, count: int) -> None:
+        self.bar.update(count)
+        self.done += count
+        if self.due():
+            self.log(f"cache-teachers: {self.done}/{self.total} img labelled, {len(self.writer.written)}/{self.units} "
+                     f"unit(s) written | {self.pace(self.done, self.total)}")
+
+
+def job_log(echo, store: str):
+    """``echo`` that also appends each line, timed, to STORE.log beside a local store (a job's record outside a
+    terminal); a store on object storage has its lines on the terminal only."""
+    if "://" in store or "::" in store:
+        return echo
+    path = Path(store.rstrip("/") + ".log")
+
+    def log(line: str) -> None:
+        echo(line)
+        try:
+            with open(path, "a") as handle:
+                handle.write(f"{datetime.datetime.now().isoformat(timespec='seconds')} {line}\n")
+        except OSError as err:
+            echo(f"warning: {path}: cannot append this job's log ({first_line(err)})")
+    return log
+
+
 def run_cache(job: CacheJob, log=print) -> dict:
     """Fill this job's share of the store (creating or extending it first); returns the summary.
 
@@ -217,18 +253,20 @@ def run_cache(job: CacheJob, log=print) -> dict:
     todo = sum(store.rows(chunk).stop - store.rows(chunk).start for _, chunk in units)
     log(f"cache-teachers: {len(index)} images, {job.seeds} seed slot(s), {len(units)} unit(s) to do "
         f"on {device} with {loader.decoder_name}, {batch_size} a batch"
+        + (f", shard {job.shard[0]}/{job.shard[1]}" if job.shard[1] > 1 else "")
         + (f" (rank 0 of {world.world_size})" if world.distributed else ""))
     crops_slot, boxes, flips, mix = None, None, None, None
     labelling_started = time.perf_counter()  # the rate leaves out set-up (index, teachers, store), paid once
     writer = UnitWriter(store, device)
     with tqdm(total=todo, desc="cache-teachers", unit="img", disable=None if job.progress and world.is_main else True,
               dynamic_ncols=True) as bar:
+        progress = LabelProgress(bar, log, job.log_interval, todo, len(units), writer)
         for slot, chunk in units:
             if slot != crops_slot:  # units come slot by slot: draw each slot's crops (and mixes) once
                 crops_slot, (boxes, flips) = slot, job.crop.draw(store.seeds[slot], index.sizes)
                 mix = job.mix.draw(store.seeds[slot], len(index), job.res) if job.mix.enabled else None
             writer.submit(slot, chunk, label_unit(ensemble, loader, slot, store.rows(chunk), boxes, flips, mix,
-                                                  job.topk, bar))
+                                                  job.topk, progress))
         writer.wait()
     found = world.gather_bytes(json.dumps({index.paths[i]: reason for i, reason in undecodable.items()}).encode())
     left_out = {path: reason for part in found for path, reason in json.loads(part).items()}

@@ -52,6 +52,7 @@ class CacheJob:
     mixup_prob: float = 1.0  # the probability a pair of crops is mixed and labelled as one composite
     storage_options: dict = field(default_factory=dict)
     progress: bool = True
+    log_interval: int = 50  # batches between progress lines where no bar is drawn (also every 30 s); 0: none
 
     @property
     def mix(self) -> MixSpec:

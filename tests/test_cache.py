@@ -126,6 +126,22 @@ def test_rate_is_over_the_labelling_and_total_time_is_kept(small_root, teacher_f
     assert labelled / (labelling + 0.05) - 0.05 <= rate <= labelled / max(labelling - 0.05, 1e-3) + 0.05
 
 
+def test_progress_lines_outside_a_terminal_and_in_the_stores_log(small_root, teacher_files, tmp_path):
+    """Under nohup or Slurm (no terminal) stage one prints progress lines as training does, and appends every line,
+    timed, to STORE.log beside the store."""
+    store = tmp_path / "logged.zarr"
+    run = subprocess.run([sys.executable, "-m", "mealv2", *map(str, cache_args(small_root, store, teacher_files,
+                                                                                "--log-interval", "3"))],
+                         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr
+    lines = re.findall(r"cache-teachers: (\d+)/60 img labelled, (\d)/8 unit\(s\) written \| \d+ img/s \| eta \d+ s",
+                       run.stdout)
+    assert len(lines) >= 4 and [int(done) for done, _ in lines] == sorted(int(done) for done, _ in lines), run.stdout
+    log = (tmp_path / "logged.zarr.log").read_text().splitlines()
+    assert [line.split(" ", 1)[1] for line in log] == run.stdout.splitlines()  # the summary line too
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d cache-teachers: 30 images, 2 seed slot", log[0])
+
+
 def test_more_seeds_extend_without_touching_existing_slots(reference_store, small_root, teacher_files, tmp_path):
     store = tmp_path / "grown.zarr"
     shutil.copytree(reference_store, store)

@@ -128,3 +128,19 @@ def test_slots_study_miniature_writes_its_curve(fashion_mnist_source, tmp_path):
         assert (config["mode"], config["seeds"], config["seed"]) == (mode, slots, 3), run
     assert study["bytes_per_slot"] > 0 and "| online" in (out / "slots.md").read_text()
     assert (out / "slots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_keeps_hard_and_soft_cross_entropy_on_separate_panels():
+    """A cross-entropy to hard labels and one to soft labels are not on one scale: each kind has its own panel."""
+    from mealv2.report import report_figure
+
+    row = {"epoch": 1, "val_top1": 50.0}
+    curves = {"teacher-resnet10t": [row | {"loss": 0.4, "kd_loss": None}],
+              "hard labels": [row | {"loss": 0.9, "kd_loss": None}], "MEAL V2": [row | {"loss": 1.3, "kd_loss": 0.7}]}
+    summary = {"plan": {"student": "mobilenetv3_small_075"}, "teachers": ["resnet10t"], "teacher_top1": [88.6],
+               "ensemble_top1": 88.5, "baseline_top1": 76.0, "distilled_top1": 77.0, "gain": 1.0,
+               "gain_ci95": [0.4, 1.6], "val_images": 10000}
+    val, hard, soft, _ = report_figure(curves, summary).axes
+    assert [line.get_label() for line in hard.lines] == ["teacher-resnet10t", "hard labels"]
+    assert [line.get_label() for line in soft.lines] == ["MEAL V2"] and list(soft.lines[0].get_ydata()) == [0.7]
+    assert "hard labels" in hard.get_title() and "soft labels" in soft.get_title() and len(val.lines) == 3

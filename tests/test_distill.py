@@ -73,6 +73,28 @@ def test_resume_after_an_epoch_matches_the_uninterrupted_run(full_run, small_roo
     assert [r["epoch"] for r in metrics(out)] == [1, 2, 3, 4]
 
 
+def test_resume_takes_the_runs_recipe_or_refuses_in_one_line(full_run, small_root, reference_store, tmp_path):
+    """A flag that changes what the run trains is refused on --resume, naming it (--lr and --lr-steps used to be
+    written into config.json but not applied, --batch-size and --seed taken silently mid-run, --weight-decay and
+    --no-discriminator refused in torch's words); --epochs may grow a step-schedule run; a finished run says so."""
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    resume = functools.partial(distill_args, small_root, reference_store, run, 4, "--resume")
+    for flag, value, was in [("--lr", "0.5", "0.05"), ("--lr-steps", "1", "3"), ("--batch-size", "4", "8"),
+                             ("--seed", "5", "0"), ("--weight-decay", "0.1", "0.0"), ("--kd-weight", "0", "1.0"),
+                             ("--sched", "cosine", "step"), ("--d-lr", "5", "None")]:
+        refused = run_cli(*resume(flag, value))
+        assert refused.exit_code == 1, (flag, refused.output)
+        assert f"was trained with {flag} {was}; resume with the run's own {flag}" in refused.output, refused.output
+    refused = run_cli(*resume("--no-discriminator"))
+    assert refused.exit_code == 1 and "was trained with --discriminator True" in refused.output, refused.output
+    done = run_cli(*resume())
+    assert done.exit_code == 0 and f"nothing to train: {run} has trained 4 epoch(s) of --epochs 4" in done.output
+    longer = run_cli(*distill_args(small_root, reference_store, run, 5, "--resume"))
+    assert longer.exit_code == 0 and "epoch 5/5" in longer.output, longer.output
+    assert [row["epoch"] for row in metrics(run)] == [1, 2, 3, 4, 5]
+
+
 def test_evaluate_reproduces_the_final_validation(full_run, small_root):
     result = run_cli("evaluate", "--data", small_root, "--model", "test_resnet", "--checkpoint",
                      full_run / "model.safetensors", "--res", "32", "--json", "--device", "cpu")
@@ -126,6 +148,18 @@ def test_online_mode_trains(small_root, teacher_files, tmp_path, device):
     assert metrics(out)[0]["disc_loss"] is not None
 
 
+def test_the_start_line_says_how_often_a_crop_repeats_and_warns_below_the_advice(small_root, reference_store,
+                                                                                 tmp_path):
+    """docs/slots.md: at least one seed slot per two epochs; fewer is said, with the command that extends the store."""
+    few = run_cli(*distill_args(small_root, reference_store, tmp_path / "few", 3, "--seeds", "1"))
+    assert few.exit_code == 0, few.output
+    assert "; 1 seed slot(s): each crop seen up to 3 times;" in few.output
+    assert ("warning: 1 seed slot(s) for 3 epochs shows each crop up to 3 times; docs/slots.md measured" in few.output
+            and "(cache-teachers --seeds 2 extends the store)" in few.output)
+    enough = run_cli(*distill_args(small_root, reference_store, tmp_path / "enough", 1))
+    assert "; 2 seed slot(s): each crop seen up to 1 times;" in enough.output and "seed slot(s) for" not in enough.output
+
+
 def test_refusals(small_root, reference_store, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(small_root, other)
@@ -167,7 +201,7 @@ def test_crops_follow_the_store_and_the_options(mild_store, small_root, tmp_path
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "train" / "config.json").read_text())["scale"] == [0.5, 1.0]
     result = run_cli(*train, "--epochs", "2", "--resume")  # the default range is not the checkpoint's
-    assert result.exit_code == 1 and "was written with --scale [0.5, 1.0], not [0.08, 1.0]" in result.output
+    assert result.exit_code == 1 and "--scale 0.08 1.0: " in result.output and "was trained with --scale 0.5 1.0;" in result.output
     assert run_cli(*train, "--epochs", "2", "--resume", "--scale", "0.5", "1").exit_code == 0
 
 

@@ -186,6 +186,25 @@ def test_tensorboard_scalars(small_root, reference_store, tmp_path):
     assert events.Scalars("loss")[-1].value == pytest.approx(metrics(out)[-1]["loss"])
 
 
+def test_a_run_from_another_runs_config_writes_its_own_tensorboard_folder(small_root, reference_store, tmp_path):
+    """--config RUN/config.json --out NEW: the TensorBoard folder that lay inside RUN follows to NEW (the two runs'
+    curves never mix); one outside RUN must be given again."""
+    first = tmp_path / "first"
+    made = run_cli(*distill_args(small_root, reference_store, first, 1, "--log-tb", first / "tb"))
+    assert made.exit_code == 0, made.output
+    before = sorted((first / "tb").iterdir())
+    second = tmp_path / "second"
+    again = run_cli("distill", "--config", first / "config.json", "--out", second)
+    assert again.exit_code == 0, again.output
+    assert sorted((first / "tb").iterdir()) == before and len(list((second / "tb").iterdir())) == 1
+    assert json.loads((second / "config.json").read_text())["log_tb"] == str(second / "tb")
+    shared = tmp_path / "shared-tb"
+    outside = run_cli(*distill_args(small_root, reference_store, tmp_path / "third", 1, "--log-tb", shared))
+    assert outside.exit_code == 0, outside.output
+    refused = run_cli("distill", "--config", tmp_path / "third" / "config.json", "--out", tmp_path / "fourth")
+    assert refused.exit_code == 2 and f"--log-tb {shared} (from --config) lies outside its run" in refused.output
+
+
 def test_wandb_missing_is_one_line(small_root, reference_store, tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # as where wandb is not installed
     result = run_cli(*distill_args(small_root, reference_store, tmp_path / "wandb", 1, "--log-wandb"))
