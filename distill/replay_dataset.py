@@ -57,7 +57,7 @@ class ReplayDataset(Dataset):
     def _reader(self) -> LabelStore:
         """The store, opened again in each worker process (an open bucket connection does not survive a fork)."""
         if self._reader_pid != os.getpid():
-            self.store = LabelStore.open(self.store.url, "r", self.store.storage_options)
+            self.store = self.store.reopened()
             self._reader_pid = os.getpid()
         return self.store
 
@@ -78,15 +78,8 @@ class ReplayDataset(Dataset):
             image[:, top:top + height, left:left + width] = partner[:, top:top + height, left:left + width]
         return torch.from_numpy(image), store.targets(epoch, [row])[0], row
 
-    def __getstate__(self) -> dict:
-        """Workers get the store's address, not its open handle."""
-        state = dict(self.__dict__)
-        state["store"] = (self.store.url, self.store.storage_options)
-        return state
-
     def __setstate__(self, state: dict) -> None:
-        url, options = state["store"]
-        state["store"] = LabelStore.open(url, "r", options)
+        """A worker's copy: the store came as its address and identity (LabelStore pickles so) and is open here."""
         state["_reader_pid"] = os.getpid()
         self.__dict__.update(state)
 

@@ -1,8 +1,9 @@
 """One run per output folder: a run holds a claim on ``--out`` (mealv2.pipeline.claim) while it trains.
 
 Two runs sharing a folder would interleave their metrics and replace each other's weights;
-the second is refused with one line instead. A killed run's claim is taken over (its process
-is gone), so a rerun or ``--resume`` needs no cleaning up.
+the second is refused with one line instead. A killed run's claim is taken over (the kernel
+let go of its lock, whichever container it ran in), so a rerun or ``--resume`` needs no
+cleaning up.
 """
 
 from __future__ import annotations
@@ -28,12 +29,11 @@ def holding_run_folder(fit):
         if not trainer.world.is_main:
             return fit(trainer, *args, **kwargs)
         claim = Claim(fsspec.filesystem("file"), str(Path(trainer.out).resolve() / RUN_CLAIM))
-        token = claim.take()
-        if token is None:
+        if not claim.take():
             raise RunFolderBusy(f"{trainer.out}: another run is training in this folder ({claim.owner()}); "
                                 "nothing was changed: wait for it to end, or choose another --out")
         try:
             return fit(trainer, *args, **kwargs)
         finally:
-            claim.release(token)
+            claim.release()
     return locked

@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
-import tempfile
 import weakref
 
 import numpy as np
@@ -29,7 +28,7 @@ except ImportError:  # not on this platform: pil_replay.PilDecoder serves
 
 from mealv2.pipeline.decoders import INTERPOLATIONS
 from mealv2.pipeline.distributed import as_device
-from mealv2.pipeline.epoch_plan import PlanSource, plan_path, replay_inputs, write_plan
+from mealv2.pipeline.epoch_plan import PlanFolder, PlanSource, plan_path, replay_inputs, write_plan
 
 _INPUTS = ("encoded", "anchor", "shape", "roi_start", "roi_end")
 _PIPELINES: weakref.WeakSet = weakref.WeakSet()  # every pipeline this process has built and not yet dropped
@@ -187,9 +186,9 @@ class DaliStream:
         _require_dali()
         self.device = as_device(device)
         self.prefetch = max(2, prefetch)
-        # The plan folder is made with the first pipeline, whose workers remove it if this process is killed:
-        # a stream that never runs (a killed run's validation stream) leaves no folder behind.
-        self._plans: tempfile.TemporaryDirectory | None = None
+        # The plan folder is made with the first pipeline, whose workers remove it if this process is killed (or the
+        # next stream does): a stream that never runs (a killed run's validation stream) leaves no folder behind.
+        self._plans: PlanFolder | None = None
         self._source: PlanSource | None = None
         on_gpu, device_id = _placement(self.device)
         build = pipeline_def(_planned_graph, batch_size=batch_size, num_threads=max(1, threads),
@@ -199,7 +198,7 @@ class DaliStream:
 
         def build_pipeline():
             if self._plans is None:
-                self._plans = tempfile.TemporaryDirectory(prefix="mealv2-plans-")
+                self._plans = PlanFolder()
                 self._source = PlanSource(index, self._plans.name, batch_size)
             return build(source=self._source, prefetch=self.prefetch, res=res, interpolation=interpolation,
                          on_gpu=on_gpu, hw_decoder_load=hw_decoder_load)

@@ -9,19 +9,25 @@ so any worker can compute any batch, several batches ahead of the training step.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import shutil
+import tempfile
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from mealv2.pipeline.dataset import DatasetError, DatasetIndex
+from mealv2.pipeline.locks import create_locked, remove_unheld
 
 PLAN_DTYPE = np.dtype([("index", np.int64), ("box", np.int32, (4,)), ("flip", np.bool_)])
+PLANS_PREFIX = "mealv2-plans-"  # a plan folder in the temporary folder: mealv2-plans-PID-random
+_OWNER = "owner.lock"  # in a plan folder: locked by the process it belongs to while that lives
 
 
 def read_bytes(path: str) -> np.ndarray:
@@ -46,7 +52,8 @@ def replay_inputs(boxes: np.ndarray, flips: np.ndarray) -> tuple[np.ndarray, ...
 
 
 def _exit_with_parent(parent: int, folder: str, every: float = 1.0) -> None:
-    """Exit this worker once its parent is gone: DALI's workers outlive a parent killed by a signal otherwise.
+    """Exit this worker once ``parent`` (the process that pickled its source) is no longer its parent, at once if it
+    never was here: DALI's workers outlive a parent killed by a signal otherwise, holding its stdout.
 
     The parent's plan folder goes too: a killed parent never ran the cleanup that removes it.
     """
@@ -54,6 +61,26 @@ def _exit_with_parent(parent: int, folder: str, every: float = 1.0) -> None:
         time.sleep(every)
     shutil.rmtree(folder, ignore_errors=True)
     os._exit(0)
+
+
+class PlanFolder:
+    """The temporary folder of one stream's epoch plans, named after its process, which holds the folder's lock
+    (flock) while it lives. Folders whose lock no process holds (theirs was killed before it or its workers could
+    remove them) are removed when the next one is made, on this machine, whichever PID namespace made them."""
+
+    def __init__(self):
+        for stale in Path(tempfile.gettempdir()).glob(f"{PLANS_PREFIX}*"):
+            remove_unheld(stale / _OWNER, functools.partial(shutil.rmtree, stale))
+        lock = None
+        while lock is None:  # None: a sweep met the new folder in the instant before its lock was taken
+            self.name = tempfile.mkdtemp(prefix=f"{PLANS_PREFIX}{os.getpid()}-")
+            lock = create_locked(Path(self.name) / _OWNER)
+        self.cleanup = weakref.finalize(self, _remove_folder, self.name, lock)  # at the latest when the stream goes
+
+
+def _remove_folder(folder: str, lock: int) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    os.close(lock)
 
 
 def plan_path(folder: str | os.PathLike, epoch: int) -> Path:
@@ -89,13 +116,19 @@ class PlanSource:
         self._reader = None
 
     def __getstate__(self):
-        return {**self.__dict__, "_index": None, "_plans": {}, "_reader": None}
+        """Pickled for DALI's workers by the process that starts them: their parent, whose pid goes with it."""
+        return {**self.__dict__, "_index": None, "_plans": {}, "_reader": None, "_parent": os.getpid()}
 
     def __setstate__(self, state):
-        """Unpickled in a DALI worker: leave with the process that spawned it (even a killed one), tidying up."""
+        """Unpickled in a DALI worker: leave with the process that spawned it, tidying up; at once if it was killed
+        before this worker got here (the first of our code a worker runs: it waits on the parent for nothing before).
+
+        Not PR_SET_PDEATHSIG: its "parent" is the thread that started the worker, and the loader's threads that
+        build DALI's pipelines end with their epoch, which would kill the workers of a live stream.
+        """
         self.__dict__.update(state)
         if multiprocessing.parent_process() is not None:
-            threading.Thread(target=_exit_with_parent, args=(os.getppid(), self.folder), daemon=True).start()
+            threading.Thread(target=_exit_with_parent, args=(self._parent, self.folder), daemon=True).start()
 
     def _plan(self, epoch: int) -> np.ndarray:
         if epoch not in self._plans:

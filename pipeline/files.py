@@ -2,38 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
+import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
+
+from mealv2.pipeline.locks import create_locked, remove_unheld
 
 _FULL_BYTES = 1 << 20  # a write that failed with less than this left free failed for want of space
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this machine (another user's counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+@contextlib.contextmanager
+def temporary_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A new file beside ``path`` for this process to write before it is renamed: hidden, named after the process
+    (and a random part: pids repeat across PID namespaces), locked (flock) while it exists, removed at the end.
 
-
-def temporary_path(path: str | os.PathLike) -> Path:
-    """Where this process writes ``path`` before renaming it: beside it, hidden, named after the process.
-
-    Those of processes that are gone (killed mid-write) are removed first, so that kills leave no debris behind.
+    Temporaries beside it that no live process holds locked (their writer was killed mid-write) are removed
+    first, so that kills leave no debris behind; the lock, not the pid, tells, so a writer in another
+    container's PID namespace never loses its temporary to a sweep.
     """
     path = Path(path)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = stale.name[len(path.name) + 2:-len(".tmp")]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            stale.unlink(missing_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        remove_unheld(stale, stale.unlink)
+    fd = None
+    while fd is None:  # None: a sweep took the new file before it was locked
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        fd = create_locked(tmp)
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)  # before the lock goes: no sweep meets it unlocked
+        os.close(fd)
 
 
 def new_file_mode() -> int:
@@ -58,15 +62,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     gets the mode the user's umask gives every new file (safetensors writes its own as 0600).
     """
     path = Path(path)
-    tmp = temporary_path(path)
     try:
-        write(tmp)
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
+        with temporary_file(path) as tmp:
+            write(tmp)
+            os.chmod(tmp, new_file_mode())
+            os.replace(tmp, path)
     except Exception as err:
         if getattr(err, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < _FULL_BYTES:
             raise OSError(errno.ENOSPC, f"No space left on device: {path.parent} (writing {path.name}); the "
                                         "previous one is kept: free space and run again") from err
         raise
-    finally:
-        tmp.unlink(missing_ok=True)

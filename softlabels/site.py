@@ -1,11 +1,17 @@
-"""Where a label store is to be created: refuse to touch anything there, and let one job of many create it.
+"""Where a label store is to be created: refuse to touch anything there, and let one job of many create it, and
+one at a time change its metadata.
 
 A new store is made only where nothing is (or in an empty folder). Jobs that start at
 once (``--shard`` jobs from a scheduler) race for a claim (mealv2.pipeline.claim); the
-winner creates the store, the others wait until it opens. A claim whose process is gone
-(same machine, no such pid), or whose creation failed (an interrupt, a full disk), marks a
-creation to resume: one job takes it over and creates the store again over that partial
-store's files, which only a creation can have written.
+winner creates the store, the others wait until it opens. A claim left behind by a
+creation that was killed (locally: a claim file nobody holds locked; on object storage:
+past its lease) or that failed (an interrupt, a full disk) marks a creation to resume: one
+job takes it over and creates the store again over that partial store's files, which only
+a creation can have written.
+
+Jobs sharing a store change its attributes and the shapes of its arrays (seed slots added) in
+turn, each holding the store's second claim (``changing``) while it reads what the others
+wrote and writes its change: none writes back what it read before another's change.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import fsspec
 from mealv2.pipeline.claim import Claim
 
 CLAIM = ".mealv2-creating"  # inside the store's folder while one job creates it
+CHANGING = ".mealv2-changing"  # inside the store while one job changes its attributes or its arrays' shapes
 CREATE_WAIT_SECONDS = 300.0  # writing a new store's metadata and index takes seconds, even on a bucket
 _POLL_SECONDS = 0.2
 
@@ -34,6 +41,7 @@ class StoreSite:
         self.fs, self.root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self.root = self.root.rstrip("/")
         self.claim = Claim(self.fs, f"{self.root}/{CLAIM}")
+        self.changing = Claim(self.fs, f"{self.root}/{CHANGING}")
 
     def create_once(self, ready: Callable[[], bool], create: Callable[[], object],
                     wait_seconds: float = CREATE_WAIT_SECONDS) -> bool:
@@ -45,18 +53,18 @@ class StoreSite:
         deadline = time.monotonic() + wait_seconds
         while not ready():
             try:
-                token = self._claim()
+                claimed = self._claim()
             except SiteError:
                 if ready():  # the creator finished between the two looks
                     return False
                 raise
-            if token is not None:
+            if claimed:
                 try:
                     create()
                 except BaseException:  # Ctrl-C and a full disk too: the partial store is this claim's to resume
-                    self.claim.abandon(token)
+                    self.claim.abandon()
                     raise
-                self.claim.release(token)
+                self.claim.release()
                 return True
             if time.monotonic() > deadline:
                 raise SiteError(f"{self.url}: still being created by another job ({self.claim.owner()}) after "
@@ -78,8 +86,8 @@ class StoreSite:
         return SiteError(f"{self.url}: exists and is not a label store (holds {shown}); nothing was changed: "
                          "choose a new path or an empty folder for --store")
 
-    def _claim(self) -> str | None:
-        """This job's claim token when it now owns the creation; None while another job's creation stands."""
+    def _claim(self) -> bool:
+        """Whether this job now owns the creation (False while another job's creation stands)."""
         names = self.contents()
         if names and CLAIM not in names:
             raise self._refuse(names)

@@ -16,7 +16,7 @@ import importlib.metadata
 import os
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -28,7 +28,7 @@ from zarr.core.sync import sync
 from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import DatasetIndex, PackedStrings, load_index
 from mealv2.pipeline.errors import first_line
-from mealv2.pipeline.files import temporary_path
+from mealv2.pipeline.files import temporary_file
 from mealv2.pipeline.mix import MixSpec
 from mealv2.softlabels.cache_config import CHUNK_ROWS
 from mealv2.softlabels.integrity import WRITTEN, record_mismatches, unit_record, unsound_rows
@@ -214,6 +214,16 @@ class LabelStore:
         self.writable = writable
         self.storage_options = dict(storage_options or {})
         self._held: tuple[int, SlotLabels] | None = None  # the slot crops()/targets() read last
+        self._opened_as: dict | None = None  # the identity its slots are read under (its own, unless reopened)
+
+    def __reduce__(self):
+        """Pickled as its address and identity: unpickled (in a worker process) it is opened again and still read
+        under the identity of the store first opened, so a store rebuilt meanwhile is refused, not read."""
+        return _reopened, (self.url, self.storage_options, self.opened_as)
+
+    def reopened(self) -> LabelStore:
+        """This store opened again (a forked worker's own handle), its slots read under this handle's identity."""
+        return _reopened(self.url, self.storage_options, self.opened_as)
 
     # -- opening -------------------------------------------------------------------------
 
@@ -319,17 +329,36 @@ class LabelStore:
 
     def _add_seeds(self, seeds: list[int]) -> None:
         """Grow the seed axis for seeds not stored yet; existing slots stay untouched."""
-        attrs = self.attrs
-        stored = list(attrs["seeds"])
-        if seeds[:len(stored)] != stored[:len(seeds)]:
-            raise StoreError(f"{self.url}: holds seeds {stored}, this job asks for {seeds}")
-        if len(seeds) <= len(stored):
-            return
-        for name in self.arrays + ("done",) + self._record:
-            array = self.group[name]
-            array.resize((len(seeds),) + array.shape[1:])
-        self.group.attrs["mealv2"] = {**attrs, "seeds": list(seeds), "complete": False}
-        self._consolidate()  # readers must not see the old shapes
+        with self._changing() as group:
+            attrs = dict(group.attrs["mealv2"])
+            stored = list(attrs["seeds"])
+            if seeds[:len(stored)] != stored[:len(seeds)]:
+                raise StoreError(f"{self.url}: holds seeds {stored}, this job asks for {seeds}")
+            if len(seeds) <= len(stored):
+                return
+            for name in self.arrays + ("done",) + self._record:
+                array = group[name]
+                array.resize((len(seeds),) + array.shape[1:])
+            group.attrs["mealv2"] = {**attrs, "seeds": list(seeds), "complete": False}
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[zarr.Group]:
+        """The store's root as storage holds it now, for this job alone to change (attributes, the seed axis); the
+        metadata is consolidated after, and this handle holds the result.
+
+        Jobs sharing the store (--shard jobs, a teammate adding seed slots) take turns here (StoreSite.changing),
+        each changing what the others wrote before it: once every job wrote back the attributes it had read at
+        its start, and two --skip-bad jobs' store listed one of their two bad images, and a --seeds 3 job that
+        ended last took a --seeds 4 job's slot away.
+        """
+        if not self.writable:
+            raise StoreError(f"{self.url}: opened read-only")
+        with StoreSite(self.url, self.storage_options).changing.holding(CREATE_WAIT_SECONDS,
+                                                                         "changing the store's metadata"):
+            group = zarr.open_group(self.group.store, mode="r+", use_consolidated=False)
+            yield group
+            self.group = group
+            self._consolidate()  # readers must not see old shapes or attributes
 
     # -- shape of the work -----------------------------------------------------------------
 
@@ -402,6 +431,30 @@ class LabelStore:
                 "teachers": [list(t) for t in teacher_identity(self.teachers)],
                 **{key: attrs[key] for key in IDENTITY_KEYS if key in attrs}}
 
+    @property
+    def opened_as(self) -> dict:
+        """The identity of the store this handle was opened on (the first handle's, for one reopened)."""
+        if self._opened_as is None:
+            self._opened_as = self.identity()
+        return self._opened_as
+
+    def _check_unchanged(self, slot: int) -> None:
+        """Refuse to read on from a store rebuilt or removed at its URL since it was opened: its rows would be another
+        store's labels. Cheap: the identity is in the root's attributes, one small file."""
+        try:
+            now = LabelStore.open(self.url, "r", self.storage_options).identity()
+        except StoreUnreachable:
+            raise
+        except StoreError as err:
+            raise StoreError(f"{self.url}: was removed while this run read it ({first_line(err)}); nothing was read "
+                             f"for seed slot {slot}: put the store back, then --resume") from None
+        then = self.opened_as
+        differing = [key for key in {**then, **now} if then.get(key) != now.get(key)]
+        if differing:
+            raise StoreError(f"{self.url}: was replaced while this run read it ({', '.join(differing)} differ); "
+                             f"nothing was read for seed slot {slot}: write a rebuilt store to a new --store path, "
+                             "and put this one back to --resume the run")
+
     def complete_slots(self) -> int:
         """How many leading seed slots are written whole: a store being extended serves those already."""
         done = self.done().all(axis=1)
@@ -469,9 +522,11 @@ class LabelStore:
     def read_slot(self, slot: int, checked: bool = True) -> SlotLabels:
         """Seed slot ``slot``'s rows whole (stage two reads one per epoch; never random rows per batch).
 
+        Refuses a store replaced at its URL since this handle was opened (StoreError naming what differs).
         ``checked``: refuse rows that differ from what their writers recorded, and empty rows of images
         not listed as skipped (StoreError naming the first problem).
         """
+        self._check_unchanged(slot)
         values = {}
         for name in self.arrays:
             try:
@@ -479,6 +534,7 @@ class LabelStore:
             except (ValueError, RuntimeError, OSError) as err:  # a checksum that fails, a torn chunk
                 raise StoreError(f"{self.url}: {name} of slot {slot} cannot be read ({first_line(err)}); "
                                  f"`mealv2 labels verify {self.url}` names the damaged chunk") from None
+        self._check_unchanged(slot)  # and not while its chunks were read
         labels = SlotLabels(**values)
         if checked:
             problems = self.slot_problems(slot, labels)
@@ -544,25 +600,27 @@ class LabelStore:
                              "store, or rebuild it with cache-teachers into a new --store")
 
     def add_skipped(self, entries: list[str]) -> None:
-        """Coordinator: list more images as holding no labels ("path: reason"); their rows stay zero."""
-        attrs = self.attrs
-        known = set(attrs.get("skipped", []))
-        self.group.attrs["mealv2"] = {**attrs, "skipped": list(attrs.get("skipped", [])) +
-                                      [entry for entry in entries if entry not in known]}
+        """List more images as holding no labels ("path: reason"); their rows stay zero. Sorted, so that jobs listing
+        theirs in any order make the same store."""
+        with self._changing() as group:
+            attrs = dict(group.attrs["mealv2"])
+            group.attrs["mealv2"] = {**attrs, "skipped": sorted(set(attrs.get("skipped", [])) | set(entries))}
 
     def add_provenance(self, record: dict) -> None:
-        """Coordinator: record how this job made its labels (decoder, device, precision, versions), once per kind."""
-        attrs = self.attrs
-        made_with = list(attrs.get("made_with", []))
-        if record not in made_with:
-            self.group.attrs["mealv2"] = {**attrs, "made_with": made_with + [record]}
+        """Record how this job made its labels (decoder, device, precision, versions), once per kind."""
+        with self._changing() as group:
+            attrs = dict(group.attrs["mealv2"])
+            made_with = list(attrs.get("made_with", []))
+            if record not in made_with:
+                group.attrs["mealv2"] = {**attrs, "made_with": made_with + [record]}
 
     def finalize(self) -> bool:
-        """Coordinator: mark complete and consolidate metadata once every unit is done; returns completeness."""
-        complete = bool(self.done().all())
-        if complete and not self.attrs["complete"]:
-            self.group.attrs["mealv2"] = {**self.attrs, "complete": True}
-            self._consolidate()
+        """Mark complete once every unit is done (any job may: the last to finish does); returns completeness."""
+        with self._changing() as group:
+            complete = bool(group["done"][...].all())
+            attrs = dict(group.attrs["mealv2"])
+            if complete and not attrs["complete"]:
+                group.attrs["mealv2"] = {**attrs, "complete": True}
         return complete
 
     def pack(self, out: str | os.PathLike) -> int:
@@ -578,28 +636,24 @@ class LabelStore:
         fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         root = root.rstrip("/")
         out = os.fspath(out)
-        tmp = os.fspath(temporary_path(out))  # and a killed pack's temporary is removed
-        if os.path.lexists(out):
-            raise StoreError(f"{out}: exists already; nothing was changed: pack into a new file")
-        missing = self.missing_chunks()
-        if missing:
-            raise StoreError(f"{self.url}: {missing[0]}; nothing was packed: `mealv2 labels verify {self.url}`")
-        if "file" in fs.protocol:
-            links = [os.path.join(folder, name) for folder, dirs, files in os.walk(root) for name in dirs + files
-                     if os.path.islink(os.path.join(folder, name))]
-            if links:
-                raise StoreError(f"{links[0]}: a symbolic link inside the store; nothing was packed: replace it "
-                                 "with the file itself (packing copies files, and would copy what it points to)")
-        local = self.group.store if isinstance(self.group.store, RegularFileStore) else None
-        try:
+        with temporary_file(out) as tmp:  # and a killed pack's temporary is removed
+            if os.path.lexists(out):
+                raise StoreError(f"{out}: exists already; nothing was changed: pack into a new file")
+            missing = self.missing_chunks()
+            if missing:
+                raise StoreError(f"{self.url}: {missing[0]}; nothing was packed: `mealv2 labels verify {self.url}`")
+            if "file" in fs.protocol:
+                links = [os.path.join(folder, name) for folder, dirs, files in os.walk(root) for name in dirs + files
+                         if os.path.islink(os.path.join(folder, name))]
+                if links:
+                    raise StoreError(f"{links[0]}: a symbolic link inside the store; nothing was packed: replace it "
+                                     "with the file itself (packing copies files, and would copy what it points to)")
+            local = self.group.store if isinstance(self.group.store, RegularFileStore) else None
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
                 for path in sorted(fs.find(root)):  # a local store's files regular and bounded (a FIFO never ends)
                     key = path[len(root) + 1:]
                     archive.writestr(key, local.read(key) if local else fs.cat_file(path))
-            _place_without_replacing(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            _place_without_replacing(os.fspath(tmp), out)
         return os.path.getsize(out)
 
     def _consolidate(self) -> None:
@@ -703,6 +757,12 @@ class LabelStore:
             return values, classes
         empty = torch.from_numpy(~labels.labelled()[rows])
         return expand(values, classes, self.num_classes, self.residual).masked_fill_(empty[:, None], 0.0)
+
+
+def _reopened(url: str, storage_options: dict, opened_as: dict) -> LabelStore:
+    store = LabelStore.open(url, "r", storage_options)
+    store._opened_as = opened_as
+    return store
 
 
 def open_store(url: str, storage_options: dict | None = None) -> LabelStore:

@@ -150,3 +150,17 @@ def cutmix_store(tmp_path_factory, small_root, teacher_files) -> Path:
     """The reference run with --cutmix 1 --mixup-prob 0.5: 30 images in 8-row chunks, so partners cross chunks."""
     return _cached_store(tmp_path_factory, small_root, teacher_files, "cutmix.zarr", "--cutmix", "1",
                          "--mixup-prob", "0.5")
+
+
+@pytest.fixture(scope="session")
+def pid_namespace() -> list[str]:
+    """The command prefix that runs a process in a PID namespace of its own (a container's view: every pid outside it
+    names nothing there), on the same hostname; the test is skipped where this machine lets no test make one."""
+    import shutil
+    import subprocess
+
+    for prefix in (["unshare", "--pid", "--fork"], ["unshare", "--pid", "--fork", "--map-root-user"]):
+        if shutil.which("unshare") and subprocess.run([*prefix, "true"], capture_output=True).returncode == 0:
+            return prefix
+    pytest.skip("no PID namespace can be made here (unshare --pid needs root, or user namespaces for "
+                "--map-root-user); the same-namespace tests still run")

@@ -84,8 +84,12 @@ def test_verify_checks_rows_without_teachers_and_keeps_the_per_chunk_report(stor
     assert "flips chunk 1.1" in result.output and "recompute stopped" in result.output
 
 
-def test_a_second_run_on_one_folder_is_refused_and_a_killed_holder_is_taken_over(small_root, reference_store,
-                                                                                  tmp_path):
+@pytest.mark.parametrize("namespace", ["same", "another"])
+def test_a_second_run_on_one_folder_is_refused_and_a_killed_holder_is_taken_over(namespace, request, small_root,
+                                                                                  reference_store, tmp_path):
+    """The second run in the first one's PID namespace, or in one of its own (a container on the same host), where
+    the first's pid names nothing: there it once took the live run's folder over."""
+    prefix = request.getfixturevalue("pid_namespace") if namespace == "another" else []
     out = tmp_path / "shared"
     first = subprocess.Popen([sys.executable, "-m", "mealv2", *map(str, distill_args(small_root, reference_store, out,
                                                                                       epochs=50))],
@@ -94,15 +98,16 @@ def test_a_second_run_on_one_folder_is_refused_and_a_killed_holder_is_taken_over
     while not (out / "checkpoint-last.pth").exists():  # the first run is training
         assert first.poll() is None and time.time() < deadline, "the first run ended before its first checkpoint"
         time.sleep(0.05)
-    second = run_cli(*distill_args(small_root, reference_store, out, epochs=2), "--resume")
-    first.poll()
-    assert first.returncode is None, "the first run ended while the second was refused"
-    assert second.exit_code == 1
-    assert f"{out}: another run is training in this folder (pid {first.pid} on" in second.output
+    second_args = [*prefix, sys.executable, "-m", "mealv2",
+                   *map(str, distill_args(small_root, reference_store, out, epochs=2)), "--resume"]
+    second = subprocess.run(second_args, capture_output=True, text=True, timeout=600)
+    assert first.poll() is None, "the first run ended while the second was refused"
+    assert second.returncode == 1, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f"{out}: another run is training in this folder (pid {first.pid} on" in second.stdout + second.stderr
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
-    resumed = run_cli(*distill_args(small_root, reference_store, out, epochs=2), "--resume")
-    assert resumed.exit_code == 0, resumed.output
+    resumed = subprocess.run(second_args, capture_output=True, text=True, timeout=600)  # the kernel let go at once
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, len(epochs) + 1))  # one run's lines, in order
 
@@ -509,3 +514,152 @@ def test_pack_refuses_a_fifo_anywhere_in_the_store(store_copy, tmp_path):
     result = mealv2_child("labels", "pack", store_copy, out)
     assert result.returncode == 1 and f"{fifo}: a FIFO, not a regular file" in result.stderr, result.stderr
     assert not out.exists()
+
+
+def test_a_store_rebuilt_at_its_path_during_a_run_stops_it_before_other_labels_are_read(small_root, reference_store,
+                                                                                      teacher_files, tmp_path,
+                                                                                      monkeypatch):
+    from mealv2.distill import trainer
+
+    store = Path(shutil.copytree(reference_store, tmp_path / "labels.zarr"))
+    saved = trainer.save_checkpoint
+
+    def rebuilt_after_the_first_epoch(path, **state):
+        saved(path, **state)
+        if state["epoch"] == 1:  # epoch 2's slot was read during epoch 1; epoch 3's is read from the rebuilt store
+            shutil.rmtree(store)
+            rebuild = cache_args(small_root, store, teacher_files.split(",")[0])  # one teacher of the two
+            done = subprocess.run([sys.executable, "-m", "mealv2", *map(str, rebuild)], capture_output=True,
+                                  text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+
+    monkeypatch.setattr(trainer, "save_checkpoint", rebuilt_after_the_first_epoch)
+    out = tmp_path / "run"
+    result = run_cli(*distill_args(small_root, store, out, 3))
+    assert result.exit_code == 1, result.output
+    assert f"{store}: was replaced while this run read it (created, teachers differ)" in result.output.splitlines()[-1]
+    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs in ([1], [1, 2])  # nothing was trained on the rebuilt store's labels
+
+
+def test_a_replay_dataset_worker_refuses_a_store_rebuilt_after_the_dataset_was_made(small_root, reference_store,
+                                                                                    mild_store, tmp_path):
+    import pickle
+
+    store = Path(shutil.copytree(reference_store, tmp_path / "labels.zarr"))
+    dataset = mealv2.ReplayDataset(small_root, str(store))
+    sent = pickle.dumps(dataset)  # what a DataLoader worker process receives
+    shutil.rmtree(store)
+    shutil.copytree(mild_store, store)  # rebuilt with milder crops before the worker starts
+    worker_copy = pickle.loads(sent)
+    with pytest.raises(StoreError, match=r"was replaced while this run read it \(created, crop differ\)"):
+        worker_copy[0]
+
+
+SLOW_WRITER = """
+import sys, time
+from pathlib import Path
+from mealv2.pipeline.files import atomic_write
+
+def slowly(tmp):
+    tmp.write_text(sys.argv[2])
+    print("writing", flush=True)
+    time.sleep(float(sys.argv[3]))
+
+atomic_write(Path(sys.argv[1]), slowly)
+"""
+
+
+@pytest.mark.parametrize("namespace", ["same", "another"])
+def test_a_temporary_being_written_is_never_swept_and_a_killed_writers_is(namespace, pid_namespace, tmp_path):
+    target = tmp_path / "config.json"
+    second = [*(pid_namespace if namespace == "another" else []), sys.executable, "-c", SLOW_WRITER, target, "second"]
+    first = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, target, "first", "4"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert first.stdout.readline() == "writing\n"
+    done = subprocess.run([*second, "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert first.wait(timeout=120) == 0, first.stderr.read()  # its temporary was still there to rename
+    assert target.read_text() == "first" and not list(tmp_path.glob(".*.tmp"))
+    killed = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, target, "killed", "60"], stdout=subprocess.PIPE)
+    assert killed.stdout.readline() == b"writing\n"
+    killed.kill()
+    killed.wait()
+    assert len(list(tmp_path.glob(".*.tmp"))) == 1  # what a writer SIGKILLed mid-write leaves
+    assert subprocess.run([*second, "0"], timeout=120).returncode == 0
+    assert target.read_text() == "second" and not list(tmp_path.glob(".*.tmp"))
+
+
+# A cache-teachers job whose timing the test sets: with a MEETING folder, it waits after opening the store until the
+# other job has opened it too (both hold the attributes they read before either writes); with an AFTER file, it
+# writes its provenance (its first attribute write at the end) only once that file exists.
+TIMED_JOB = """
+import os, sys, time
+from mealv2.softlabels.store import LabelStore
+meeting, me, after, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+opened, provenance = LabelStore.open.__func__, LabelStore.add_provenance
+
+def opened_then_meet(cls, url, mode="r", *a, **k):
+    store = opened(cls, url, mode, *a, **k)
+    if mode == "r+" and meeting != "-" and not os.path.exists(os.path.join(meeting, me)):
+        open(os.path.join(meeting, me), "w").close()
+        while len(os.listdir(meeting)) < 2:
+            time.sleep(0.01)
+    return store
+
+def provenance_after(store, record):
+    while after != "-" and not os.path.exists(after):
+        time.sleep(0.05)
+    return provenance(store, record)
+
+LabelStore.open = classmethod(opened_then_meet)
+LabelStore.add_provenance = provenance_after
+from mealv2.cli import main
+main.main(args, prog_name="mealv2")
+"""
+
+
+def timed_job(name: str, args: list, meeting="-", after="-") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", TIMED_JOB, str(meeting), name, str(after), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def test_two_shard_jobs_each_meeting_a_bad_image_list_both(small_root, teacher_files, tmp_path):
+    data = Path(shutil.copytree(small_root, tmp_path / "data"))
+    victims = ["class_0/img_001.jpg", "class_1/img_000.jpg"]  # rows 1 and 10: chunks 0 and 1, one per --shard i/2
+    for victim in victims:
+        path = data / "train" / victim
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])  # its header scans, its pixels do not decode
+    store, meeting = tmp_path / "labels.zarr", tmp_path / "meeting"
+    meeting.mkdir()
+    jobs = [timed_job(f"job{i}", cache_args(data, store, teacher_files, "--skip-bad", "--shard", f"{i}/2"), meeting)
+            for i in range(2)]
+    outputs = [job.communicate(timeout=600)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+    for victim, output in zip(victims, outputs):
+        assert f"left out 1 undecodable image(s), listed in the store: {victim}" in output
+    skipped = LabelStore.open(str(store)).skipped
+    assert [entry.split(": ")[0] for entry in skipped] == victims, skipped  # once, one of the two was lost
+    verified = run_cli("labels", "verify", store)
+    assert verified.exit_code == 0, verified.output
+
+
+def test_a_job_adding_seeds_keeps_them_while_a_job_of_fewer_seeds_ends_after_it(small_root, teacher_files, tmp_path):
+    store, ended = tmp_path / "labels.zarr", tmp_path / "four-ended"
+    three = timed_job("three", cache_args(small_root, store, teacher_files, "--seeds", "3"), after=ended)
+    deadline = time.monotonic() + 300
+    while not LabelStore.exists(str(store)):  # the --seeds 3 job created the store, and read it
+        assert three.poll() is None and time.monotonic() < deadline, three.communicate()[0]
+        time.sleep(0.05)
+    four = subprocess.run([sys.executable, "-m", "mealv2", *map(str, cache_args(small_root, store, teacher_files,
+                                                                                "--seeds", "4"))],
+                          capture_output=True, text=True, timeout=600)
+    assert four.returncode == 0, four.stdout[-3000:] + four.stderr[-3000:]
+    ended.touch()  # the --seeds 3 job writes its attributes last
+    assert three.wait(timeout=600) == 0, three.communicate()[0]
+    labels = LabelStore.open(str(store))
+    assert labels.seeds == [0, 1, 2, 3] and labels.done().shape == (4, 4)  # once: seeds [0, 1, 2] over 4 slots
+    assert labels.is_complete
+    verified = run_cli("labels", "verify", store)
+    assert verified.exit_code == 0, verified.output

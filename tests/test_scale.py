@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -221,6 +222,25 @@ def test_s3_prefix_holding_objects_is_refused_and_claims_are_exclusive(s3_endpoi
     assert first.claim._exclusive_create(first.claim.path, b"first")  # a conditional put, not a listing
     assert not second.claim._exclusive_create(second.claim.path, b"second")
     assert fs.cat_file(first.claim.path) == b"first"
+
+
+def test_an_s3_claim_is_taken_over_after_its_lease_only(s3_endpoint):
+    """No pid test on object storage: a claim naming a pid that runs nowhere here may be a live job's in another
+    container, so it stands until its lease is out."""
+    from mealv2.pipeline.claim import LEASE_SECONDS
+    from mealv2.softlabels.site import StoreSite
+
+    options = {"endpoint_url": s3_endpoint, "key": "team-key", "secret": "s3cr3t-value"}
+    site = StoreSite("s3://labels/leased.zarr", options)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    held = {"host": socket.gethostname(), "pid": gone.pid, "token": "theirs", "since": "then", "time": time.time()}
+    site.fs.pipe_file(site.claim.path, json.dumps(held).encode())
+    assert not site.claim.take()  # once: taken over, as the pid was not running here
+    site.fs.pipe_file(site.claim.path, json.dumps({**held, "time": time.time() - LEASE_SECONDS - 1}).encode())
+    assert site.claim.take() and site.claim.holder()["pid"] == os.getpid()
+    site.claim.release()
+    assert not site.fs.exists(site.claim.path)
 
 
 def test_each_rank_resumes_its_own_random_state(small_root, reference_store, tmp_path):

@@ -64,8 +64,9 @@ def test_pack_never_replaces_a_file(reference_store, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-# Each racer waits until both are about to create, and the creation itself is slowed down, so the second
-# job always finds the first one's creation under way: the window a scheduler starting two jobs opens.
+# Each racer waits until both are about to create, the second until the first creates, and the creation itself
+# is slowed down, so the second job always finds the first one's creation under way: the window a scheduler
+# starting two jobs opens.
 RACER = textwrap.dedent("""
     import os, sys, time
     from mealv2.softlabels.store import LabelStore
@@ -74,11 +75,13 @@ RACER = textwrap.dedent("""
 
     def meet_then_create(cls, *a, **k):
         open(os.path.join(meeting, me), "w").close()
-        while len(os.listdir(meeting)) < 2:
+        while len(os.listdir(meeting)) < 2 or (me != "job0" and not os.path.exists(os.path.join(meeting,
+                                                                                               "created-by-job0"))):
             time.sleep(0.01)
         return original_create(cls, *a, **k)
 
     def slow_arrays(self, *a, **k):
+        open(os.path.join(meeting, f"created-by-{me}"), "w").close()
         time.sleep(1.0)
         return original_arrays(self, *a, **k)
 
@@ -89,16 +92,22 @@ RACER = textwrap.dedent("""
 """)
 
 
-def test_shard_jobs_racing_to_create_make_one_store(reference_store, small_root, teacher_files, tmp_path):
+@pytest.mark.parametrize("namespace", ["same", "another"])
+def test_shard_jobs_racing_to_create_make_one_store(namespace, request, reference_store, small_root, teacher_files,
+                                                    tmp_path):
+    """One job in a PID namespace of its own (another container on the host): the other's pid names nothing there,
+    which once made it take the creation over while it ran, and both created the store."""
+    prefix = request.getfixturevalue("pid_namespace") if namespace == "another" else []
     store, meeting = tmp_path / "raced.zarr", tmp_path / "meeting"
     meeting.mkdir()
-    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(meeting), f"job{i}",
+    racers = [subprocess.Popen([*(prefix if i else []), sys.executable, "-c", RACER, str(meeting), f"job{i}",
                                 *cache_args(small_root, store, teacher_files, "--shard", f"{i}/2")],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=os.environ | {"OMP_NUM_THREADS": "1"})
                for i in range(2)]
     outputs = [racer.communicate(timeout=300)[0] for racer in racers]
     assert [racer.returncode for racer in racers] == [0, 0], outputs
+    assert len(list(meeting.glob("created-by-*"))) == 1  # the other job waited for the creation
     assert run_cli("labels", "finalize", store).exit_code == 0
     assert LabelStore.open(str(store)).attrs["complete"]
     assert store_files(store) == store_files(reference_store)

@@ -55,3 +55,62 @@ def test_workers_leave_with_a_killed_parent(mixed_root):
         time.sleep(0.2)
     assert not any(map(_alive, workers))
     assert not plans.exists()  # the killed parent's epoch plans are removed by its workers
+
+
+def _marked(mark: str) -> list[int]:
+    """Processes (but zombies) whose environment holds ``mark``: a job's own and every one it started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"MEALV2_TEST_MARK={mark}".encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return [pid for pid in found if _alive(pid)]
+
+
+def _workers(mark: str) -> list[int]:
+    return [pid for pid in _marked(mark) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+@pytest.mark.slow
+def test_workers_leave_with_a_parent_killed_while_they_start_and_its_plans_go_at_the_next_start(small_root,
+                                                                                           teacher_files, tmp_path):
+    """SIGKILL at several moments of DALI's start: 0.3-0.5 s after the first worker appeared once left every worker
+    running for ever (ppid 1), holding the caller's stdout, with the plan folder in /tmp."""
+    import threading
+    import uuid
+
+    from conftest import cache_args
+
+    temp = tmp_path / "tmp"  # the jobs' own TMPDIR: plan folders of other tests' jobs are not ours to count
+    temp.mkdir()
+    command = [sys.executable, "-m", "mealv2", *map(str, cache_args(small_root, tmp_path / "labels.zarr",
+                                                                    teacher_files, "--decoder", "dali"))]
+    for delay in (0.0, 0.25, 0.5, 1.0, 2.0):
+        mark = uuid.uuid4().hex
+        job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=os.environ | {"TMPDIR": str(temp), "MEALV2_TEST_MARK": mark, "OMP_NUM_THREADS": "1"})
+        try:
+            deadline = time.monotonic() + 300
+            while not _workers(mark):
+                assert job.poll() is None and time.monotonic() < deadline, "the job ended before DALI's workers started"
+                time.sleep(0.01)
+            time.sleep(delay)
+        finally:
+            job.kill()
+            job.wait()
+        reader = threading.Thread(target=job.stdout.read, daemon=True)  # EOF once no process holds its stdout
+        reader.start()
+        reader.join(timeout=15)
+        deadline = time.monotonic() + 15
+        while _marked(mark) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = _marked(mark)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert not left, f"killed {delay} s after DALI's workers appeared, processes {left} were left running"
+        assert not reader.is_alive(), "the killed job's stdout stayed open"
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | {"TMPDIR": str(temp)})
+    assert finished.returncode == 0, finished.stdout[-3000:]
+    assert not list(temp.glob("mealv2-plans-*"))  # the next start removed the killed jobs' plan folders
