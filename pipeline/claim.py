@@ -81,7 +81,8 @@ class Claim:
     def release(self) -> None:
         """Remove the claim this job holds: the work is done."""
         if self.local:
-            os.remove(self.path)  # before the lock goes: a job that opens it then finds it gone, and makes its own
+            with contextlib.suppress(FileNotFoundError):  # removed by hand meanwhile
+                os.remove(self.path)  # before the lock goes: a job that opens it then finds it gone, and makes its own
             os.close(self._held)
         elif self.holder().get("token") == self._held:
             self.fs.rm_file(self.path)

@@ -44,7 +44,8 @@ def _open(path: str | os.PathLike, create: bool) -> int:
         try:
             return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except PermissionError:
-            pass
+            if not os.path.lexists(path):
+                raise  # a folder this user may not write in
     return os.open(path, os.O_RDONLY | os.O_NONBLOCK)
 
 
