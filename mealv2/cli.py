@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 import types
 from pathlib import Path
@@ -33,18 +34,20 @@ def main(ctx, debug):
 
 
 def run() -> None:
-    """The console entry point (and `python -m mealv2`): the command line, less the "Exception ignored" blocks that
-    aiobotocore's coroutines print when a store that could not be reached is given up (closed outside the context
-    they began in: harmless, after the one-line error); --debug shows them."""
-    default = sys.unraisablehook
+    """The console entry point (and `python -m mealv2`): the command line, less what zarr's and aiobotocore's
+    abandoned asynchronous reads print at exit after a one-line error (the "Exception ignored" blocks of
+    coroutines closed outside the context they began in, asyncio's "Task exception was never retrieved" for reads
+    that met a shut-down executor): harmless, and --debug shows them."""
+    if "--debug" not in sys.argv[1:]:
+        default = sys.unraisablehook
 
-    def quiet(unraisable) -> None:
-        if ("--debug" not in sys.argv[1:] and isinstance(unraisable.object, types.CoroutineType)
-                and "was created in a different Context" in str(unraisable.exc_value)):
-            return
-        default(unraisable)
+        def quiet(unraisable) -> None:
+            if not (isinstance(unraisable.object, types.CoroutineType)
+                    and "was created in a different Context" in str(unraisable.exc_value)):
+                default(unraisable)
 
-    sys.unraisablehook = quiet
+        sys.unraisablehook = quiet
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     main()
 
 

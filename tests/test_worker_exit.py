@@ -85,11 +85,13 @@ def test_workers_leave_with_a_parent_killed_while_they_start_and_its_plans_go_at
 
     temp = tmp_path / "tmp"  # the jobs' own TMPDIR: plan folders of other tests' jobs are not ours to count
     temp.mkdir()
-    command = [sys.executable, "-m", "mealv2", *map(str, cache_args(small_root, tmp_path / "labels.zarr",
-                                                                    teacher_files, "--decoder", "dali"))]
+    def command(store: str) -> list[str]:  # a store of its own: a job killed late may have labelled everything
+        return [sys.executable, "-m", "mealv2", *map(str, cache_args(small_root, tmp_path / store, teacher_files,
+                                                                      "--decoder", "dali"))]
+
     for delay in (0.0, 0.25, 0.5, 1.0, 2.0):
         mark = uuid.uuid4().hex
-        job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        job = subprocess.Popen(command(f"killed-{delay}.zarr"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env=os.environ | {"TMPDIR": str(temp), "MEALV2_TEST_MARK": mark, "OMP_NUM_THREADS": "1"})
         try:
             deadline = time.monotonic() + 300
@@ -111,6 +113,6 @@ def test_workers_leave_with_a_parent_killed_while_they_start_and_its_plans_go_at
             os.kill(pid, signal.SIGKILL)
         assert not left, f"killed {delay} s after DALI's workers appeared, processes {left} were left running"
         assert not reader.is_alive(), "the killed job's stdout stayed open"
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | {"TMPDIR": str(temp)})
+    finished = subprocess.run(command("finished.zarr"), capture_output=True, text=True, timeout=600, env=os.environ | {"TMPDIR": str(temp)})
     assert finished.returncode == 0, finished.stdout[-3000:]
     assert not list(temp.glob("mealv2-plans-*"))  # the next start removed the killed jobs' plan folders
