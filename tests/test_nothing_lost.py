@@ -18,6 +18,7 @@ import zarr
 from PIL import Image
 from conftest import cache_args, distill_args, replace_at_equal_size, run_cli, store_files
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 
 from bench.imagegen import make_image_folder
 
@@ -542,18 +543,18 @@ def test_a_store_rebuilt_at_its_path_during_a_run_stops_it_before_other_labels_a
     assert epochs in ([1], [1, 2])  # nothing was trained on the rebuilt store's labels
 
 
-def test_a_replay_dataset_worker_refuses_a_store_rebuilt_after_the_dataset_was_made(small_root, reference_store,
-                                                                                    mild_store, tmp_path):
-    import pickle
-
+def test_a_replay_dataset_refuses_a_store_rebuilt_after_it_was_made(small_root, reference_store, mild_store,
+                                                                     tmp_path):
+    """The dataset's own process reads each slot, its DataLoader workers only the shared copy: the next slot read
+    after the store was rebuilt at its path (milder crops) is refused, before any row of it reaches a worker."""
     store = Path(shutil.copytree(reference_store, tmp_path / "labels.zarr"))
     dataset = mealv2.ReplayDataset(small_root, str(store))
-    sent = pickle.dumps(dataset)  # what a DataLoader worker process receives
+    loader = DataLoader(dataset, batch_size=8, num_workers=2, persistent_workers=True)
+    assert sum(len(rows) for _, _, rows in loader) == 30
     shutil.rmtree(store)
-    shutil.copytree(mild_store, store)  # rebuilt with milder crops before the worker starts
-    worker_copy = pickle.loads(sent)
+    shutil.copytree(mild_store, store)
     with pytest.raises(StoreError, match=r"was replaced while this run read it \(created, crop differ\)"):
-        worker_copy[0]
+        dataset.set_epoch(1)
 
 
 SLOW_WRITER = """

@@ -3,15 +3,112 @@ dataset's process holds in shared memory, and DALI's spawned workers map the ind
 
 from __future__ import annotations
 
+import gc
+import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
 
+import mealv2
+from bench.measures import random_store
 from mealv2.pipeline.crops import sample_crops
-from mealv2.pipeline.dataset import DatasetIndex
+from mealv2.pipeline.dataset import DatasetIndex, load_index
 from mealv2.pipeline.epoch_plan import PlanSource, write_plan
+from mealv2.softlabels.topk import expand
+
+CLASSES, PER_CLASS, TOPK = 1024, 8, 1000  # 8,192 rows of 4,017 bytes: a 33 MB slot
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory) -> tuple[Path, Path]:
+    """(ROOT, store): a 4×4 PNG hard-linked 8,192 times under long names, and a 2-slot store of top-1000 rows
+    written by the store's own writer (bench's random_store)."""
+    folder = tmp_path_factory.mktemp("large")
+    source = folder / "one.png"
+    Image.fromarray(np.full((4, 4, 3), 90, np.uint8)).save(source)
+    for c in range(CLASSES):
+        (folder / "train" / f"class_{c:04d}").mkdir(parents=True)
+        for j in range(PER_CLASS):
+            os.link(source, folder / "train" / f"class_{c:04d}" / f"{'long_name_' * 10}{j:03d}.png")
+    index = load_index(folder / "train", workers=2)  # and cached: the dataset's own scan reads no header again
+    random_store(folder / "labels.zarr", index, slots=2, topk=TOPK, res=16)
+    return folder, folder / "labels.zarr"
+
+
+def _private_bytes(pid: int) -> int:
+    """Memory process ``pid`` alone holds (Private_Clean + Private_Dirty: its USS), in bytes."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+    return sum(int(fields[name].split()[0]) for name in ("Private_Clean", "Private_Dirty")) * 1024
+
+
+def test_a_dataloader_worker_holds_no_slot_of_its_own(large):
+    """Each worker read the whole seed slot itself (47 MB at ImageNet-1k, 525 MB at 21k, per worker, and 64× the
+    label reads of one rank); now the dataset's process reads it once into shared memory and workers index it."""
+    root, store = large
+    dataset = mealv2.ReplayDataset(root, str(store), decoder="pil")  # PIL: the quicker with 4×4 pictures
+    slot = mealv2.open_store(str(store)).read_slot(0)
+    slot_bytes = sum(values.nbytes for values in (slot.probs, slot.classes, slot.boxes, slot.flips))
+    before = torch.zeros(2, dtype=torch.int64).share_memory_()
+    pids = torch.zeros(2, dtype=torch.int64).share_memory_()
+
+    def start(worker: int) -> None:
+        gc.freeze()  # the worker's collector left off the objects it inherited: their pages are the parent's
+        pids[worker], before[worker] = os.getpid(), _private_bytes(os.getpid())
+
+    loader = DataLoader(dataset, batch_size=256, num_workers=2, persistent_workers=True, worker_init_fn=start)
+    assert sum(len(rows) for _, _, rows in loader) == len(dataset) == CLASSES * PER_CLASS
+    grown = [_private_bytes(int(pid)) - int(was) for pid, was in zip(pids, before)]
+    assert max(grown) < slot_bytes / 2, (grown, slot_bytes)
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_workers_serve_the_slot_the_dataset_read_and_follow_its_set_epoch(context, reference_store, small_root,
+                                                                          tmp_path):
+    """Workers, forked or spawned, never open the store: with it moved away they serve the slot the dataset read;
+    the dataset refuses to read the next one until it is back, and persistent workers then serve that one."""
+    store = Path(shutil.copytree(reference_store, tmp_path / "labels.zarr"))
+    opened = mealv2.open_store(str(store))
+    dataset = mealv2.ReplayDataset(small_root, opened)
+    expected = opened.targets(0, np.arange(30))
+    away = store.rename(tmp_path / "away.zarr")
+    for persistent in (False, True):
+        loader = DataLoader(dataset, batch_size=10, num_workers=1, multiprocessing_context=context,
+                            persistent_workers=persistent)
+        for _, targets, rows in loader:
+            assert torch.equal(targets, expected[rows])
+    with pytest.raises(mealv2.StoreError, match="was removed while this run read it"):
+        dataset.set_epoch(1)
+    away.rename(store)
+    dataset.set_epoch(1)
+    batches = [(targets, rows) for _, targets, rows in loader]  # the persistent workers of the last loader
+    assert sorted(int(row) for _, rows in batches for row in rows) == list(range(30))
+    for targets, rows in batches:
+        assert torch.equal(targets, opened.targets(1, rows)) and not torch.equal(targets, expected[rows])
+
+
+@pytest.mark.parametrize("store_name", ["reference_store", "cutmix_store"])
+def test_topk_items_are_the_stored_topk_and_expand_to_the_dense_targets(store_name, small_root, request):
+    store = mealv2.open_store(str(request.getfixturevalue(store_name)))
+    dense = mealv2.ReplayDataset(small_root, store)
+    topk = mealv2.ReplayDataset(small_root, store, targets="topk")
+    for dataset in (dense, topk):
+        dataset.set_epoch(1)
+    pairs = zip(DataLoader(dense, batch_size=8, num_workers=1), DataLoader(topk, batch_size=8, num_workers=1))
+    for (images, targets, rows), (topk_images, (values, classes), topk_rows) in pairs:
+        stored_values, stored_classes = store.targets(1, rows, dense=False)
+        assert torch.equal(rows, topk_rows) and torch.equal(images, topk_images)
+        assert values.dtype == torch.float16 and classes.dtype == torch.int64 and values.shape == (len(rows), 2)
+        assert torch.equal(values, stored_values) and torch.equal(classes, stored_classes)
+        assert torch.equal(expand(values, classes, store.num_classes, store.residual), targets)
+    with pytest.raises(ValueError, match=r"targets 'sparse': expected one of \('dense', 'topk'\)"):
+        mealv2.ReplayDataset(small_root, store, targets="sparse")
+
 
 def _fake_index(count: int) -> DatasetIndex:
     names = [f"n{i % 1000:08d}/n{i % 1000:08d}_{i:08d}.JPEG" for i in range(count)]
