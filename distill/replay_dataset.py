@@ -18,7 +18,7 @@ from mealv2.distill.targets import CachedTargets
 from mealv2.pipeline.distributed import as_device
 from mealv2.pipeline.loader import ReplayLoader
 from mealv2.pipeline.sampler import EpochSampler
-from mealv2.pipeline.worker_replay import REPLAYS, replay_crop
+from mealv2.pipeline.worker_replay import REPLAYS, freeze_inherited_objects, replay_crop
 from mealv2.softlabels.store import LabelStore, open_store
 from mealv2.softlabels.topk import expand
 
@@ -42,7 +42,9 @@ class ReplayDataset(Dataset):
 
     The process that makes the dataset reads the slot, once per slot change, into shared
     memory; DataLoader workers (forked or spawned, persistent or not) read their rows from
-    it, so a worker holds no slot of its own and ``set_epoch`` reaches persistent ones.
+    it, so a worker holds no slot of its own and ``set_epoch`` reaches persistent ones. At
+    its first item a worker freezes the objects it holds then (``gc.freeze``): collections
+    would otherwise copy every page of the parent's objects into each worker.
     """
 
     def __init__(self, root: str | os.PathLike, store: LabelStore | str, decoder: str = "torch",
@@ -59,6 +61,7 @@ class ReplayDataset(Dataset):
         first = self.store.read_slot(0)
         self._slot = {name: torch.from_numpy(getattr(first, name)).share_memory_() for name in self.store.arrays}
         self._slot_read = 0  # the slot in self._slot; read and written by this process alone
+        self._process = os.getpid()  # another one at __getitem__: a DataLoader worker's first item
 
     def set_epoch(self, epoch: int) -> None:
         """Replay slot ``epoch`` mod S from now on, here and in every DataLoader worker: call it between epochs.
@@ -85,6 +88,9 @@ class ReplayDataset(Dataset):
                            self.res, self.interpolation, self.decoder)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor | tuple[torch.Tensor, torch.Tensor], int]:
+        if self._process != os.getpid():
+            freeze_inherited_objects()
+            self._process = os.getpid()
         row = int(self.rows[i])
         image = self._crop(row)
         partner = int(self._slot["mix_partner"][row]) if "mix_partner" in self._slot else -1
