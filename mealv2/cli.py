@@ -119,12 +119,66 @@ def mix_options(alpha: float, prob: float, labels: str) -> list:
                          help="with --cutmix: the probability that a pair of crops is mixed (timm's name)")]
 
 
+class GroupedHelp(click.Command):
+    """A command whose --help lists its options under headings, in the order given, as timm's train.py groups its
+    arguments; every option belongs to exactly one group (a test checks), so none drops out of the listing."""
+
+    def __init__(self, *args, groups: tuple[tuple[str, tuple[str, ...]], ...], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.groups = groups
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        params = {param.name: param for param in self.get_params(ctx)}
+        for title, names in self.groups + (("Other options", tuple(set(params) - self.grouped())),):
+            rows = [record for name in names if name in params and (record := params[name].get_help_record(ctx))]
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+    def grouped(self) -> set[str]:
+        """The names of the options some group lists."""
+        return {name for _, names in self.groups for name in names}
+
+
+_DATA_GROUP = ("data", "out", "config", "batch_size", "res", "seeds", "skip_bad")
+_SCHEDULE_GROUP = ("epochs", "sched", "lr_steps", "decay_rate", "warmup_epochs", "warmup_lr", "min_lr")
+_OPTIMIZER_GROUP = ("opt", "opt_eps", "lr", "momentum", "weight_decay", "clip_grad", "clip_mode", "model_ema",
+                    "model_ema_decay")
+_LOGGING_GROUP = ("progress", "log_interval", "log_tb", "log_wandb")
+_RUNTIME_GROUP = ("device", "decoder", "workers", "hw_decoder_load", "compile", "amp", "resume", "seed")
+
+
+def training_help(mode: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The --help groups of distill (``mode`` "distill") and train, timm's headings with distillation's own."""
+    store = ("labels", "storage_options") if mode == "distill" else ()
+    distillation = (("Distillation", ("online", "teachers", "kd_weight", "discriminator", "disc_weight", "d_lr",
+                                      "disc_input", "disc_head")),) if mode == "distill" else ()
+    return (("Data", store + _DATA_GROUP),
+            ("Model", ("model", "init", "pretrained_path", "drop", "drop_path", "sync_bn")),
+            *distillation,
+            ("Optimizer", _OPTIMIZER_GROUP),
+            ("Learning rate schedule", _SCHEDULE_GROUP),
+            ("Augmentation", ("scale", "ratio", "cutmix", "mixup_prob")),
+            ("Validation", ("val_every", "crop_pct", "eval_interpolation")),
+            ("Logging", _LOGGING_GROUP),
+            ("Runtime", _RUNTIME_GROUP))
+
+
+CACHE_HELP = (
+    ("Data and store", ("data", "store", "storage_options", "shard", "skip_bad", "fingerprint", "chunk_rows")),
+    ("Labels", ("teachers", "res", "interpolation", "seeds", "topk", "residual")),
+    ("Crops and mixing", ("scale", "ratio", "cutmix", "mixup_prob")),
+    ("Logging", ("log_interval",)),
+    ("Runtime", ("device", "decoder", "workers", "hw_decoder_load", "batch_size", "compile")),
+)
+
+
 def storage_option(command):
     return click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
                         help="fsspec option for the store's filesystem (repeatable)")(command)
 
 
-@main.command("cache-teachers")
+@main.command("cache-teachers", cls=GroupedHelp, groups=CACHE_HELP)
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="dataset ROOT (uses ROOT/train)")
 @click.option("--store", required=True, help="label store path or fsspec URL")
 @click.option("--res", type=click.IntRange(min=1), default=CACHE["res"], show_default=True, help="crop resolution")
@@ -453,7 +507,7 @@ def _fit(mode: str, options: dict, storage_options: tuple[str, ...] = ()) -> Non
     _fail_cleanly(run)
 
 
-@main.command()
+@main.command(cls=GroupedHelp, groups=training_help("distill"))
 @click.option("--labels", default=None, help="label store path or URL (from cache-teachers)")
 @click.option("--student", "--model", "model", required=True, help="timm model name of the student")
 @click.option("--online", is_flag=True, help="run the teachers in the loop instead of reading a store")
@@ -475,7 +529,7 @@ def distill(online, storage_options, **options):
     _fit("online" if online else "distill", options, storage_options)
 
 
-@main.command()
+@main.command(cls=GroupedHelp, groups=training_help("train"))
 @click.option("--model", required=True, help="timm model name")
 @training_options("train")
 @crop_options()

@@ -50,7 +50,8 @@ def test_a_file_is_refused(small_root, teacher_files, tmp_path):
 def test_an_empty_folder_takes_a_store(reference_store, small_root, teacher_files, tmp_path):
     folder = tmp_path / "empty"
     folder.mkdir()
-    assert run_cli(*cache_args(small_root, folder, teacher_files)).exit_code == 0
+    result = run_cli(*cache_args(small_root, folder, teacher_files))
+    assert result.exit_code == 0, result.output
     assert store_files(folder) == store_files(reference_store)
     assert not (folder / CLAIM).exists()
 
