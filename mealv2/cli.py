@@ -292,10 +292,11 @@ def labels_stats(store, data, plot, as_json, storage_options):
 @storage_option
 def labels_finalize(store, storage_options):
     """Mark a store filled by --shard jobs complete (the last job to finish does this too)."""
-    from mealv2.softlabels.store import LabelStore, StoreError
+    from mealv2.softlabels.schema import StoreError
+    from mealv2.softlabels.writer import StoreWriter
 
     def run():
-        opened = LabelStore.open(store, "r+", _storage_options(storage_options))
+        opened = StoreWriter.open(store, _storage_options(storage_options))
         if not opened.finalize():
             done = opened.done()
             raise StoreError(f"{store}: {int((~done).sum())} of {done.size} (seed, chunk) units are not written yet")
@@ -309,9 +310,10 @@ def labels_finalize(store, storage_options):
 @storage_option
 def labels_pack(store, out, storage_options):
     """Copy a complete store into one read-only zip; consumers open it as zip::OUT."""
-    from mealv2.softlabels.store import LabelStore
+    from mealv2.softlabels.packing import pack
+    from mealv2.softlabels.store import open_store
 
-    nbytes = _fail_cleanly(lambda: LabelStore.open(store, "r", _storage_options(storage_options)).pack(out))
+    nbytes = _fail_cleanly(lambda: pack(open_store(store, _storage_options(storage_options)), out))
     click.echo(f"{out}: {nbytes / 1e6:.2f} MB; open it as zip::{out}")
 
 
