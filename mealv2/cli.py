@@ -165,7 +165,7 @@ def training_help(mode: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 
 CACHE_HELP = (
-    ("Data and store", ("data", "store", "storage_options", "shard", "skip_bad", "fingerprint", "chunk_rows")),
+    ("Data and store", ("data", "store", "like", "storage_options", "shard", "skip_bad", "fingerprint", "chunk_rows")),
     ("Labels", ("teachers", "res", "interpolation", "seeds", "topk", "residual")),
     ("Crops and mixing", ("scale", "ratio", "cutmix", "mixup_prob")),
     ("Logging", ("log_interval",)),
@@ -209,11 +209,19 @@ def storage_option(command):
 @runtime_options
 @hw_decoder_option
 @compile_option
+@click.option("--like", default=None, metavar="STORE",
+              help="take the crops' settings (seeds, res, interpolation, top-k, residual, crop, mix, chunk rows, "
+                   "fingerprint) from this store, so that `labels merge` can add this job's teachers to it")
 @storage_option
-def cache_teachers(storage_options, shard, scale, ratio, **options):
+def cache_teachers(storage_options, shard, scale, ratio, like, **options):
     """Stage one: run the teachers once per seed slot and store their top-k mean softmax."""
     from mealv2.pipeline.crops import CropSpec
     from mealv2.softlabels.cache import job_log, run_cache
+
+    if like:
+        options.update(scale=scale, ratio=ratio)
+        _take_like(like, options, storage_options)
+        scale, ratio = options.pop("scale"), options.pop("ratio")
 
     def run():
         job = CacheJob(**options, shard=parse_shard(shard), crop=CropSpec.from_options(scale, ratio),
@@ -228,6 +236,19 @@ def cache_teachers(storage_options, shard, scale, ratio, **options):
                    f"store {summary['bytes'] / 1e6:.2f} MB, "
                    f"{summary['bytes_per_crop']:.1f} B/crop, {'complete' if summary['complete'] else 'incomplete'}")
     _fail_cleanly(run)
+
+
+def _take_like(like: str, options: dict, storage_options: tuple[str, ...]) -> None:
+    """Put the settings of store ``like`` into ``options`` (cache-teachers'); a flag given with another value is
+    refused (its store would not merge with ``like``)."""
+    from mealv2.softlabels.merge import like_options
+
+    source = click.get_current_context().get_parameter_source
+    for name, value in _fail_cleanly(lambda: like_options(like, _storage_options(storage_options))).items():
+        if source(name) is ParameterSource.COMMANDLINE and options[name] != value:
+            raise click.UsageError(f"--{name.replace('_', '-')} {options[name]}: {like} was made with {value}; "
+                                   "leave the flag out to take the store's")
+        options[name] = value
 
 
 @main.group()
@@ -263,6 +284,9 @@ def labels_info(store, as_json, storage_options):
                        ("bytes", f"{info['bytes']} ({info['bytes_per_crop']:.1f} per crop)"),
                        ("fingerprint", info["fingerprint"]), ("skipped images", info["skipped"])]:
         click.echo(f"{key:>15}: {value}")
+    for parent in info["merged_from"]:  # labels merge: each parent, its teachers and weight
+        click.echo(f"{'merged from':>15}: {parent['url']} (created {parent['created']}; "
+                   f"{', '.join(t['name'] for t in parent['teachers'])}; weight {parent['weight']:g})")
     for made in info["made_with"]:  # one line per kind of job that wrote units (stores made before say nothing)
         versions = ", ".join(f"{name} {made[name]}" for name in ("torch", "timm", "dali", "zarr") if made.get(name))
         click.echo(f"{'made with':>15}: {made['decoder']} decoder on {made.get('device_name') or made['device']}, "
@@ -302,6 +326,32 @@ def labels_finalize(store, storage_options):
             raise StoreError(f"{store}: {int((~done).sum())} of {done.size} (seed, chunk) units are not written yet")
     _fail_cleanly(run)
     click.echo(f"{store}: complete")
+
+
+@labels.command("merge")
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", required=True, help="the merged store's path or URL (new, or a killed merge's to resume)")
+@click.option("--topk", type=click.IntRange(min=1), default=None,
+              help="classes kept per row [default: the parents' largest; up to their sum keeps the mean exact]")
+@click.option("--weights", default=None, metavar="W,W,...",
+              help="one weight per store [default: its number of teachers: the mean over all teachers]")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@storage_option
+def labels_merge(stores, out, topk, weights, progress, storage_options):
+    """Labels of a larger ensemble without running any teacher again: the weighted mean of stores made on the same
+    crops (cache the new teacher alone with `cache-teachers --like STORE`)."""
+    from mealv2.softlabels.merge import merge_stores
+
+    if len(stores) < 2:
+        raise click.UsageError("labels merge: give two or more stores")
+    try:
+        parsed = None if weights is None else [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{weights!r}: expected numbers separated by commas", param_hint="--weights") from None
+    result = _fail_cleanly(lambda: merge_stores(stores, out, topk, parsed, _storage_options(storage_options),
+                                                progress, log=click.echo))
+    click.echo(f"{out}: {'complete' if result['complete'] else 'incomplete'} ({result['units_merged']} unit(s) "
+               f"merged, top-{result['topk']}, weights {result['weights']})")
 
 
 @labels.command("pack")

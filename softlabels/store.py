@@ -481,6 +481,7 @@ class LabelStore(StoreLayout):
             "bytes": nbytes, "bytes_per_crop": nbytes / crops if crops else 0.0,
             "fingerprint": attrs["dataset"]["fingerprint"], "created": attrs["created"],
             "skipped": len(attrs.get("skipped", [])), "made_with": attrs.get("made_with", []),
+            "merged_from": attrs.get("merged_from", []),
         }
 
 
