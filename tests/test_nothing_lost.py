@@ -24,8 +24,9 @@ from bench.imagegen import make_image_folder
 
 import mealv2
 from mealv2.pipeline.dataset import DatasetError, DatasetIndex
-from mealv2.softlabels.integrity import WRITTEN, structure_problems, unit_record
-from mealv2.softlabels.store import LabelStore, SlotLabels, StoreError
+from mealv2.softlabels.integrity import slot_problems, structure_problems, unit_record
+from mealv2.softlabels.schema import WRITTEN, StoreError
+from mealv2.softlabels.store import LabelStore, SlotLabels
 
 
 @pytest.fixture
@@ -62,7 +63,7 @@ def test_only_rows_listed_as_skipped_may_be_empty(store_copy):
     paths = zarr.open_array(store_copy / "index" / "paths")[3:5]
     store = LabelStore.open(str(store_copy))
     assert f"slot 0: 2 row(s) hold no labels but their images are not listed as skipped ({paths[0]}, {paths[1]})" \
-        in store.slot_problems(0, store.read_slot(0, checked=False))
+        in slot_problems(store, 0, store.read_slot(0, checked=False))
     with pytest.raises(StoreError, match="slot 0 chunk 0"):
         store.read_slot(0)
 
@@ -596,13 +597,13 @@ def test_a_temporary_being_written_is_never_swept_and_a_killed_writers_is(namesp
 # writes its provenance (its first attribute write at the end) only once that file exists.
 TIMED_JOB = """
 import os, sys, time
-from mealv2.softlabels.store import LabelStore
+from mealv2.softlabels.writer import StoreWriter
 meeting, me, after, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-opened, provenance = LabelStore.open.__func__, LabelStore.add_provenance
+opened, provenance = StoreWriter.open.__func__, StoreWriter.add_provenance
 
-def opened_then_meet(cls, url, mode="r", *a, **k):
-    store = opened(cls, url, mode, *a, **k)
-    if mode == "r+" and meeting != "-" and not os.path.exists(os.path.join(meeting, me)):
+def opened_then_meet(cls, *a, **k):
+    store = opened(cls, *a, **k)
+    if meeting != "-" and not os.path.exists(os.path.join(meeting, me)):
         open(os.path.join(meeting, me), "w").close()
         while len(os.listdir(meeting)) < 2:
             time.sleep(0.01)
@@ -613,8 +614,8 @@ def provenance_after(store, record):
         time.sleep(0.05)
     return provenance(store, record)
 
-LabelStore.open = classmethod(opened_then_meet)
-LabelStore.add_provenance = provenance_after
+StoreWriter.open = classmethod(opened_then_meet)
+StoreWriter.add_provenance = provenance_after
 from mealv2.cli import main
 main.main(args, prog_name="mealv2")
 """
