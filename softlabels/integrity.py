@@ -13,7 +13,6 @@ import hashlib
 from typing import TYPE_CHECKING
 
 import numpy as np
-from zarr.core.sync import sync
 
 from mealv2.pipeline.errors import first_line
 from mealv2.softlabels.schema import INDEX_ARRAYS, WRITTEN, StoreError
@@ -118,14 +117,9 @@ def missing_chunks(store: StoreLayout, slots: int | None = None) -> list[str]:
     names = store.arrays + store.record if store.record else ("probs", "boxes")
     missing = []
     for name in names:
-        array = store.group[name]
-        prefix = array.store_path.path
-
-        async def listing():
-            return {key async for key in array.store_path.store.list_prefix(prefix)}
-        held = sync(listing())
-        for coords in np.ndindex(*array.cdata_shape):
-            if coords[0] < slots and f"{prefix}/{array.metadata.encode_chunk_key(coords)}" not in held:
+        held = store.stored_chunks(name)
+        for coords in np.ndindex(*store.group[name].cdata_shape):
+            if coords[0] < slots and store.chunk_key(name, coords) not in held:
                 missing.append(f"{name} chunk {'.'.join(map(str, coords))} is missing")
     return missing
 

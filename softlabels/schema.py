@@ -111,6 +111,6 @@ def slot_arrays(spec: dict, index: DatasetIndex, num_seeds: int, chunk_rows: int
 
 
 def index_arrays(index: DatasetIndex) -> list[tuple[str, np.ndarray]]:
-    """(name, values) of the index arrays (INDEX_ARRAYS): the images' paths, upright sizes and labels in row order."""
-    return [("index/paths", np.asarray(index.paths, dtype=str)), ("index/sizes", index.sizes.astype(np.int32)),
-            ("index/labels", index.labels.astype(np.int32))]
+    """(name, values) of the numeric index arrays: the images' upright sizes and labels in row order (``index/paths``
+    is text, written by the writer a chunk at a time)."""
+    return [("index/sizes", index.sizes.astype(np.int32)), ("index/labels", index.labels.astype(np.int32))]

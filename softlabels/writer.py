@@ -83,14 +83,23 @@ class StoreWriter(StoreLayout):
         return store
 
     def _create_arrays(self, spec: dict, index: DatasetIndex, num_seeds: int, chunk_rows: int) -> None:
-        """The schema's arrays (slot_arrays, index_arrays), every chunk's cells the fill value but the index's."""
+        """The schema's arrays (slot_arrays, index_arrays, the paths): every cell the fill value but the index's."""
         for name, shape, chunks, dtype in slot_arrays(spec, index, num_seeds, chunk_rows):
             self.group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=compressors(),
                                     fill_value=0, overwrite=True)
         for name, values in index_arrays(index):
-            array = self.group.create_array(name, shape=values.shape, dtype=values.dtype if name != "index/paths"
-                                            else str, compressors=compressors(), overwrite=True)
-            array[...] = values
+            self.group.create_array(name, shape=values.shape, dtype=values.dtype, compressors=compressors(),
+                                    overwrite=True)[...] = values
+        self._write_paths(index.paths)
+
+    def _write_paths(self, paths) -> None:
+        """``index/paths`` as zarr's variable-length text, a chunk at a time in numpy's variable-width strings: one
+        fixed-width array of every path would take 4 bytes × the longest path × N (gigabytes at ImageNet-21k)."""
+        array = self.group.create_array("index/paths", shape=(len(paths),), dtype=str, compressors=compressors(),
+                                        overwrite=True)
+        step = array.chunks[0]
+        for start in range(0, len(paths), step):
+            array[start:start + step] = np.array(paths[start:start + step], dtype=np.dtypes.StringDType())
 
     def _add_seeds(self, seeds: list[int]) -> None:
         """Grow the seed axis for seeds not stored yet; existing slots stay untouched."""
