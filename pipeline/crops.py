@@ -128,9 +128,12 @@ class CropSpec:
         """The store's ``crop`` attribute (docs/store-format.md)."""
         return {"scale": list(self.scale), "ratio": list(self.ratio), "algorithm": CROP_ALGORITHM}
 
-    def draw(self, seed: int, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Boxes and flips of every image for one seed: the single source of stored and replayed crops."""
-        return sample_crops(seed, sizes, scale=self.scale, ratio=self.ratio)
+    def draw(self, seed: int, sizes: np.ndarray, positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes and flips for one seed, of every image or of those at ``positions`` (the same boxes as theirs in a
+        draw of every image): the single source of stored and replayed crops."""
+        if positions is None:
+            return sample_crops(seed, sizes, scale=self.scale, ratio=self.ratio)
+        return sample_crops(seed, sizes[positions], positions, scale=self.scale, ratio=self.ratio)
 
 
 CROP_MODES = ("center", "squash")

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from mealv2.pipeline.composites import DeviceMix
+from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import load_index
 from mealv2.pipeline.distributed import setup, use_device
 from mealv2.pipeline.errors import first_line
@@ -68,8 +69,23 @@ def fixed_batches(batches, size: int):
         yield torch.cat([images, images.new_zeros((size - count, *images.shape[1:]))]), indices, count
 
 
-def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, slot: int, rows: slice, boxes: np.ndarray,
-               flips: np.ndarray, mix: SlotMix | None, topk: int, bar: tqdm) -> Callable[[], SlotLabels]:
+class UnitCrops:
+    """Each unit's boxes and flips, drawn for its rows and their CutMix partners only, into buffers indexed by
+    dataset position as the loader reads them: a whole slot's draw held about 640 bytes an image at its peak
+    (815 MB at ImageNet-1k, 8.8 GiB at ImageNet-21k, on every rank)."""
+
+    def __init__(self, crop: CropSpec, sizes: np.ndarray):
+        self.crop, self.sizes = crop, sizes
+        self.boxes = np.zeros((len(sizes), 4), np.int32)
+        self.flips = np.zeros(len(sizes), bool)
+
+    def draw(self, seed: int, positions: np.ndarray) -> None:
+        """Put seed ``seed``'s crops of the images at ``positions`` into ``boxes`` and ``flips``."""
+        self.boxes[positions], self.flips[positions] = self.crop.draw(seed, self.sizes, positions)
+
+
+def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, slot: int, seed: int, rows: slice, crops: UnitCrops,
+               mix: SlotMix | None, topk: int, bar: tqdm) -> Callable[[], SlotLabels]:
     """Queue the teachers on seed slot ``slot``'s unit of ``rows``; returns a call that waits for the device and
     gives the labels, or refuses them (TeacherError) if a teacher's softmax was not finite on one of its crops.
 
@@ -87,12 +103,14 @@ def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, slot: int, rows:
     mixed = torch.zeros(n, dtype=torch.bool, device=ensemble.device)
     faulty = torch.zeros(n, dtype=torch.int32, device=ensemble.device)  # 1 + the first unsound teacher, per row
     order = np.arange(rows.start, rows.stop) if mix is None else mix.unit_order(rows.start, rows.stop)
+    crops.draw(seed, order)
+    boxes, flips = crops.boxes[rows].copy(), crops.flips[rows].copy()  # the next unit draws into the buffers
     borrowed = bool(((order < rows.start) | (order >= rows.stop)).any())  # partners decoded from other chunks
     composites = DeviceMix(mix) if mix is not None else None
 
     def own_rows():
         """The unit's own rows of each decoded batch (composites, with ``mix``)."""
-        for images, indices in loader.epoch(order, boxes, flips, progress=False):
+        for images, indices in loader.epoch(order, crops.boxes, crops.flips, progress=False):
             if not len(indices):  # every file of the batch left out (--skip-bad)
                 continue
             if mix is not None:
@@ -126,7 +144,7 @@ def label_unit(ensemble: TeacherEnsemble, loader: ReplayLoader, slot: int, rows:
                                f"(seed slot {slot}, {len(unsound)} of the unit's {n} crops); the unit was not "
                                "written: check this teacher's weights (logits beyond float32's range, 3.4e38, make "
                                "its softmax NaN)")
-        labelled = SlotLabels(host_probs.numpy(), host_classes.numpy().astype(dtype), boxes[rows], flips[rows])
+        labelled = SlotLabels(host_probs.numpy(), host_classes.numpy().astype(dtype), boxes, flips)
         if mix is not None:
             composed = host_mixed.numpy()
             labelled.mix_partner = np.where(composed, mix.partner[rows], -1).astype(np.int32)
@@ -243,18 +261,17 @@ def run_cache(job: CacheJob, log=print) -> dict:
         f"on {device} with {loader.decoder}, {batch_size} a batch"
         + (f", shard {job.shard[0]}/{job.shard[1]}" if job.shard[1] > 1 else "")
         + (f" (rank 0 of {world.world_size})" if world.distributed else ""))
-    crops_slot, boxes, flips, mix = None, None, None, None
+    crops, mix_slot, mix = UnitCrops(job.crop, index.sizes), None, None
     labelling_started = time.perf_counter()  # the rate leaves out set-up (index, teachers, store), paid once
     writer = UnitWriter(store, device)
     with tqdm(total=todo, desc="cache-teachers", unit="img", disable=None if job.progress and world.is_main else True,
               dynamic_ncols=True) as bar:
         progress = LabelProgress(bar, log, job.log_interval, todo, len(units), writer)
         for slot, chunk in units:
-            if slot != crops_slot:  # units come slot by slot: draw each slot's crops (and mixes) once
-                crops_slot, (boxes, flips) = slot, job.crop.draw(store.seeds[slot], index.sizes)
-                mix = job.mix.draw(store.seeds[slot], len(index), job.res) if job.mix.enabled else None
-            writer.submit(slot, chunk, label_unit(ensemble, loader, slot, store.rows(chunk), boxes, flips, mix,
-                                                  job.topk, progress))
+            if job.mix.enabled and slot != mix_slot:  # units come slot by slot: each slot's pairing drawn once
+                mix_slot, mix = slot, job.mix.draw(store.seeds[slot], len(index), job.res)
+            writer.submit(slot, chunk, label_unit(ensemble, loader, slot, store.seeds[slot], store.rows(chunk), crops,
+                                                  mix, job.topk, progress))
         writer.wait()
     found = world.gather_bytes(json.dumps({index.paths[i]: reason for i, reason in undecodable.items()}).encode())
     left_out = {path: reason for part in found for path, reason in json.loads(part).items()}

@@ -268,3 +268,28 @@ def test_a_store_records_how_its_labels_were_made(reference_store):
     assert info["made_with"][0]["dali"]  # the installed DALI build's version
     shown = run_cli("labels", "info", reference_store).output
     assert f"made with: dali decoder on cpu, autocast off; torch {torch.__version__}" in shown
+
+
+@pytest.mark.parametrize("extra, most", [((), 8), (("--cutmix", "1", "--mixup-prob", "0.5"), 16)])
+def test_stage_one_draws_each_units_crops_not_a_whole_slots(small_root, teacher_files, reference_store, cutmix_store,
+                                                           tmp_path, monkeypatch, extra, most):
+    """A slot's draw held about 640 bytes an image at its peak, on every rank (8.8 GiB at ImageNet-21k): crops are
+    drawn for a unit's 8 rows and, with CutMix, their partners from other chunks; the store is the same store."""
+    import mealv2.pipeline.crops as crops
+
+    drawn = []
+    real = crops.sample_crops
+
+    def counting(seed, sizes, *args, **kwargs):
+        drawn.append(len(sizes))
+        return real(seed, sizes, *args, **kwargs)
+    monkeypatch.setattr(crops, "sample_crops", counting)
+    store = tmp_path / "labels.zarr"
+    assert run_cli(*cache_args(small_root, store, teacher_files, *extra)).exit_code == 0
+    assert drawn and max(drawn) <= most, drawn
+    assert store_files(store) == store_files(cutmix_store if extra else reference_store)
+    monkeypatch.setattr(crops, "sample_crops", real)
+    sizes, written = DatasetIndex.scan(small_root / "train").sizes, zarr.open_group(str(store), mode="r")
+    for slot in range(2):  # the boxes a draw of the whole slot gives
+        boxes, flips = crops.CropSpec().draw(slot, sizes)
+        assert (written["boxes"][slot] == boxes).all() and (written["flips"][slot] == flips).all()

@@ -208,18 +208,18 @@ def test_labelling_a_unit_reads_the_device_once_whatever_its_batches(monkeypatch
     from tqdm import tqdm
 
     from mealv2.pipeline.crops import CropSpec
-    from mealv2.softlabels.cache import label_unit
+    from mealv2.softlabels.cache import UnitCrops, label_unit
     from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 
     index = DatasetIndex.scan(small_root / "train")
     ensemble = TeacherEnsemble(parse_teachers(teacher_files, 32), 3, "cpu")
-    boxes, flips = CropSpec().draw(0, index.sizes)
     counts, results = [], []
     for batch in (4, 15):
         loader = ReplayLoader(index, 32, batch, "cpu", "pil")
         with monkeypatch.context() as patch, tqdm(disable=True) as bar:
             calls = host_reads(patch)
-            labels = label_unit(ensemble, loader, 0, slice(0, 30), boxes, flips, None, 2, bar)()
+            labels = label_unit(ensemble, loader, 0, 0, slice(0, 30), UnitCrops(CropSpec(), index.sizes), None, 2,
+                                bar)()
         counts.append(len(calls))
         results.append(labels.probs)
     assert counts[0] == counts[1], counts

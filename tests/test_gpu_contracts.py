@@ -28,7 +28,7 @@ from mealv2.pipeline.distributed import setup
 from mealv2.pipeline.loader import ReplayLoader
 from mealv2.pipeline.mix import MixSpec
 from mealv2.softlabels import cache, teachers
-from mealv2.softlabels.cache import UnitWriter, label_unit, to_host
+from mealv2.softlabels.cache import UnitCrops, UnitWriter, label_unit, to_host
 from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 from mealv2.softlabels.topk import compress
 
@@ -244,7 +244,8 @@ def test_cutmix_hands_the_teachers_one_batch_shape_and_labels_each_own_row(small
             return (probs, probs.log()) + ((torch.zeros(len(probs), dtype=torch.int32),) if faults else ())
 
     spy = Teachers()
-    labels = label_unit(spy, ReplayLoader(index, 16, 4, "cpu", "torch", workers=1), 0, rows, boxes, flips, mix, 2,
+    crops = UnitCrops(CropSpec(), index.sizes)
+    labels = label_unit(spy, ReplayLoader(index, 16, 4, "cpu", "torch", workers=1), 0, 0, rows, crops, mix, 2,
                         tqdm(disable=True))()
     assert set(spy.shapes) == {(4, 3, 16, 16)}
     whole = ReplayLoader(index, 16, len(index), "cpu", "torch", workers=1)
