@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from mealv2.pipeline.mix import MIX_ALGORITHM
 from mealv2.softlabels.merge import merge_topk
 from mealv2.softlabels.topk import compress, expand
 
@@ -145,3 +146,24 @@ def test_a_killed_merge_resumes_to_the_same_store(parents, merged, tmp_path):
     result = run_cli("labels", "merge", *parents, "--out", out, "--no-progress")
     assert result.exit_code == 0 and "4 unit(s) merged" in result.output, result.output
     assert store_files(out) == store_files(merged)
+
+
+@pytest.mark.parametrize("key, value, named", [
+    ("seeds", [0, 7], "seeds"), ("res", 48, "res"), ("interpolation", "bicubic", "interpolation"),
+    ("mix", {"prob": 0.5, "algorithm": MIX_ALGORITHM}, "mix"), ("skipped", ["c0/x.png: cannot decode"], "skipped images"),
+    ("residual", "renorm", "residual"), ("dataset.classes", ["a", "b", "c"], "dataset")])
+def test_each_difference_that_makes_other_crops_is_named(reference_store, key, value, named, tmp_path):
+    """A copy of the store with one attribute changed in its zarr.json (consolidated copy too) is refused by name."""
+    import json
+
+    other = tmp_path / "other.zarr"
+    shutil.copytree(reference_store, other)
+    meta = json.loads((other / "zarr.json").read_text())
+    for attrs in [meta["attributes"]["mealv2"]] + [m["attributes"]["mealv2"] for k, m in meta.get(
+            "consolidated_metadata", {}).get("metadata", {}).items() if k == ""]:
+        outer, _, inner = key.rpartition(".")
+        (attrs[outer] if outer else attrs)[inner] = value
+    (other / "zarr.json").write_text(json.dumps(meta))
+    result = run_cli("labels", "merge", reference_store, other, "--out", tmp_path / "m.zarr")
+    assert result.exit_code == 1 and f"its {named} differs" in result.output, result.output
+    assert not (tmp_path / "m.zarr").exists()
