@@ -8,15 +8,17 @@ both decoders produce.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import io
 import os
 import posixpath
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -79,18 +81,25 @@ def _file_digest(path: str) -> bytes:
 
 
 SCAN_WINDOW = 4096  # files read at once by a scan's threads and queued behind them: a Future each, not one a file
+_BLOCK = 65536  # rows whose Python objects (ints, strings) a pass over a split holds at once
 
 
-def in_windows(pool: ThreadPoolExecutor, work: Callable[[int], object], count: int):
-    """``work(0)``, ``work(1)``, … ``work(count - 1)`` on ``pool``, results in order, at most SCAN_WINDOW submitted
-    ahead of the one consumed (``pool.map`` submits all ``count`` at once: memory in proportion to the split)."""
+def in_windows(pool: ThreadPoolExecutor, work: Callable[[int], object], items: int | Iterable[int]):
+    """``work(i)`` on ``pool`` for each i of ``items`` (or of range(items)), results in order, at most SCAN_WINDOW
+    submitted ahead of the one consumed (``pool.map`` submits them all at once: memory in proportion to the split)."""
     pending: collections.deque = collections.deque()
-    for i in range(count):
+    for i in range(items) if isinstance(items, int) else items:
         pending.append(pool.submit(work, i))
         if len(pending) >= SCAN_WINDOW:
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
+
+
+def _positions(mask: np.ndarray) -> Iterator[int]:
+    """The positions where ``mask`` is true, as ints, found _BLOCK at a time (not an array and a list of them all)."""
+    for start in range(0, len(mask), _BLOCK):
+        yield from (start + np.flatnonzero(mask[start:start + _BLOCK])).tolist()
 
 
 def _is_utf8(name: str) -> bool:
@@ -311,12 +320,16 @@ class DatasetIndex:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """sha256 over (path, byte size, label) of every image: identifies the split's content."""
+        """sha256 over (path, byte size, label) of every image: identifies the split's content. Worked out once
+        (seconds at ImageNet-1k), and saved with the index, so that a warm start takes it from the cache."""
         digest = hashlib.sha256()
-        for path, nbytes, label in zip(self.paths, self.byte_sizes.tolist(), self.labels.tolist()):
-            digest.update(f"{path}\0{nbytes}\0{label}\n".encode("utf-8", "surrogateescape"))  # a name's own bytes
+        for start in range(0, len(self), _BLOCK):  # the Python objects of one block at a time
+            stop = min(start + _BLOCK, len(self))
+            digest.update("".join(f"{path}\0{nbytes}\0{label}\n" for path, nbytes, label in zip(
+                self.paths.span(start, stop), self.byte_sizes[start:stop].tolist(), self.labels[start:stop].tolist(),
+            )).encode("utf-8", "surrogateescape"))  # a name's own bytes
         return digest.hexdigest()
 
     def fingerprint_of(self, mode: str = "size", workers: int = 8) -> str:
@@ -356,15 +369,14 @@ class DatasetIndex:
         before = {} if previous is None or previous.mtimes is None else {
             name: label for label, name in enumerate(previous.classes)}
         trusted = previous._stamps_of(split_dir) if trust_stamps and previous is not None else {}
-        listing, stamps, listed = _Listing(), np.empty((len(classes), 3), np.int64), 0
-        for label, name in enumerate(classes):
-            stamps[label] = stamp = _stamp(split_dir / name)
-            rows = _Rows.of_class(previous, before[name]) if name in before else None
-            if rows is None or trusted.get(name) != stamp:
-                rows, listed = _list_folder(split_dir, name, rows), listed + 1
-            listing.add(label, rows)
-        if not listed and trusted and classes == previous.classes:
+        stamps = np.array([_stamp(split_dir / name) for name in classes], np.int64)  # each before its listing
+        kept = [name in before and trusted.get(name) == stamp for name, stamp in zip(classes, map(tuple, stamps))]
+        if all(kept) and classes == previous.classes:
             return previous
+        listing = _Listing()
+        for label, (name, keep) in enumerate(zip(classes, kept)):
+            rows = _Rows.of_class(previous, before[name]) if name in before else None
+            listing.add(label, rows if keep else _list_folder(split_dir, name, rows))
         paths = PackedStrings(listing.data.filled(), listing.ends.filled())
         sizes, skipped = cls._read_headers(split_dir, paths, listing.sizes.filled(), listing.unread.filled(),
                                            skip_bad, workers)
@@ -392,10 +404,10 @@ class DatasetIndex:
     def _read_headers(split_dir: Path, paths: PackedStrings, sizes: np.ndarray, unread: np.ndarray, skip_bad: bool,
                       workers: int) -> tuple[np.ndarray, dict[int, str]]:
         """``sizes`` with the headers of the ``unread`` rows read in, and {row: "path: reason"} of the bad files."""
-        rows = np.flatnonzero(unread)
+        rows = _positions(unread)
 
-        def header_or_error(j: int) -> tuple[int, int] | str:
-            name = paths[int(rows[j])]
+        def header_or_error(row: int) -> tuple[int, int] | str:
+            name = paths[row]
             path = str(split_dir / name)
             if not _is_utf8(name):
                 return (f"{printable_path(path)}: file name is not valid UTF-8; rename it (a store records names as "
@@ -409,9 +421,9 @@ class DatasetIndex:
 
         bad: dict[int, str] = {}
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            results = in_windows(pool, header_or_error, len(rows))
-            for row, result in tqdm(zip(rows.tolist(), results), total=len(rows), desc=f"scan {split_dir.name}",
-                                    unit="img", disable=None, leave=False):
+            results = in_windows(pool, header_or_error, rows)
+            for row, result in tqdm(zip(_positions(unread), results), total=int(unread.sum()),
+                                    desc=f"scan {split_dir.name}", unit="img", disable=None, leave=False):
                 if isinstance(result, str):
                     if not skip_bad:
                         raise DatasetError(f"{result} (use --skip-bad to leave bad files out)")
@@ -420,41 +432,57 @@ class DatasetIndex:
                     sizes[row] = result
         return sizes, bad
 
-    def to_bytes(self) -> bytes:
-        """The index as a pickle-free .npz, in memory (what ``save`` writes and ranks receive)."""
-        buffer = io.BytesIO()
+    def write(self, target: BinaryIO) -> None:
+        """The index as a pickle-free .npz into an open binary file (what ``save`` writes and ranks receive)."""
         strings = {name: PackedStrings.of(values) for name, values in
                    (("root", [self.root]), ("paths", self.paths), ("classes", self.classes), ("skipped", self.skipped))}
         np.savez(
-            buffer, format=np.int64(_INDEX_FORMAT), labels=self.labels, sizes=self.sizes, byte_sizes=self.byte_sizes,
+            target, format=np.int64(_INDEX_FORMAT), labels=self.labels, sizes=self.sizes, byte_sizes=self.byte_sizes,
             mtimes=self.mtimes if self.mtimes is not None else np.zeros(len(self), np.int64),
+            fingerprint=np.str_(self.fingerprint),
             **({"stamps": self.stamps} if self.stamps is not None else {}),  # readers before them ignore them
             **{key: array for name, packed in strings.items() for key, array in ((name, packed.data),
                                                                                   (f"{name}_ends", packed.ends))},
         )
-        return buffer.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes, name: str = "index") -> DatasetIndex:
-        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+    def read(cls, source: str | os.PathLike | BinaryIO, name: str = "index") -> DatasetIndex:
+        """An index that ``write`` wrote, from a file's path or an open binary file (read array by array)."""
+        with np.load(source, allow_pickle=False) as arrays:
             if int(arrays["format"]) != _INDEX_FORMAT:
                 raise DatasetError(f"{name}: index format {int(arrays['format'])}, expected {_INDEX_FORMAT}")
             strings = {name: PackedStrings(arrays[name], arrays[f"{name}_ends"])
                        for name in ("root", "paths", "classes", "skipped")}
-            return cls(root=strings["root"][0], paths=strings["paths"], labels=arrays["labels"], sizes=arrays["sizes"],
-                       byte_sizes=arrays["byte_sizes"], classes=list(strings["classes"]),
-                       skipped=list(strings["skipped"]), mtimes=arrays["mtimes"],
-                       stamps=arrays["stamps"] if "stamps" in arrays.files else None)
+            index = cls(root=strings["root"][0], paths=strings["paths"], labels=arrays["labels"], sizes=arrays["sizes"],
+                        byte_sizes=arrays["byte_sizes"], classes=list(strings["classes"]),
+                        skipped=list(strings["skipped"]), mtimes=arrays["mtimes"],
+                        stamps=arrays["stamps"] if "stamps" in arrays.files else None)
+            if "fingerprint" in arrays.files:  # worked out from these arrays when they were written
+                vars(index)["fingerprint"] = str(arrays["fingerprint"])
+            return index
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        self.write(buffer)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "index") -> DatasetIndex:
+        return cls.read(io.BytesIO(data), name)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the index as a pickle-free .npz (atomically: temp file, then rename)."""
+        """Write the index as a pickle-free .npz (atomically: temp file, then rename), array by array."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: tmp.write_bytes(self.to_bytes()))
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                self.write(handle)
+        atomic_write(path, write)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DatasetIndex:
-        return cls.from_bytes(Path(path).read_bytes(), str(path))
+        return cls.read(path, str(path))
 
 
 def default_cache_path(split_dir: str | os.PathLike) -> Path:
