@@ -28,8 +28,7 @@ import numpy as np
 
 from bench.imagegen import save, smooth_image
 
-IMAGENET_1K = 1_281_167
-IMAGENET_21K = (14_197_122, 21_841)  # images, classes: where the slope is projected to
+IMAGENET_21K = 14_197_122  # images (21,841 classes): where the slopes are projected to
 LINKS_PER_FILE = 60_000  # ext4 allows 65,000 hard links to one file
 UNIT_ROWS = 4_096  # cache-teachers labels one store chunk of this many rows at every size
 REPO = Path(__file__).resolve().parent.parent
@@ -153,7 +152,7 @@ def slopes(small: dict, large: dict, n_small: int, n_large: int) -> dict[str, fl
             for key in large for suffix, scale in per.items() if key.endswith(suffix)}
 
 
-def projected(large: dict, slope: dict, n_large: int, n_target: int = IMAGENET_21K[0]) -> dict[str, float]:
+def projected(large: dict, slope: dict, n_large: int, n_target: int = IMAGENET_21K) -> dict[str, float]:
     """Each sloped figure carried along its slope from the larger size to ``n_target`` images."""
     return {key: large[key] + rate * (n_target - n_large) / (2**20 if key.endswith("_mb") else 1e6)
             for key, rate in slope.items()}

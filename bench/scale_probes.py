@@ -33,7 +33,8 @@ def private_mb(pid: int) -> float:
     """A process's private memory (Private_Clean + Private_Dirty of /proc/PID/smaps_rollup): its own pages, those a
     forked worker copied from its parent included."""
     with open(f"/proc/{pid}/smaps_rollup") as handle:
-        return sum(int(line.split()[1]) for line in handle if line.startswith(("Private_Clean:", "Private_Dirty:"))) / 1024
+        private = [int(line.split()[1]) for line in handle if line.startswith(("Private_Clean:", "Private_Dirty:"))]
+    return sum(private) / 1024
 
 
 def index_bytes(index) -> int:

@@ -216,7 +216,7 @@ def _stamp(folder: Path) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class _Rows:
-    """One class folder's rows: paths ("class/name"), byte sizes, mtimes, (height, width), and whose header is unread."""
+    """One class folder's rows: paths ("class/name"), byte sizes, mtimes, (height, width), whose header is unread."""
 
     paths: PackedStrings
     byte_sizes: np.ndarray
