@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.imagegen import save, smooth_image
+from mealv2.pipeline.dataset import SETTLED_NS
 
 IMAGENET_21K = 14_197_122  # images (21,841 classes): where the slopes are projected to
 LINKS_PER_FILE = 60_000  # ext4 allows 65,000 hard links to one file
@@ -198,6 +199,7 @@ def scale_main(images: int, classes: int, out: Path) -> dict:
             clock = time.perf_counter()
             hard_linked_folder(tmp / "data", n, classes)
             build_seconds = time.perf_counter() - clock
+            time.sleep(SETTLED_NS / 1e9 + 0.5)  # a folder changed just before a scan is listed again at the next
             (tmp / "work").mkdir()
             loads.append({"before": os.getloadavg()})
             measured.append(figures_at(tmp / "data", tmp / "work", n, classes) | {"folder_build_s": build_seconds})

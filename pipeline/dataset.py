@@ -170,7 +170,7 @@ class PackedStrings(Sequence):
         return f"PackedStrings({len(self)} strings, {len(self.data)} bytes)"
 
 
-_SETTLED_NS = 2_000_000_000  # a class folder changed within this before its listing is listed again at the next start
+SETTLED_NS = 2_000_000_000  # a class folder changed within this before its listing is listed again at the next start
 _UNSETTLED = (-1, -1, -1)  # such a folder's stamp: equal to no folder's own
 RESCAN_VARIABLE = "MEALV2_RESCAN"  # set to 1: every class folder is listed and each of its files looked at again
 
@@ -206,10 +206,10 @@ def _stamp(folder: Path) -> tuple[int, int, int]:
     Adding, removing or renaming an entry changes the folder's mtime and ctime (a tool that sets the mtime back,
     as ``rsync -a`` does, still changes the ctime), and a folder put in its place has another inode; a file
     rewritten in place under its own name changes none of them. Timestamps tick coarsely, so a folder changed
-    within _SETTLED_NS of now gets _UNSETTLED: a second change in the same tick would leave its stamp as it was.
+    within SETTLED_NS of now gets _UNSETTLED: a second change in the same tick would leave its stamp as it was.
     """
     now, stat = time.time_ns(), os.stat(folder)
-    if max(stat.st_mtime_ns, stat.st_ctime_ns) > now - _SETTLED_NS:
+    if max(stat.st_mtime_ns, stat.st_ctime_ns) > now - SETTLED_NS:
         return _UNSETTLED
     return stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
 

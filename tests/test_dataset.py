@@ -182,7 +182,7 @@ def _settled_after(monkeypatch, seconds: float, wait: bool = True) -> None:
 
     import mealv2.pipeline.dataset as dataset
 
-    monkeypatch.setattr(dataset, "_SETTLED_NS", int(seconds * 1e9))
+    monkeypatch.setattr(dataset, "SETTLED_NS", int(seconds * 1e9))
     if wait:
         time.sleep(1.5 * seconds)
 
