@@ -247,3 +247,25 @@ def test_an_image_added_removed_or_renamed_is_seen_at_the_next_start(tmp_path, m
     assert list(second.paths) == expected
     with pytest.raises(StoreError, match="fingerprint differs"):
         store.matching_index(split)
+
+
+def test_an_index_cache_from_before_folder_stamps_is_read_and_then_trusted(tmp_path, monkeypatch):
+    """A cache written before stamps and the saved fingerprint (format 2 without those arrays) still loads: the
+    next start lists every folder once, reusing its headers, and the start after it lists none."""
+    import mealv2.pipeline.dataset as dataset
+
+    split = make_image_folder(tmp_path, classes=2, per_class=3, mixed=False).resolve()
+    _settled_after(monkeypatch, 0.05)
+    first = load_index(split)
+    cache = dataset.default_cache_path(split)
+    with np.load(cache) as arrays:
+        before_stamps = {key: arrays[key] for key in arrays.files if key not in ("stamps", "fingerprint")}
+    with open(cache, "wb") as handle:
+        np.savez(handle, **before_stamps)
+    listed = _spy(monkeypatch, "scandir", split)
+    headers = []
+    monkeypatch.setattr(dataset, "read_header", lambda path: headers.append(path) or (1, 1))
+    assert load_index(split).fingerprint == first.fingerprint and headers == []
+    assert listed == [split, split / "class_0", split / "class_1"]
+    listed.clear()
+    assert load_index(split).fingerprint == first.fingerprint and listed == [split]
