@@ -22,9 +22,11 @@ from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.dataset import DatasetIndex, load_index
 from mealv2.pipeline.loader import ReplayLoader
 from mealv2.pipeline.sampler import EpochSampler
+from mealv2.softlabels.schema import label_spec
 from mealv2.softlabels.stats import store_stats
-from mealv2.softlabels.store import LabelStore, SlotLabels, label_spec
+from mealv2.softlabels.store import LabelStore, SlotLabels
 from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
+from mealv2.softlabels.writer import StoreWriter
 
 TEACHERS = ("resnet10t", "resnet18")
 STUDENT = "mobilenetv3_small_050"
@@ -194,7 +196,7 @@ def random_store(path: Path, index: DatasetIndex, slots: int = 1, topk: int = 5,
     rng = np.random.default_rng(0)
     spec = label_spec(index, [{"name": "synthetic", "pretrained": "synthetic", "mean": [0.5] * 3,
                                "std": [0.5] * 3}], res, "bilinear", topk, "uniform", CropSpec().attrs())
-    store = LabelStore.create_or_extend(str(path), spec, index, list(range(slots)))
+    store = StoreWriter.create_or_extend(str(path), spec, index, list(range(slots)))
     boxes, flips = CropSpec().draw(0, index.sizes)
     for slot in range(slots):
         for chunk in range(store.num_chunks):

@@ -42,6 +42,7 @@ from mealv2.pipeline.models import AMP_DTYPES, Normalize, autocast, file_sha256,
 from mealv2.pipeline.progress import bars_shown
 from mealv2.pipeline.provenance import provenance
 from mealv2.pipeline.sampler import EpochSampler
+from mealv2.softlabels.integrity import check_slots
 from mealv2.softlabels.store import LabelStore, StoreError
 from mealv2.softlabels.teachers import TeacherEnsemble, parse_teachers
 
@@ -117,7 +118,7 @@ class Trainer:
                       else load_index(split, skip_bad=config.skip_bad, world=self.world))
         self.config = resolve_config(config, self.store, self.resumed["options"] if self.resumed else None)
         if self.store:  # every slot the run will read, before the first step (a missing chunk reads as zeros)
-            self.store.check_slots(self.config.seeds)
+            check_slots(self.store, self.config.seeds)
         rank_batch = self.config.batch_size // self.world.world_size
         if (self.config.mix.enabled or (self.store and self.store.mix.enabled)) and rank_batch % 2:
             raise ValueError(f"--batch-size {self.config.batch_size}: CutMix batches whole pairs; expected an even "

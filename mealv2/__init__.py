@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "open_store": "mealv2.softlabels.store",
     "LabelStore": "mealv2.softlabels.store",
-    "StoreError": "mealv2.softlabels.store",
+    "StoreError": "mealv2.softlabels.schema",
     "ReplayDataset": "mealv2.distill.replay_dataset",
     "StoreLoader": "mealv2.distill.replay_dataset",
     "soft_cross_entropy": "mealv2.distill.losses",

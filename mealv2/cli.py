@@ -119,12 +119,66 @@ def mix_options(alpha: float, prob: float, labels: str) -> list:
                          help="with --cutmix: the probability that a pair of crops is mixed (timm's name)")]
 
 
+class GroupedHelp(click.Command):
+    """A command whose --help lists its options under headings, in the order given, as timm's train.py groups its
+    arguments; every option belongs to exactly one group (a test checks), so none drops out of the listing."""
+
+    def __init__(self, *args, groups: tuple[tuple[str, tuple[str, ...]], ...], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.groups = groups
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        params = {param.name: param for param in self.get_params(ctx)}
+        for title, names in self.groups + (("Other options", tuple(set(params) - self.grouped())),):
+            rows = [record for name in names if name in params and (record := params[name].get_help_record(ctx))]
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+    def grouped(self) -> set[str]:
+        """The names of the options some group lists."""
+        return {name for _, names in self.groups for name in names}
+
+
+_DATA_GROUP = ("data", "out", "config", "batch_size", "res", "seeds", "skip_bad")
+_SCHEDULE_GROUP = ("epochs", "sched", "lr_steps", "decay_rate", "warmup_epochs", "warmup_lr", "min_lr")
+_OPTIMIZER_GROUP = ("opt", "opt_eps", "lr", "momentum", "weight_decay", "clip_grad", "clip_mode", "model_ema",
+                    "model_ema_decay")
+_LOGGING_GROUP = ("progress", "log_interval", "log_tb", "log_wandb")
+_RUNTIME_GROUP = ("device", "decoder", "workers", "hw_decoder_load", "compile", "amp", "resume", "seed")
+
+
+def training_help(mode: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The --help groups of distill (``mode`` "distill") and train, timm's headings with distillation's own."""
+    store = ("labels", "storage_options") if mode == "distill" else ()
+    distillation = (("Distillation", ("online", "teachers", "kd_weight", "discriminator", "disc_weight", "d_lr",
+                                      "disc_input", "disc_head")),) if mode == "distill" else ()
+    return (("Data", store + _DATA_GROUP),
+            ("Model", ("model", "init", "pretrained_path", "drop", "drop_path", "sync_bn")),
+            *distillation,
+            ("Optimizer", _OPTIMIZER_GROUP),
+            ("Learning rate schedule", _SCHEDULE_GROUP),
+            ("Augmentation", ("scale", "ratio", "cutmix", "mixup_prob")),
+            ("Validation", ("val_every", "crop_pct", "eval_interpolation")),
+            ("Logging", _LOGGING_GROUP),
+            ("Runtime", _RUNTIME_GROUP))
+
+
+CACHE_HELP = (
+    ("Data and store", ("data", "store", "like", "storage_options", "shard", "skip_bad", "fingerprint", "chunk_rows")),
+    ("Labels", ("teachers", "res", "interpolation", "seeds", "topk", "residual")),
+    ("Crops and mixing", ("scale", "ratio", "cutmix", "mixup_prob")),
+    ("Logging", ("log_interval",)),
+    ("Runtime", ("device", "decoder", "workers", "hw_decoder_load", "batch_size", "compile")),
+)
+
+
 def storage_option(command):
     return click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
                         help="fsspec option for the store's filesystem (repeatable)")(command)
 
 
-@main.command("cache-teachers")
+@main.command("cache-teachers", cls=GroupedHelp, groups=CACHE_HELP)
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="dataset ROOT (uses ROOT/train)")
 @click.option("--store", required=True, help="label store path or fsspec URL")
 @click.option("--res", type=click.IntRange(min=1), default=CACHE["res"], show_default=True, help="crop resolution")
@@ -155,11 +209,19 @@ def storage_option(command):
 @runtime_options
 @hw_decoder_option
 @compile_option
+@click.option("--like", default=None, metavar="STORE",
+              help="take the crops' settings (seeds, res, interpolation, top-k, residual, crop, mix, chunk rows, "
+                   "fingerprint) from this store, so that `labels merge` can add this job's teachers to it")
 @storage_option
-def cache_teachers(storage_options, shard, scale, ratio, **options):
+def cache_teachers(storage_options, shard, scale, ratio, like, **options):
     """Stage one: run the teachers once per seed slot and store their top-k mean softmax."""
     from mealv2.pipeline.crops import CropSpec
     from mealv2.softlabels.cache import job_log, run_cache
+
+    if like:
+        options.update(scale=scale, ratio=ratio)
+        _take_like(like, options, storage_options)
+        scale, ratio = options.pop("scale"), options.pop("ratio")
 
     def run():
         job = CacheJob(**options, shard=parse_shard(shard), crop=CropSpec.from_options(scale, ratio),
@@ -174,6 +236,19 @@ def cache_teachers(storage_options, shard, scale, ratio, **options):
                    f"store {summary['bytes'] / 1e6:.2f} MB, "
                    f"{summary['bytes_per_crop']:.1f} B/crop, {'complete' if summary['complete'] else 'incomplete'}")
     _fail_cleanly(run)
+
+
+def _take_like(like: str, options: dict, storage_options: tuple[str, ...]) -> None:
+    """Put the settings of store ``like`` into ``options`` (cache-teachers'); a flag given with another value is
+    refused (its store would not merge with ``like``)."""
+    from mealv2.softlabels.merge import like_options
+
+    source = click.get_current_context().get_parameter_source
+    for name, value in _fail_cleanly(lambda: like_options(like, _storage_options(storage_options))).items():
+        if source(name) is ParameterSource.COMMANDLINE and options[name] != value:
+            raise click.UsageError(f"--{name.replace('_', '-')} {options[name]}: {like} was made with {value}; "
+                                   "leave the flag out to take the store's")
+        options[name] = value
 
 
 @main.group()
@@ -209,6 +284,9 @@ def labels_info(store, as_json, storage_options):
                        ("bytes", f"{info['bytes']} ({info['bytes_per_crop']:.1f} per crop)"),
                        ("fingerprint", info["fingerprint"]), ("skipped images", info["skipped"])]:
         click.echo(f"{key:>15}: {value}")
+    for parent in info["merged_from"]:  # labels merge: each parent, its teachers and weight
+        click.echo(f"{'merged from':>15}: {parent['url']} (created {parent['created']}; "
+                   f"{', '.join(t['name'] for t in parent['teachers'])}; weight {parent['weight']:g})")
     for made in info["made_with"]:  # one line per kind of job that wrote units (stores made before say nothing)
         versions = ", ".join(f"{name} {made[name]}" for name in ("torch", "timm", "dali", "zarr") if made.get(name))
         click.echo(f"{'made with':>15}: {made['decoder']} decoder on {made.get('device_name') or made['device']}, "
@@ -238,15 +316,42 @@ def labels_stats(store, data, plot, as_json, storage_options):
 @storage_option
 def labels_finalize(store, storage_options):
     """Mark a store filled by --shard jobs complete (the last job to finish does this too)."""
-    from mealv2.softlabels.store import LabelStore, StoreError
+    from mealv2.softlabels.schema import StoreError
+    from mealv2.softlabels.writer import StoreWriter
 
     def run():
-        opened = LabelStore.open(store, "r+", _storage_options(storage_options))
+        opened = StoreWriter.open(store, _storage_options(storage_options))
         if not opened.finalize():
             done = opened.done()
             raise StoreError(f"{store}: {int((~done).sum())} of {done.size} (seed, chunk) units are not written yet")
     _fail_cleanly(run)
     click.echo(f"{store}: complete")
+
+
+@labels.command("merge")
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", required=True, help="the merged store's path or URL (new, or a killed merge's to resume)")
+@click.option("--topk", type=click.IntRange(min=1), default=None,
+              help="classes kept per row [default: the parents' largest; up to their sum keeps the mean exact]")
+@click.option("--weights", default=None, metavar="W,W,...",
+              help="one weight per store [default: its number of teachers: the mean over all teachers]")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@storage_option
+def labels_merge(stores, out, topk, weights, progress, storage_options):
+    """Labels of a larger ensemble without running any teacher again: the weighted mean of stores made on the same
+    crops (cache the new teacher alone with `cache-teachers --like STORE`)."""
+    from mealv2.softlabels.merge import merge_stores
+
+    if len(stores) < 2:
+        raise click.UsageError("labels merge: give two or more stores")
+    try:
+        parsed = None if weights is None else [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{weights!r}: expected numbers separated by commas", param_hint="--weights") from None
+    result = _fail_cleanly(lambda: merge_stores(stores, out, topk, parsed, _storage_options(storage_options),
+                                                progress, log=click.echo))
+    click.echo(f"{out}: {'complete' if result['complete'] else 'incomplete'} ({result['units_merged']} unit(s) "
+               f"merged, top-{result['topk']}, weights {result['weights']})")
 
 
 @labels.command("pack")
@@ -255,9 +360,10 @@ def labels_finalize(store, storage_options):
 @storage_option
 def labels_pack(store, out, storage_options):
     """Copy a complete store into one read-only zip; consumers open it as zip::OUT."""
-    from mealv2.softlabels.store import LabelStore
+    from mealv2.softlabels.packing import pack
+    from mealv2.softlabels.store import open_store
 
-    nbytes = _fail_cleanly(lambda: LabelStore.open(store, "r", _storage_options(storage_options)).pack(out))
+    nbytes = _fail_cleanly(lambda: pack(open_store(store, _storage_options(storage_options)), out))
     click.echo(f"{out}: {nbytes / 1e6:.2f} MB; open it as zip::{out}")
 
 
@@ -451,7 +557,7 @@ def _fit(mode: str, options: dict, storage_options: tuple[str, ...] = ()) -> Non
     _fail_cleanly(run)
 
 
-@main.command()
+@main.command(cls=GroupedHelp, groups=training_help("distill"))
 @click.option("--labels", default=None, help="label store path or URL (from cache-teachers)")
 @click.option("--student", "--model", "model", required=True, help="timm model name of the student")
 @click.option("--online", is_flag=True, help="run the teachers in the loop instead of reading a store")
@@ -473,7 +579,7 @@ def distill(online, storage_options, **options):
     _fit("online" if online else "distill", options, storage_options)
 
 
-@main.command()
+@main.command(cls=GroupedHelp, groups=training_help("train"))
 @click.option("--model", required=True, help="timm model name")
 @training_options("train")
 @crop_options()

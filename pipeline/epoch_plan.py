@@ -3,8 +3,9 @@
 The loader writes each epoch's plan (dataset positions in the epoch's order, with their
 boxes and flips) into a folder before DALI runs that epoch. ``PlanSource`` is the
 stateless callable DALI's parallel ``external_source`` wants: given (epoch, iteration) it
-maps that epoch's plan, reads the batch's files and returns them with the graph's inputs,
-so any worker can compute any batch, several batches ahead of the training step.
+maps that epoch's plan and the index's paths (written into the folder once), reads the
+batch's files and returns them with the graph's inputs, so any worker can compute any
+batch, several batches ahead of the training step.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mealv2.pipeline.dataset import DatasetError, DatasetIndex
+from mealv2.pipeline.dataset import DatasetError, DatasetIndex, PackedStrings, safe_join
 from mealv2.pipeline.locks import create_locked, remove_unheld
 
 PLAN_DTYPE = np.dtype([("index", np.int64), ("box", np.int32, (4,)), ("flip", np.bool_)])
 PLANS_PREFIX = "mealv2-plans-"  # a plan folder in the temporary folder: mealv2-plans-PID-random
 _OWNER = "owner.lock"  # in a plan folder: locked by the process it belongs to while that lives
+_PATHS = ("paths.npy", "path-ends.npy")  # in a plan folder: the index's packed paths (PackedStrings data, ends)
 
 
 def read_bytes(path: str) -> np.ndarray:
@@ -98,26 +100,40 @@ def write_plan(folder: str | os.PathLike, epoch: int, order: np.ndarray, boxes: 
     os.replace(tmp, plan_path(folder, epoch))  # a worker never maps a half-written plan
 
 
+def write_paths(folder: str | os.PathLike, paths: PackedStrings) -> None:
+    """Write an index's packed paths into a plan folder once, as the two .npy files ``mapped_paths`` maps."""
+    for name, values in zip(_PATHS, (paths.data, paths.ends)):
+        np.save(Path(folder) / name, values)
+
+
+def mapped_paths(folder: str | os.PathLike) -> PackedStrings:
+    """The paths ``write_paths`` wrote, memory-mapped: the page cache holds them once for every worker that reads."""
+    return PackedStrings(*(np.load(Path(folder) / name, mmap_mode="r") for name in _PATHS))
+
+
 class PlanSource:
     """Per-batch source for DALI's parallel external_source, keyed by ``BatchInfo`` (epoch, iteration).
 
     Returns (encoded bytes, anchors, shapes, roi starts, roi ends, dataset positions) of one
     batch, the last one of an epoch possibly short; raises StopIteration past the end, as
     often as asked (DALI prefetches beyond it). Files are read by a few threads per worker.
+    The index's paths are written into the plan folder once and mapped by each worker, so a
+    worker receives only the split's root and the folder, whatever the size of the index.
     """
 
     def __init__(self, index: DatasetIndex, folder: str | os.PathLike, batch_size: int, read_threads: int = 4):
-        self._index_bytes = index.to_bytes()  # compact to pickle into spawned workers
+        write_paths(folder, index.paths)
+        self.root = index.root
         self.folder = str(folder)
         self.batch_size = batch_size
         self.read_threads = read_threads
-        self._index = None
+        self._paths = None
         self._plans: dict[int, np.ndarray] = {}
         self._reader = None
 
     def __getstate__(self):
         """Pickled for DALI's workers by the process that starts them: their parent, whose pid goes with it."""
-        return {**self.__dict__, "_index": None, "_plans": {}, "_reader": None, "_parent": os.getpid()}
+        return {**self.__dict__, "_paths": None, "_plans": {}, "_reader": None, "_parent": os.getpid()}
 
     def __setstate__(self, state):
         """Unpickled in a DALI worker: leave with the process that spawned it, tidying up; at once if it was killed
@@ -141,8 +157,9 @@ class PlanSource:
         if start >= len(plan):
             raise StopIteration
         rows = np.asarray(plan[start:start + self.batch_size])
-        if self._index is None:
-            self._index = DatasetIndex.from_bytes(self._index_bytes)
+        if self._paths is None:
+            self._paths = mapped_paths(self.folder)
             self._reader = ThreadPoolExecutor(max(1, self.read_threads))
-        encoded = list(self._reader.map(read_bytes, (self._index.file(int(i)) for i in rows["index"])))
+        files = (safe_join(self.root, self._paths[int(i)]) for i in rows["index"])
+        encoded = list(self._reader.map(read_bytes, files))
         return (encoded, *replay_inputs(rows["box"], rows["flip"]), rows["index"].copy())

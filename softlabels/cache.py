@@ -22,9 +22,11 @@ from mealv2.pipeline.mix import SlotMix
 from mealv2.pipeline.progress import ProgressLines
 from mealv2.pipeline.provenance import provenance
 from mealv2.softlabels.cache_config import CacheJob
-from mealv2.softlabels.store import LabelStore, SlotLabels, label_spec
+from mealv2.softlabels.schema import class_dtype, label_spec
+from mealv2.softlabels.store import SlotLabels, open_store
 from mealv2.softlabels.teachers import TeacherEnsemble, TeacherError, parse_teachers
-from mealv2.softlabels.topk import class_dtype, compress
+from mealv2.softlabels.topk import compress
+from mealv2.softlabels.writer import StoreWriter
 
 
 def to_host(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[list[torch.Tensor], Callable[[], None]]:
@@ -140,7 +142,7 @@ class UnitWriter:
     ``written`` holds (time, rows) of each unit written, for the steady rate.
     """
 
-    def __init__(self, store: LabelStore, device: torch.device = torch.device("cpu")):
+    def __init__(self, store: StoreWriter, device: torch.device = torch.device("cpu")):
         self.store = store
         self._pool = ThreadPoolExecutor(1, initializer=use_device, initargs=(device,))
         self._pending: Future | None = None
@@ -227,11 +229,11 @@ def run_cache(job: CacheJob, log=print) -> dict:
     spec = label_spec(index, ensemble.records, job.res, job.interpolation, job.topk, job.residual, job.crop.attrs(),
                       job.mix.attrs(), job.fingerprint)
     def create_or_extend() -> None:
-        LabelStore.create_or_extend(job.store, spec, index, list(range(job.seeds)), job.chunk_rows,
-                                    job.storage_options)
+        StoreWriter.create_or_extend(job.store, spec, index, list(range(job.seeds)), job.chunk_rows,
+                                     job.storage_options)
 
     world.on_main(create_or_extend)
-    store = LabelStore.open(job.store, "r+", job.storage_options)
+    store = StoreWriter.open(job.store, job.storage_options)
     undecodable: dict[int, str] = {}  # dataset position → the decoder's reason, with --skip-bad
     loader = ReplayLoader(index, job.res, batch_size, device, job.decoder, job.interpolation, job.workers,
                           on_bad=undecodable.setdefault if job.skip_bad else None, hw_decoder_load=job.hw_decoder_load)
@@ -265,7 +267,7 @@ def run_cache(job: CacheJob, log=print) -> dict:
     complete = store.finalize() if world.is_main else bool(store.done().all())
     finished = time.perf_counter()
     seconds, labelling = finished - started, finished - labelling_started
-    info = store.info()
+    info = open_store(job.store, job.storage_options).info()
     return {"store": job.store, "images": len(index), "seed_slots": len(store.seeds), "complete": complete,
             "rank": world.rank, "images_labelled": todo, "bytes": info["bytes"], "bytes_per_crop": info["bytes_per_crop"],
             "batch_size": batch_size, "seconds": seconds, "labelling_seconds": labelling,

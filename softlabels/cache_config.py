@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 
 from mealv2.pipeline.crops import CropSpec
 from mealv2.pipeline.mix import MixSpec
-
-CHUNK_ROWS = 65536  # images per store chunk: one (seed slot, chunk) unit is one writer's work
-RESIDUALS = ("uniform", "renorm")  # how a top-k row's missing mass is rebuilt (mealv2.softlabels.topk.expand)
+from mealv2.softlabels.schema import CHUNK_ROWS, RESIDUALS
 
 
 def parse_shard(text: str) -> tuple[int, int]:

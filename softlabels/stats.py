@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mealv2.softlabels.cache_config import RESIDUALS
-from mealv2.softlabels.store import LabelStore, SlotLabels, StoreError
+from mealv2.softlabels.schema import RESIDUALS, StoreError
+from mealv2.softlabels.store import LabelStore, SlotLabels
 
 
 def _xlogx(x: np.ndarray) -> np.ndarray:
@@ -149,7 +149,7 @@ def store_stats(url: str, data: str | None = None, storage_options: dict | None 
     written = store.complete_slots()
     if not written:
         raise StoreError(f"{url}: no seed slot is written whole yet; finish cache-teachers first")
-    truth = store.group["index/labels"][...].astype(np.int64)
+    truth = store.index.labels.astype(np.int64)
     num_classes = store.num_classes
     slots, top1s, correct, counted = [], [], np.zeros(num_classes), np.zeros(num_classes)
     for slot, seed in enumerate(store.seeds[:written]):
@@ -168,7 +168,7 @@ def store_stats(url: str, data: str | None = None, storage_options: dict | None 
         s.agreement = float(np.delete(agreement[s.slot], s.slot).mean())
     with np.errstate(invalid="ignore", divide="ignore"):
         class_top1 = correct / counted
-    return StoreStats(url=url, num_images=store.num_images, num_classes=num_classes, topk=store.topk,
+    return StoreStats(url=url, num_images=store.num_images, num_classes=num_classes, topk=store.k,
                       residual=store.residual, num_slots=len(store.seeds), skipped=len(store.skipped), slots=slots,
                       agreement=agreement, class_top1=class_top1, classes=list(store.attrs["dataset"]["classes"]))
 

@@ -2,8 +2,8 @@
 
 zarr's LocalStore reads whatever a chunk's path holds: a FIFO blocks the reader for ever, and a chunk that
 links to /dev/zero fills its memory. Here each file is opened without blocking and checked on the open handle
-(fstat) before a byte is read, and a read stops one byte past the most that file can hold; listings name a
-special file where they meet one. Object stores (s3://, gs://) hold no special files.
+(fstat) before a byte is read, and a read stops one byte past the most that file can hold (allocating what the
+file holds, not that most); listings name a special file where they meet one. Object stores (s3://, gs://) hold no special files.
 """
 
 from __future__ import annotations
@@ -47,16 +47,23 @@ def read_regular(path: Path, limit: int, what: str = "its place in the store") -
     """The bytes of ``path``, a regular file (or a link to one) of at most ``limit`` bytes (``what`` holds)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
     try:
-        mode = os.fstat(fd).st_mode
+        info = os.fstat(fd)
+        mode, size = info.st_mode, info.st_size
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         if not stat.S_ISREG(mode):
             raise _not_regular(path, mode)
-        with open(fd, "rb", closefd=False) as handle:
-            data = handle.read(limit + 1)
+        data = b""
+        if size <= limit:
+            with open(fd, "rb", closefd=False) as handle:
+                # what the file holds and a byte more, to see it grow: read(limit + 1) allocated the limit at every
+                # read (64 MiB a zarr.json, gigabytes an index/paths chunk at ImageNet-21k)
+                data = handle.read(size + 1)
+                if len(data) > size:  # it grew since fstat: read on, to one past the limit
+                    data += handle.read(limit + 1 - len(data))
     finally:
         os.close(fd)
-    if len(data) > limit:
+    if size > limit or len(data) > limit:
         raise StoreFileError(f"{path}: more than the {limit} bytes {what} can take; restore it from a copy of the "
                              "store")
     return data

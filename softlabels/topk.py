@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mealv2.softlabels.cache_config import RESIDUALS
-
-
-def class_dtype(num_classes: int) -> str:
-    """The class-index dtype the store uses: uint16 when it fits, int32 beyond."""
-    return "uint16" if num_classes <= 65536 else "int32"
+from mealv2.softlabels.schema import RESIDUALS, class_dtype
 
 
 def index_dtype(num_classes: int) -> torch.dtype:

@@ -17,8 +17,9 @@ from mealv2.pipeline.dataset import DatasetIndex
 from mealv2.pipeline.distributed import resolve_device
 from mealv2.pipeline.errors import first_line
 from mealv2.pipeline.loader import ReplayLoader
-from mealv2.softlabels.integrity import structure_problems
-from mealv2.softlabels.store import LabelStore, SlotLabels, StoreError, teacher_identity
+from mealv2.softlabels.integrity import missing_chunks, slot_problems, structure_problems, verify_chunks
+from mealv2.softlabels.schema import StoreError, teacher_identity
+from mealv2.softlabels.store import LabelStore, SlotLabels
 from mealv2.softlabels.teachers import TeacherEnsemble, TeacherError, TeacherSpec, parse_teachers
 from mealv2.softlabels.topk import compress, expand
 
@@ -87,7 +88,7 @@ def recompute(store: LabelStore, index: DatasetIndex, count: int, teachers: str 
             if dp > max_dp:
                 max_dp, worst_slot = dp, slot
             stored = expand(stored_values, stored_classes, store.num_classes, store.residual)
-            again = expand(*compress(probs, store.topk), store.num_classes, store.residual)
+            again = expand(*compress(probs, store.k), store.num_classes, store.residual)
             kls.extend((stored * (stored.clamp_min(1e-12).log() - again.clamp_min(1e-12).log())).sum(-1).tolist())
             crops += len(at)
     return {"crops": crops, "slots": slots, "max_abs_dp": max_dp, "worst_slot": worst_slot,
@@ -100,14 +101,14 @@ def row_problems(store: LabelStore) -> list[str]:
     A unit holding an undecodable chunk is left to ``verify_chunks``, which names the chunk.
     """
     problems = []
-    sizes = store.group["index/sizes"][...]
+    sizes = store.index.sizes
     for slot, chunk in np.ndindex(len(store.seeds), store.num_chunks):
         rows = store.rows(chunk)
         try:
             unit = SlotLabels(**{name: store.group[name][slot, rows] for name in store.arrays})
         except (ValueError, RuntimeError, OSError):  # a damaged chunk: verify_chunks reports it by name
             continue
-        problems += store.slot_problems(slot, unit, chunk)
+        problems += slot_problems(store, slot, unit, chunk)
         problems += [f"slot {slot} chunk {chunk}: {what}" for what in structure_problems(
             unit, sizes[rows], store.num_classes, store.num_images, store.res, rows.start, unit.labelled())]
     return problems
@@ -121,7 +122,7 @@ def verify(url: str, data: str | None = None, recompute_count: int = 0, teachers
     report = {"complete": store.is_complete, "problems": []}
     if not report["complete"]:
         report["problems"].append(f"incomplete: {int((~store.done()).sum())} unit(s) not written")
-    report["problems"] += store.verify_chunks() + store.missing_chunks() + row_problems(store)
+    report["problems"] += verify_chunks(store) + missing_chunks(store) + row_problems(store)
     if data is None:
         return report
     try:

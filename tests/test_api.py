@@ -37,7 +37,7 @@ def contract_crop(root: Path, store, epoch: int, row: int) -> np.ndarray:
 
 
 def assert_contract(root: Path, store, epoch: int, images: torch.Tensor, targets: torch.Tensor, rows) -> None:
-    values, classes = store.targets(epoch, rows, dense=False)
+    values, classes = store.topk(epoch, rows)
     assert torch.equal(targets, expand(values, classes, store.num_classes, store.residual))
     for image, row in zip(images, rows):
         diff = np.abs(image.numpy().astype(int) - contract_crop(root, store, epoch, int(row)))
@@ -55,14 +55,32 @@ def test_open_store_reads_what_cache_teachers_wrote(reference_store):
     crops = store.crops(3)  # epoch 3 reads slot 1
     assert np.array_equal(crops.boxes, group["boxes"][1]) and np.array_equal(crops.flips, group["flips"][1])
     assert crops.mix_partner is None
-    values, classes = store.targets(3, [4, 0], dense=False)
+    values, classes = store.topk(3, [4, 0])
     assert torch.equal(values, torch.from_numpy(group["probs"][1, [4, 0]]))
     dense = store.targets(3, [4, 0])
     assert dense.dtype == torch.float32 and dense.shape == (2, 3)
     assert torch.allclose(dense.sum(1), torch.ones(2), atol=1e-3)
     assert torch.equal(dense.argmax(1), classes[:, 0])
+    with pytest.warns(DeprecationWarning, match="is LabelStore.topk"):  # the alias the store's early users call
+        alias = store.targets(3, [4, 0], dense=False)
+    assert torch.equal(alias[0], values) and torch.equal(alias[1], classes)
     with pytest.raises(mealv2.StoreError, match="no label store"):
         mealv2.open_store(str(reference_store.parent / "absent.zarr"))
+
+
+def test_open_store_only_reads_and_targets_come_in_one_form(reference_store):
+    """The store open_store gives has no writing method (stage one writes through StoreWriter) and opens no other
+    way; targets gives a dense float32 (B, C) tensor and nothing else, topk the stored pair."""
+    store = mealv2.open_store(str(reference_store))
+    writing = ("create_or_extend", "pending_units", "write_unit", "add_skipped", "add_provenance", "finalize")
+    assert [name for name in writing if hasattr(store, name)] == []
+    with pytest.raises(ValueError, match=r"mode 'r\+': a LabelStore only reads"):
+        mealv2.LabelStore.open(str(reference_store), "r+")
+    dense = store.targets(1, np.array([2, 7]))
+    assert isinstance(dense, torch.Tensor) and dense.dtype == torch.float32 and dense.shape == (2, 3)
+    values, classes = store.topk(1, np.array([2, 7]))
+    assert values.dtype == torch.float16 and classes.dtype == torch.int64 and values.shape == classes.shape == (2, 2)
+    assert torch.equal(dense, expand(values, classes, store.num_classes, store.residual))
 
 
 @pytest.mark.parametrize("store_name", ["reference_store", "cutmix_store"])

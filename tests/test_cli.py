@@ -52,3 +52,20 @@ def test_the_command_line_starts_without_torch(tmp_path):
         result = subprocess.run([sys.executable, "-m", "mealv2", *args], capture_output=True, text=True, cwd=tmp_path,
                                 env=os.environ | {"PYTHONPATH": path})
         assert result.returncode == 0 and result.stdout.startswith("Usage: python -m mealv2"), result.stderr[-3000:]
+
+
+def test_long_helps_group_every_option_once():
+    """distill, train and cache-teachers list their options under timm-style headings: every option in exactly one
+    group (none falls to "Other options" but --help), and no group names an option the command lacks."""
+    for name in ("distill", "train", "cache-teachers"):
+        command = main.commands[name]
+        names = [n for _, group in command.groups for n in group]
+        params = {param.name for param in command.params}
+        assert len(names) == len(set(names)), f"{name}: an option listed in two groups"
+        assert set(names) == params, f"{name}: ungrouped {params - set(names)}, unknown {set(names) - params}"
+    shown = CliRunner().invoke(main, ["distill", "--help"], terminal_width=100).output
+    headings = [line for line in shown.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert headings == ["Data:", "Model:", "Distillation:", "Optimizer:", "Learning rate schedule:", "Augmentation:",
+                        "Validation:", "Logging:", "Runtime:", "Other options:"]
+    other = shown.split("Other options:")[1]
+    assert "--help" in other and other.count("--") == 1

@@ -129,8 +129,8 @@ class Scaled:
         """Stores a command reads that no earlier command of its doc made: copies of the tests' reference store."""
         for value in argv:
             path = Path(value.rpartition("::")[2])
-            if value.endswith(".zarr") and self.work in path.parents and not path.exists() and not (
-                    argv[0] == "cache-teachers" and argv[argv.index(value) - 1] == "--store"):
+            written = argv[argv.index(value) - 1] in ("--store", "--out")  # what cache-teachers or merge makes
+            if value.endswith(".zarr") and self.work in path.parents and not path.exists() and not written:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copytree(self.reference, path)
 

@@ -18,13 +18,15 @@ import zarr
 from PIL import Image
 from conftest import cache_args, distill_args, replace_at_equal_size, run_cli, store_files
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 
 from bench.imagegen import make_image_folder
 
 import mealv2
 from mealv2.pipeline.dataset import DatasetError, DatasetIndex
-from mealv2.softlabels.integrity import WRITTEN, structure_problems, unit_record
-from mealv2.softlabels.store import LabelStore, SlotLabels, StoreError
+from mealv2.softlabels.integrity import slot_problems, structure_problems, unit_record
+from mealv2.softlabels.schema import WRITTEN, StoreError
+from mealv2.softlabels.store import LabelStore, SlotLabels
 
 
 @pytest.fixture
@@ -61,7 +63,7 @@ def test_only_rows_listed_as_skipped_may_be_empty(store_copy):
     paths = zarr.open_array(store_copy / "index" / "paths")[3:5]
     store = LabelStore.open(str(store_copy))
     assert f"slot 0: 2 row(s) hold no labels but their images are not listed as skipped ({paths[0]}, {paths[1]})" \
-        in store.slot_problems(0, store.read_slot(0, checked=False))
+        in slot_problems(store, 0, store.read_slot(0, checked=False))
     with pytest.raises(StoreError, match="slot 0 chunk 0"):
         store.read_slot(0)
 
@@ -542,18 +544,18 @@ def test_a_store_rebuilt_at_its_path_during_a_run_stops_it_before_other_labels_a
     assert epochs in ([1], [1, 2])  # nothing was trained on the rebuilt store's labels
 
 
-def test_a_replay_dataset_worker_refuses_a_store_rebuilt_after_the_dataset_was_made(small_root, reference_store,
-                                                                                    mild_store, tmp_path):
-    import pickle
-
+def test_a_replay_dataset_refuses_a_store_rebuilt_after_it_was_made(small_root, reference_store, mild_store,
+                                                                     tmp_path):
+    """The dataset's own process reads each slot, its DataLoader workers only the shared copy: the next slot read
+    after the store was rebuilt at its path (milder crops) is refused, before any row of it reaches a worker."""
     store = Path(shutil.copytree(reference_store, tmp_path / "labels.zarr"))
     dataset = mealv2.ReplayDataset(small_root, str(store))
-    sent = pickle.dumps(dataset)  # what a DataLoader worker process receives
+    loader = DataLoader(dataset, batch_size=8, num_workers=2, persistent_workers=True)
+    assert sum(len(rows) for _, _, rows in loader) == 30
     shutil.rmtree(store)
-    shutil.copytree(mild_store, store)  # rebuilt with milder crops before the worker starts
-    worker_copy = pickle.loads(sent)
+    shutil.copytree(mild_store, store)
     with pytest.raises(StoreError, match=r"was replaced while this run read it \(created, crop differ\)"):
-        worker_copy[0]
+        dataset.set_epoch(1)
 
 
 SLOW_WRITER = """
@@ -595,13 +597,13 @@ def test_a_temporary_being_written_is_never_swept_and_a_killed_writers_is(namesp
 # writes its provenance (its first attribute write at the end) only once that file exists.
 TIMED_JOB = """
 import os, sys, time
-from mealv2.softlabels.store import LabelStore
+from mealv2.softlabels.writer import StoreWriter
 meeting, me, after, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-opened, provenance = LabelStore.open.__func__, LabelStore.add_provenance
+opened, provenance = StoreWriter.open.__func__, StoreWriter.add_provenance
 
-def opened_then_meet(cls, url, mode="r", *a, **k):
-    store = opened(cls, url, mode, *a, **k)
-    if mode == "r+" and meeting != "-" and not os.path.exists(os.path.join(meeting, me)):
+def opened_then_meet(cls, *a, **k):
+    store = opened(cls, *a, **k)
+    if meeting != "-" and not os.path.exists(os.path.join(meeting, me)):
         open(os.path.join(meeting, me), "w").close()
         while len(os.listdir(meeting)) < 2:
             time.sleep(0.01)
@@ -612,8 +614,8 @@ def provenance_after(store, record):
         time.sleep(0.05)
     return provenance(store, record)
 
-LabelStore.open = classmethod(opened_then_meet)
-LabelStore.add_provenance = provenance_after
+StoreWriter.open = classmethod(opened_then_meet)
+StoreWriter.add_provenance = provenance_after
 from mealv2.cli import main
 main.main(args, prog_name="mealv2")
 """

@@ -50,7 +50,8 @@ def test_a_file_is_refused(small_root, teacher_files, tmp_path):
 def test_an_empty_folder_takes_a_store(reference_store, small_root, teacher_files, tmp_path):
     folder = tmp_path / "empty"
     folder.mkdir()
-    assert run_cli(*cache_args(small_root, folder, teacher_files)).exit_code == 0
+    result = run_cli(*cache_args(small_root, folder, teacher_files))
+    assert result.exit_code == 0, result.output
     assert store_files(folder) == store_files(reference_store)
     assert not (folder / CLAIM).exists()
 
@@ -69,9 +70,9 @@ def test_pack_never_replaces_a_file(reference_store, tmp_path):
 # starting two jobs opens.
 RACER = textwrap.dedent("""
     import os, sys, time
-    from mealv2.softlabels.store import LabelStore
+    from mealv2.softlabels.writer import StoreWriter
     meeting, me, args = sys.argv[1], sys.argv[2], sys.argv[3:]
-    original_create, original_arrays = LabelStore.create_or_extend.__func__, LabelStore._create_arrays
+    original_create, original_arrays = StoreWriter.create_or_extend.__func__, StoreWriter._create_arrays
 
     def meet_then_create(cls, *a, **k):
         open(os.path.join(meeting, me), "w").close()
@@ -85,8 +86,8 @@ RACER = textwrap.dedent("""
         time.sleep(1.0)
         return original_arrays(self, *a, **k)
 
-    LabelStore.create_or_extend = classmethod(meet_then_create)
-    LabelStore._create_arrays = slow_arrays
+    StoreWriter.create_or_extend = classmethod(meet_then_create)
+    StoreWriter._create_arrays = slow_arrays
     from mealv2.cli import main
     main.main(args, prog_name="mealv2")
 """)
