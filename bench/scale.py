@@ -1,13 +1,12 @@
 """`python -m bench --scale N`: memory and time of the real commands at N images and at N/10, and the slope between.
 
 At each size it builds an ImageFolder of hard links to a few small JPEGs (a link costs a directory entry, not an
-inode or a file's bytes, so ImageNet's 1.28M images fit any disk) and runs, each in a process of its own:
-the index scan cold and warm, `mealv2 cache-teachers` on one unit of 4,096 images with a timm test teacher,
-ReplayDataset through a 4-worker DataLoader for a whole epoch, `mealv2 distill` to its first step and
-`mealv2 labels verify` (both on a complete 2-slot store of random labels, written by the store's writer). The
-scan and ReplayDataset's setup report the peak of their work alone (bench/scale_probes.py); a command's peak is
-what the kernel reports for it (wait4's ru_maxrss: its largest process, imports included), so its cost per image
-is the slope between the two sizes.
+inode or a file's bytes, so ImageNet's 1.28M images fit any disk) and runs, each in a process of its own
+(bench/scale_probes.py): the index scan cold and warm, `mealv2 cache-teachers` on one unit of 4,096 images with
+a timm test teacher, ReplayDataset through a 4-worker DataLoader for a whole epoch, `mealv2 distill` to its first
+step and `mealv2 labels verify` (both on a complete 2-slot store of random labels, written by the store's writer).
+The scan and ReplayDataset's setup report the peak of their work alone; a command's peak is its main process's
+(VmHWM, imports included: its cost per image is the slope between the two sizes), its workers' are their own.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.imagegen import save, smooth_image
+from bench.scale_probes import PEAK_FILE, status_mb
 from mealv2.pipeline.dataset import SETTLED_NS
 
 IMAGENET_21K = 14_197_122  # images (21,841 classes): where the slopes are projected to
@@ -76,33 +75,34 @@ class Finished:
 
 
 def run_child(argv: list[str], env: dict, stop_at: str | None = None) -> Finished:
-    """Run ``argv`` to its end, or until a line of its output matches ``stop_at`` (then it is terminated); its peak
-    RSS is wait4's ru_maxrss. A failure raises RuntimeError with the end of its error output."""
+    """Run a bench.scale_probes command to its end, or until a line of its output matches ``stop_at`` (then it is
+    terminated); its peak RSS is what it wrote to PEAK_FILE at exit, or its VmHWM when the line came. A failure
+    raises RuntimeError with the end of its error output."""
     started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as errors:
-        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True, env=env, cwd=REPO)
-        lines, stopped = [], False
+    with tempfile.TemporaryDirectory() as folder, open(Path(folder) / "errors", "w+") as errors:
+        peak_file = Path(folder) / "peak"
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=errors, text=True, cwd=REPO,
+                                 env=env | {PEAK_FILE: str(peak_file)})
+        lines, peak = [], None
         for line in child.stdout:
             lines.append(line)
             if stop_at and re.search(stop_at, line):
-                stopped = True
+                peak = status_mb("VmHWM", child.pid)
                 break
         seconds = time.perf_counter() - started
-        if stopped:
-            child.send_signal(signal.SIGTERM)
+        if peak is not None:
+            child.terminate()
         child.stdout.close()
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
-        if child.returncode and not stopped:
-            errors.seek(0)
-            raise RuntimeError(f"{' '.join(argv[:4])}: exit {child.returncode}: {errors.read()[-2000:]}")
-        if stop_at and not stopped:
-            raise RuntimeError(f"{' '.join(argv[:4])}: ended without a line matching {stop_at!r}")
-    return Finished(seconds, usage.ru_maxrss / 1024, "".join(lines))
+        child.wait()
+        errors.seek(0)
+        if peak is None and (stop_at or child.returncode):
+            said = f"ended without a line matching {stop_at!r}" if stop_at else f"exit {child.returncode}"
+            raise RuntimeError(f"{' '.join(argv[2:6])}: {said}: {errors.read()[-2000:]}")
+        return Finished(seconds, peak if peak is not None else float(peak_file.read_text()), "".join(lines))
 
 
 def _mealv2(*args) -> list[str]:
-    return [sys.executable, "-m", "mealv2", *map(str, args)]
+    return _probe("mealv2", *args)
 
 
 def _probe(*args) -> list[str]:

@@ -1,19 +1,25 @@
-"""`python -m bench.scale_probes scan|epoch ...`: what `--scale` measures inside a process of its own, one JSON line.
+"""`python -m bench.scale_probes scan|epoch|mealv2 ...`: what `--scale` runs in a process of its own.
 
-Each probe reports the peak of its work alone: the peak is restarted after the imports (start_peak).
+`scan` and `epoch` print one JSON line, with the peak of their work alone (restarted after the imports:
+start_peak); `mealv2 ARGS` is the command line itself. Each writes its whole peak (VmHWM) at exit to the file
+PEAK_FILE names: the peak the kernel reports to a parent (wait4's ru_maxrss) also counts the parent's own at
+the fork, gigabytes for the bench.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
 
-def _status_mb(field: str) -> float:
-    """A field of /proc/self/status (VmRSS, VmHWM), in MB."""
-    with open("/proc/self/status") as handle:
+def status_mb(field: str, pid: int | str = "self") -> float:
+    """A memory field of a process's /proc/PID/status (VmRSS, VmHWM: its peak), in MB."""
+    with open(f"/proc/{pid}/status") as handle:
         return next(int(line.split()[1]) for line in handle if line.startswith(f"{field}:")) / 1024
 
 
@@ -21,12 +27,12 @@ def start_peak() -> float:
     """Restart this process's peak resident memory (VmHWM) at its present size, so that a peak measured next is the
     work's and not the imports' (Linux: "5" to /proc/self/clear_refs); that size in MB."""
     Path("/proc/self/clear_refs").write_text("5")
-    return _status_mb("VmRSS")
+    return status_mb("VmRSS")
 
 
 def peak_over(start: float) -> float:
     """This process's peak resident memory since ``start_peak``, over the size it had then, in MB."""
-    return _status_mb("VmHWM") - start
+    return status_mb("VmHWM") - start
 
 
 def private_mb(pid: int) -> float:
@@ -80,7 +86,18 @@ def epoch(root: str, store: str, workers: int, batch_size: int) -> dict:
             "workers_last_mb": last, "images": len(dataset)}
 
 
+PEAK_FILE = "BENCH_PEAK_FILE"  # where a probe writes its peak resident memory (MB) when it exits
+
+
 def main() -> None:
+    if os.environ.get(PEAK_FILE):
+        atexit.register(lambda: Path(os.environ[PEAK_FILE]).write_text(str(status_mb("VmHWM"))))
+    if sys.argv[1:2] == ["mealv2"]:
+        from mealv2.cli import run
+
+        sys.argv = sys.argv[1:]
+        run()
+        return
     parser = argparse.ArgumentParser(prog="python -m bench.scale_probes")
     probes = parser.add_subparsers(dest="probe", required=True)
     probes.add_parser("scan").add_argument("split")
