@@ -380,10 +380,10 @@ class DatasetIndex:
         paths = PackedStrings(listing.data.filled(), listing.ends.filled())
         sizes, skipped = cls._read_headers(split_dir, paths, listing.sizes.filled(), listing.unread.filled(),
                                            skip_bad, workers)
-        keep = np.ones(len(paths), bool)
-        keep[list(skipped)] = False
         labels, byte_sizes, mtimes = listing.labels.filled(), listing.byte_sizes.filled(), listing.mtimes.filled()
         if skipped:
+            keep = np.ones(len(paths), bool)
+            keep[list(skipped)] = False
             paths, labels, sizes, byte_sizes, mtimes = (paths.select(keep), labels[keep], sizes[keep],
                                                         byte_sizes[keep], mtimes[keep])
         empty = np.flatnonzero(np.bincount(labels, minlength=len(classes)) == 0)  # O(N), not O(N·C)
