@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--out DIR]`: the project's speed and size figures, measured in one run.
+"""`python -m bench [--quick] [--out DIR]`: the project's speed and size figures, measured in one run
+(`--scale N`: memory and time against the number of images, bench/scale.py).
 
 Every figure is a ratio or a size measured in this run, so a noisy shared machine moves
 numerator and denominator together. Prints the figures, writes OUT/<name>.json and
@@ -131,7 +132,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="decoder threads / DataLoader workers [default: 2 on the CPU, the CPUs on a GPU]")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU figures (bench/gpu.py)")
+    parser.add_argument("--scale", type=int, metavar="N", default=None,
+                        help="instead: memory and time of the real commands at N and N/10 images (bench/scale.py)")
+    parser.add_argument("--classes", type=int, default=1000, help="with --scale: class folders [default: 1000]")
     args = parser.parse_args()
+    if args.scale:
+        from bench.scale import scale_main
+
+        print(json.dumps(scale_main(args.scale, args.classes, Path(args.out))["targets_met"]))
+        return
     if torch.device(args.device).type == "cuda":
         _gpu_main(args)
         return

@@ -203,7 +203,8 @@ def random_store(path: Path, index: DatasetIndex, slots: int = 1, topk: int = 5,
             rows = store.rows(chunk)
             n = rows.stop - rows.start
             probs = np.ascontiguousarray(np.sort(rng.dirichlet(np.ones(topk), n), axis=1)[:, ::-1], np.float16)
-            top = rng.integers(0, index.num_classes, (n, topk)).astype(np.uint16)
+            spread = np.arange(topk) * max(1, index.num_classes // topk)  # distinct classes in a row, as verify asks
+            top = ((rng.integers(0, index.num_classes, (n, 1)) + spread) % index.num_classes).astype(np.uint16)
             store.write_unit(slot, chunk, SlotLabels(probs, top, boxes[rows], flips[rows]))
     store.finalize()
     return LabelStore.open(str(path))

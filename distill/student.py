@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import timm
 from timm.layers import convert_sync_batchnorm
 from torch import nn
 
-from mealv2.pipeline.errors import first_line
-from mealv2.pipeline.models import ModelError, check_model_name, create_model, load_state_dict
+from mealv2.pipeline.models import ModelError, create_model, hub_model, load_state_dict
 
 
 def create_student(name: str, num_classes: int, init: str = "pretrained", log=print, **timm_kwargs) -> nn.Module:
@@ -21,12 +19,8 @@ def create_student(name: str, num_classes: int, init: str = "pretrained", log=pr
         return create_model(name, num_classes, **timm_kwargs)
     if init != "pretrained":
         return _from_file(name, num_classes, init, log, **timm_kwargs)
-    check_model_name(name)
-    try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes, **timm_kwargs)
-    except Exception as err:  # noqa: BLE001 - hub and network failures alike
-        raise ModelError(f"{name}: cannot load pretrained weights ({first_line(err)}); "
-                         "use --init scratch or --init PATH") from None
+    return hub_model(name, "give a weights file with --pretrained-path FILE (or --init scratch)",
+                     num_classes=num_classes, **timm_kwargs)
 
 
 def _from_file(name: str, num_classes: int, path: str, log, **timm_kwargs) -> nn.Module:

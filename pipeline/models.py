@@ -61,6 +61,37 @@ def check_model_name(name: str) -> None:
         raise ModelError(f"{name}: not a timm model name")
 
 
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached, from one request without retries (huggingface_hub's own client,
+    proxies and HF_HUB_ETAG_TIMEOUT), or None: it answered, or HF_HUB_OFFLINE is set (only its cache is read).
+
+    huggingface_hub retries an unreachable hub with back-off, about 23 s a file, and timm asks for two files.
+    """
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        get_session().head(constants.ENDPOINT, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as err:  # noqa: BLE001 - the HTTP client's errors differ between huggingface_hub versions
+        return f"{constants.ENDPOINT}: {first_line(err, 120)}"
+    return None
+
+
+def hub_model(name: str, local: str, **timm_kwargs) -> nn.Module:
+    """``timm.create_model(name, pretrained=True)``; ModelError at once, in one line naming HF_HUB_OFFLINE=1 and
+    ``local`` (how to give a weights file instead), when weights on the Hub cannot be reached."""
+    check_model_name(name)
+    config = timm.models.get_pretrained_cfg(name)
+    if config is not None and config.hf_hub_id and (reason := hub_unreachable()):
+        raise ModelError(f"{name}: the Hugging Face Hub cannot be reached ({reason}); set HF_HUB_OFFLINE=1 to "
+                         f"use the weights in its cache (HF_HOME), or {local}")
+    try:
+        return timm.create_model(name, pretrained=True, **timm_kwargs)
+    except Exception as err:  # noqa: BLE001 - hub and network failures alike
+        raise ModelError(f"{name}: cannot load its pretrained weights ({first_line(err, 200)}); {local}") from None
+
+
 def create_model(name: str, num_classes: int, checkpoint: str | None = None, pretrained: bool = False,
                  **timm_kwargs) -> nn.Module:
     """A timm model with a num_classes head, from local weights, hub weights or random init.
@@ -70,11 +101,7 @@ def create_model(name: str, num_classes: int, checkpoint: str | None = None, pre
     """
     check_model_name(name)
     if checkpoint is None and pretrained:
-        try:
-            model = timm.create_model(name, pretrained=True, **timm_kwargs)
-        except Exception as err:  # noqa: BLE001 - hub and network failures alike
-            raise ModelError(f"{name}: cannot load its pretrained weights ({first_line(err, 200)}); "
-                             "check the network or the hub cache, or give local weights") from None
+        model = hub_model(name, "give local weights", **timm_kwargs)
         if model.num_classes != num_classes:
             raise ModelError(f"{name}: pretrained head has {model.num_classes} classes, the data has "
                              f"{num_classes}: give NAME=PATH with weights fitted to this data")

@@ -5,6 +5,7 @@ import pytest
 
 from bench.__main__ import TARGETS, _target_values, _verdicts
 from bench.gpu import GPU_TARGETS, gpu_verdicts
+from bench.scale import SCALE_TARGETS, projected, scale_verdicts, slopes
 
 ONLINE_IDEAL, ONLINE_IDEAL_CPU = 3.0, 2.5
 
@@ -73,3 +74,32 @@ def test_gpu_verdicts_judge_the_figures_measured_so_far():
     results = {"gpu_loader_vs_torchvision": loader, "gpu_stage1_vs_forward": stage1 - 0.01, "gpu_decode_ms": 1.0}
     assert gpu_verdicts(results) == {"gpu_loader_vs_torchvision": True, "gpu_stage1_vs_forward": False}
     assert gpu_verdicts(dict(GPU_TARGETS)) == dict.fromkeys(GPU_TARGETS, True)
+
+
+def scale_figures(**changes: float) -> dict:
+    """`--scale` figures of one size, each target met, then ``changes``."""
+    return {key: target for key, (target, _) in SCALE_TARGETS.items()} | {"verify_s": 10.0} | changes
+
+
+def test_scale_slopes_are_bytes_per_image_and_seconds_per_million_and_project_linearly():
+    small = {"index_bytes_per_image": 70.0, "distill_peak_mb": 900.0, "verify_s": 2.0}
+    large = {"index_bytes_per_image": 66.0, "distill_peak_mb": 990.0, "verify_s": 11.0}
+    slope = slopes(small, large, 100_000, 1_000_000)
+    assert slope == pytest.approx({"distill_peak_mb": 90 * 2**20 / 900_000, "verify_s": 9 / 0.9})
+    at = projected(large, slope, 1_000_000, 2_000_000)
+    assert at == pytest.approx({"distill_peak_mb": 1090.0, "verify_s": 21.0})
+
+
+def test_scale_verdicts_judge_both_sizes_and_the_first_step_at_the_larger_only():
+    assert all(scale_verdicts(scale_figures(), scale_figures(verify_s=100.0), 1000, 10_000).values())
+    for key, (target, _) in SCALE_TARGETS.items():
+        over = scale_verdicts(scale_figures(**{key: target * 1.01}), scale_figures(verify_s=100.0), 1000, 10_000)
+        assert [name for name, met in over.items() if not met] == ([] if key == "distill_first_step_s" else [key])
+        over = scale_verdicts(scale_figures(), scale_figures(verify_s=100.0, **{key: target * 1.01}), 1000, 10_000)
+        assert [name for name, met in over.items() if not met] == [key]
+
+
+@pytest.mark.parametrize("large_verify_s, linear", [(100.0, True), (120.0, True), (121.0, False), (50.0, True)])
+def test_verify_is_linear_while_its_time_per_image_grows_at_most_a_fifth(large_verify_s, linear):
+    verdicts = scale_verdicts(scale_figures(verify_s=10.0), scale_figures(verify_s=large_verify_s), 1000, 10_000)
+    assert verdicts["verify_linear"] is linear

@@ -1,6 +1,7 @@
 """DatasetIndex: class order, labels, upright sizes, fingerprint, save/load, and clear errors."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,7 +107,7 @@ def test_a_scan_keeps_a_bounded_window_of_files_in_flight(tmp_path, monkeypatch)
         folder = tmp_path / "train" / f"c{i % 2}"
         folder.mkdir(parents=True, exist_ok=True)
         os.link(source, folder / f"{i:04d}.jpg")
-    monkeypatch.setattr(dataset, "SCAN_WINDOW", 64, raising=False)
+    monkeypatch.setattr(dataset, "SCAN_WINDOW", 64)
     submitted, finished, most_ahead = 0, 0, 0
     submit = concurrent.futures.ThreadPoolExecutor.submit
 
@@ -161,3 +162,110 @@ def test_forked_workers_read_the_paths_without_copying_them():
     grown = receive.recv()
     process.join()
     assert grown < as_objects / 4, (grown, as_objects)
+
+
+def _spy(monkeypatch, name: str, under: Path) -> list[Path]:
+    """The paths in ``under`` that ``os.<name>`` (scandir or stat) is called on from now on; the real call works."""
+    seen, real = [], getattr(os, name)
+
+    def spy(path, *args, **kwargs):
+        if Path(os.fspath(path)).is_relative_to(under):
+            seen.append(Path(os.fspath(path)))
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(os, name, spy)
+    return seen
+
+
+def _settled_after(monkeypatch, seconds: float, wait: bool = True) -> None:
+    """Folders count as settled (their stamps trusted) once ``seconds`` old; with ``wait``, the ones made so far are."""
+    import time
+
+    import mealv2.pipeline.dataset as dataset
+
+    monkeypatch.setattr(dataset, "SETTLED_NS", int(seconds * 1e9))
+    if wait:
+        time.sleep(1.5 * seconds)
+
+
+def test_a_warm_start_lists_no_class_folder_and_looks_at_no_file(tmp_path, monkeypatch):
+    """Every start listed every class folder and stat'ed every file (12.7 s at ImageNet-1k). A class folder whose
+    mtime, ctime and inode are those recorded keeps its cached rows; a folder changed just before its listing
+    (within one tick of the clock) is listed again; MEALV2_RESCAN=1 lists all and sees a file rewritten in place."""
+    split = make_image_folder(tmp_path, classes=3, per_class=4, mixed=False).resolve()
+    folders = [split / f"class_{c}" for c in range(3)]
+    _settled_after(monkeypatch, 3600, wait=False)  # every folder too fresh to trust
+    load_index(split)
+    listed = _spy(monkeypatch, "scandir", split)
+    load_index(split)
+    assert listed == [split, *folders]
+    _settled_after(monkeypatch, 0.05)
+    first = load_index(split)  # lists every folder again: its stamps now hold
+    listed.clear()
+    looked_at = _spy(monkeypatch, "stat", split)
+    warm = load_index(split)
+    assert listed == [split] and not [path for path in looked_at if path.suffix == ".jpg"]
+    assert warm.paths == first.paths and warm.fingerprint == first.fingerprint
+    np.testing.assert_array_equal(warm.sizes, first.sizes)
+    rewritten = folders[0] / "img_001.jpg"
+    save(smooth_image(np.random.default_rng(5), 20, 30, 0), rewritten)  # in place: no folder changes
+    assert load_index(split).fingerprint == first.fingerprint
+    monkeypatch.setenv("MEALV2_RESCAN", "1")
+    listed.clear()
+    rescanned = load_index(split)
+    assert listed == [split, *folders]
+    row = rescanned.paths.index("class_0/img_001.jpg")
+    assert rescanned.byte_sizes[row] == rewritten.stat().st_size and tuple(rescanned.sizes[row]) == (20, 30)
+
+
+@pytest.mark.parametrize("change", ["added", "removed", "renamed"])
+def test_an_image_added_removed_or_renamed_is_seen_at_the_next_start(tmp_path, monkeypatch, change):
+    """Only the class folder that changed is listed again, and a store of the images before refuses them."""
+    from bench.measures import random_store
+    from mealv2.softlabels.store import StoreError
+
+    split = make_image_folder(tmp_path, classes=3, per_class=4, mixed=False).resolve()
+    _settled_after(monkeypatch, 0.05)
+    first = load_index(split)
+    store = random_store(tmp_path / "labels.zarr", first, res=32)
+    folder = split / "class_1"
+    if change == "added":
+        os.link(folder / "img_000.jpg", folder / "img_000b.jpg")  # a hard link: the byte size and mtime of another
+    elif change == "removed":
+        (folder / "img_002.jpg").unlink()
+    else:
+        (folder / "img_002.jpg").rename(folder / "img_002b.jpg")
+    listed = _spy(monkeypatch, "scandir", split)
+    second = load_index(split)
+    assert listed == [split, folder]
+    expected = list(first.paths)
+    if change == "added":
+        expected.insert(expected.index("class_1/img_000.jpg") + 1, "class_1/img_000b.jpg")
+    else:
+        expected[expected.index("class_1/img_002.jpg")] = "class_1/img_002b.jpg"
+        if change == "removed":
+            expected.remove("class_1/img_002b.jpg")
+    assert list(second.paths) == expected
+    with pytest.raises(StoreError, match="fingerprint differs"):
+        store.matching_index(split)
+
+
+def test_an_index_cache_from_before_folder_stamps_is_read_and_then_trusted(tmp_path, monkeypatch):
+    """A cache written before stamps and the saved fingerprint (format 2 without those arrays) still loads: the
+    next start lists every folder once, reusing its headers, and the start after it lists none."""
+    import mealv2.pipeline.dataset as dataset
+
+    split = make_image_folder(tmp_path, classes=2, per_class=3, mixed=False).resolve()
+    _settled_after(monkeypatch, 0.05)
+    first = load_index(split)
+    cache = dataset.default_cache_path(split)
+    with np.load(cache) as arrays:
+        before_stamps = {key: arrays[key] for key in arrays.files if key not in ("stamps", "fingerprint")}
+    with open(cache, "wb") as handle:
+        np.savez(handle, **before_stamps)
+    listed = _spy(monkeypatch, "scandir", split)
+    headers = []
+    monkeypatch.setattr(dataset, "read_header", lambda path: headers.append(path) or (1, 1))
+    assert load_index(split).fingerprint == first.fingerprint and headers == []
+    assert listed == [split, split / "class_0", split / "class_1"]
+    listed.clear()
+    assert load_index(split).fingerprint == first.fingerprint and listed == [split]
