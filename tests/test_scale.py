@@ -214,6 +214,20 @@ def test_pack_to_zip_serves_distill(reference_store, small_root, teacher_files, 
     assert not (tmp_path / "partial.zip").exists()
 
 
+def mealv2_at_once(commands: dict[str, list], env: dict, timeout: float = 300) -> dict[str, subprocess.CompletedProcess]:
+    """`python -m mealv2 ARGS` for every command, all started at once (a test that runs one process at a time leaves
+    the second of CI's 2 cores idle); each one's exit code and output by name."""
+    runs = {name: subprocess.Popen([sys.executable, "-m", "mealv2", *map(str, args)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env) for name, args in commands.items()}
+    try:
+        outputs = {name: run.communicate(timeout=timeout) for name, run in runs.items()}
+        return {name: subprocess.CompletedProcess(run.args, run.returncode, *outputs[name]) for name, run in runs.items()}
+    finally:
+        for run in runs.values():
+            run.kill()
+            run.wait()
+
+
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """moto's S3 server on a free loopback port, with one bucket; stopped after the module."""
@@ -245,16 +259,14 @@ def test_a_store_that_cannot_be_reached_is_one_line_naming_it(small_root, teache
                 "cache-teachers": [*cache_args(small_root, url, teacher_files), *options],
                 "distill": [*distill_args(small_root, url, tmp_path / "run", 1), *options]}
     env = os.environ | {"AWS_MAX_ATTEMPTS": "1"}  # botocore's retries only slow the test down
-    for name, args in commands.items():
-        run = subprocess.run([sys.executable, "-m", "mealv2", *map(str, args)], capture_output=True, text=True,
-                             env=env, timeout=120)
+    runs = mealv2_at_once({**commands, "--debug": ["--debug", *commands["labels info"]]}, env)
+    debug = runs.pop("--debug")
+    for name, run in runs.items():
         lines = [line for line in (run.stdout + run.stderr).splitlines() if not line.startswith(("cache-teachers:",
                                                                                                "scan "))]
         assert run.returncode == 1 and len(lines) == 1, (name, run.stdout + run.stderr)
         assert lines[0].startswith(f"Error: {url}: cannot reach the store (Could not connect to the endpoint URL"), name
         assert "check the URL, the --storage-option values" in lines[0]
-    debug = subprocess.run([sys.executable, "-m", "mealv2", "--debug", *commands["labels info"]], capture_output=True,
-                           text=True, env=env, timeout=120)
     assert debug.returncode == 1 and "botocore.exceptions.EndpointConnectionError" in debug.stderr
 
 
