@@ -183,9 +183,18 @@ def test_batch_must_split_over_ranks(two_ranks):
         assert rank.exit_code == 1 and "must split evenly over 2 ranks" in rank.output, rank.output
 
 
-def test_shard_jobs_then_finalize(reference_store, small_root, teacher_files, tmp_path):
+@pytest.fixture(scope="module")
+def first_shard(small_root, teacher_files, tmp_path_factory) -> Path:
+    """The reference run's store with only job 0 of --shard 0/2 done: incomplete."""
+    store = tmp_path_factory.mktemp("first-shard") / "sharded.zarr"
+    result = run_cli(*cache_args(small_root, store, teacher_files, "--shard", "0/2"))
+    assert result.exit_code == 0, result.output
+    return store
+
+
+def test_shard_jobs_then_finalize(first_shard, reference_store, small_root, teacher_files, tmp_path):
     store = tmp_path / "sharded.zarr"
-    assert run_cli(*cache_args(small_root, store, teacher_files, "--shard", "0/2")).exit_code == 0
+    shutil.copytree(first_shard, store)
     early = run_cli("labels", "finalize", store)
     assert early.exit_code == 1 and "units are not written yet" in early.output
     assert run_cli(*cache_args(small_root, store, teacher_files, "--shard", "1/2")).exit_code == 0
@@ -195,7 +204,7 @@ def test_shard_jobs_then_finalize(reference_store, small_root, teacher_files, tm
     assert store_files(store) == store_files(reference_store)
 
 
-def test_pack_to_zip_serves_distill(reference_store, small_root, teacher_files, tmp_path):
+def test_pack_to_zip_serves_distill(reference_store, first_shard, small_root, tmp_path):
     packed = tmp_path / "labels.zip"
     result = run_cli("labels", "pack", reference_store, packed)
     assert result.exit_code == 0, result.output
@@ -207,9 +216,7 @@ def test_pack_to_zip_serves_distill(reference_store, small_root, teacher_files, 
     assert (zipped.probs == plain.probs).all() and (zipped.boxes == plain.boxes).all()
     run = run_cli(*distill_args(small_root, f"zip::{packed}", tmp_path / "from-zip", 1))
     assert run.exit_code == 0, run.output
-    incomplete = tmp_path / "partial.zarr"
-    run_cli(*cache_args(small_root, incomplete, teacher_files, "--shard", "0/2"))
-    refused = run_cli("labels", "pack", incomplete, tmp_path / "partial.zip")
+    refused = run_cli("labels", "pack", first_shard, tmp_path / "partial.zip")
     assert refused.exit_code == 1 and "incomplete" in refused.output
     assert not (tmp_path / "partial.zip").exists()
 
