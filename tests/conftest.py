@@ -164,3 +164,17 @@ def pid_namespace() -> list[str]:
             return prefix
     pytest.skip("no PID namespace can be made here (unshare --pid needs root, or user namespaces for "
                 "--map-root-user); the same-namespace tests still run")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_intra_op_thread():
+    """One intra-op thread for torch in this process and in every process a test starts (OMP_NUM_THREADS=1, what
+    torchrun gives its ranks): on 2 cores shared with DALI's workers and the processes a test starts, torch's default
+    of a thread per core spins against them (a distill step took 2.4 s instead of 0.18 s, cache-teachers 38 s
+    instead of 6)."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(threads)

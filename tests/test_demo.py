@@ -113,11 +113,13 @@ def test_damaged_pinned_teacher_is_refused_before_any_training(quick_demo, tmp_p
     assert both.exit_code == 2 and "exclude each other" in both.output
 
 
-def test_slots_study_miniature_writes_its_curve(fashion_mnist_source, tmp_path):
-    """Two points (1 and 2 slots, read from one store of 2) and the online limit, one run seed."""
+def test_slots_study_miniature_writes_its_curve(quick_demo, fashion_mnist_source, tmp_path):
+    """Two points (1 and 2 slots, read from one store of 2) and the online limit, one run seed; the quick demo's
+    pinned teachers label the store (training them again is the demo's test)."""
     out = tmp_path / "slots"
     result = CliRunner().invoke(main, ["demo", "--quick", "--slots-study", "--out", str(out), "--seed", "3",
-                                       "--source", str(fashion_mnist_source)])
+                                       "--source", str(fashion_mnist_source),
+                                       "--teachers-from", str(quick_demo[0] / "teachers")])
     assert result.exit_code == 0, result.output
     study = json.loads((out / "slots.json").read_text())
     assert study["slots"] == [1, 2] and study["run_seeds"] == [3]

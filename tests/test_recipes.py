@@ -152,15 +152,17 @@ def test_a_1000_class_local_init_trains_on_3_classes(small_root, reference_store
     assert refused.exit_code == 1 and "does not fit test_resnet" in refused.output
 
 
-def test_evaluate_takes_the_run_resolution_and_refuses_offline_hub_weights(timm_run, small_root):
+def test_evaluate_takes_the_run_resolution_and_refuses_offline_hub_weights(timm_run, small_root, monkeypatch):
     out, _ = timm_run
     result = run_cli("evaluate", "--data", small_root, "--model", "test_resnet", "--checkpoint",
                      out / "model.safetensors", "--json", "--device", "cpu")
     assert result.exit_code == 0, result.output
     scores = json.loads(result.output)
     assert scores["res"] == 32 and scores["top1"] == pytest.approx(metrics(out)[-1]["val_top1"])
-    hub = run_cli("evaluate", "--data", small_root, "--model", "test_resnet", "--pretrained", "--device", "cpu",
-                  HF_HUB_OFFLINE="1")
+    # what HF_HUB_OFFLINE=1 sets when huggingface_hub is imported, which it was before this test (a variable set
+    # now would be read by nobody, and the hub's five retries over the network took 23 s of sleeps)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    hub = run_cli("evaluate", "--data", small_root, "--model", "test_resnet", "--pretrained", "--device", "cpu")
     assert hub.exit_code == 1 and "test_resnet" in hub.output and "Traceback" not in hub.output
 
 

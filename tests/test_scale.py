@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,24 +24,98 @@ pytestmark = pytest.mark.slow
 STUDENT = "test_convnext"  # LayerNorm only: without SyncBatchNorm (CUDA only) BN statistics would be per rank
 distill_args = functools.partial(conftest.distill_args, student=STUDENT, batch_size=10,
                                  recipe=("--lr", "0.05", "--lr-steps", "1"))
+COMMANDS = Path(__file__).resolve().parent / "torchrun_commands.py"
 
 
-def torchrun(*args, ranks=2, timeout=600):
-    """`torchrun --standalone --nproc-per-node RANKS -m mealv2 ARGS` on the CPU; past ``timeout`` seconds every rank
-    is ended (its own process group) and the test fails."""
+def launch(*args, ranks=2, timeout=600, env=None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node RANKS ARGS` on the CPU, with ``env``'s variables too; past ``timeout``
+    seconds torchrun and its ranks are ended and the output says so."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-               "-m", "mealv2", *[str(a) for a in args]]
+               *map(str, args)]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                          env=os.environ | {"OMP_NUM_THREADS": "1"}) as run:
+                          env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {})) as run:
         try:
             stdout, stderr = run.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(run.pid, signal.SIGKILL)
-            stdout, stderr = run.communicate()
-            pytest.fail(f"torchrun ran past {timeout} s: {stdout[-2000:]} {stderr[-2000:]}")
-    result = subprocess.CompletedProcess(command, run.returncode, stdout, stderr)
+            run.terminate()  # torchrun ends its ranks, each in a session of its own, before it exits
+            try:
+                stdout, stderr = run.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.pid, signal.SIGKILL)
+                stdout, stderr = run.communicate()
+            stderr += f"\ntorchrun ran past {timeout} s"
+    return subprocess.CompletedProcess(command, run.returncode, stdout, stderr)
+
+
+def torchrun(*args, ranks=2, timeout=600):
+    """`torchrun ... -m mealv2 ARGS`, which must succeed."""
+    result = launch("-m", "mealv2", *args, ranks=ranks, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+class Launch:
+    """One torchrun launch of several named commands (tests/torchrun_commands.py): their outputs under ``work``,
+    each command's result on every rank by its name."""
+
+    def __init__(self, work: Path, ranks: int, commands: dict[str, list], timeout: float, env: dict):
+        self.work, self.ranks = work, ranks
+        listing = work / "commands.json"
+        listing.write_text(json.dumps({name: list(map(str, args)) for name, args in commands.items()}))
+        self.run = launch(COMMANDS, listing, ranks=ranks, timeout=timeout, env=env)
+
+    def __getitem__(self, name: str) -> list[SimpleNamespace]:
+        """``name``'s exit code and output on each rank, in rank order."""
+        paths = [self.work / f"{name}.rank{rank}.json" for rank in range(self.ranks)]
+        if not all(path.exists() for path in paths):
+            pytest.fail(f"{name}: not every rank finished it; the launch ended with exit code {self.run.returncode}: "
+                        f"{self.run.stdout[-3000:]} {self.run.stderr[-3000:]}")
+        return [SimpleNamespace(**json.loads(path.read_text())) for path in paths]
+
+    def ran(self, name: str) -> list[SimpleNamespace]:
+        """``name``'s results, which must be a success on every rank."""
+        results = self[name]
+        assert all(r.exit_code == 0 for r in results), "\n".join(r.output[-3000:] for r in results)
+        return results
+
+
+def _break_decoding(path) -> None:
+    """Make a JPEG undecodable at the same byte size, its header still read: the scan start names no component."""
+    data = bytearray(path.read_bytes())
+    data[data.index(b"\xff\xda") + 5] = 0x77
+    path.write_bytes(bytes(data))
+
+
+def broken_images(root: Path) -> list[Path]:
+    """The three JPEGs of ROOT/train that the skip-bad run finds undecodable (``two_ranks`` breaks them)."""
+    return sorted(root.glob("train/*/img_00[01].jpg"))[:3]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(small_root, reference_store, teacher_files, tmp_path_factory):
+    """Every two-rank command of this module in one launch, the ranks started once (each start imports torch, timm
+    and DALI: half a minute on 2 shared cores); each test reads its own command's results."""
+    work = tmp_path_factory.mktemp("two-ranks")
+    data = work / "data"
+    shutil.copytree(small_root, data)  # the same files, sizes and times: the store's dataset
+    for path in broken_images(data):
+        _break_decoding(path)
+    skip_bad = distill_args(data, reference_store, work / "skip-bad", 1, "--skip-bad")
+    skip_bad[skip_bad.index("--batch-size") + 1] = "2"
+    commands = {
+        "odd_batch": distill_args(small_root, reference_store, work / "odd", 1, "--batch-size", "9"),
+        "sync_bn": distill_args(small_root, reference_store, work / "sync", 1, "--sync-bn"),
+        "cache": cache_args(small_root, work / "two-ranks.zarr", teacher_files),
+        "distill": distill_args(small_root, reference_store, work / "two-ranks", 2),
+        "first_epoch": distill_args(small_root, reference_store, work / "resized", 1),
+        "dropout_whole": distill_args(small_root, reference_store, work / "whole", 2, "--drop", "0.5"),
+        "dropout_first_epoch": distill_args(small_root, reference_store, work / "split", 1, "--drop", "0.5"),
+        "dropout_resumed": distill_args(small_root, reference_store, work / "split", 2, "--drop", "0.5", "--resume"),
+        # last: ranks that disagreed on a step would leave one waiting in DDP's all-reduce until the launch's timeout
+        "skip_bad": skip_bad,
+    }
+    cache = {"MEALV2_CACHE": str(tmp_path_factory.getbasetemp() / "mealv2-cache")}  # _isolated_cache's, set later
+    return Launch(work, 2, commands, timeout=900, env=cache)
 
 
 def weights(out):
@@ -53,10 +129,10 @@ def assert_same_weights(a, b):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_torchrun_cache_teachers_equals_one_process(reference_store, small_root, teacher_files, tmp_path):
-    store = tmp_path / "two-ranks.zarr"
-    result = torchrun(*cache_args(small_root, store, teacher_files))
-    assert "rank 0 of 2" in result.stdout and "complete" in result.stdout
+def test_torchrun_cache_teachers_equals_one_process(two_ranks, reference_store):
+    first, _ = two_ranks.ran("cache")
+    assert "rank 0 of 2" in first.output and "complete" in first.output
+    store = two_ranks.work / "two-ranks.zarr"
     assert LabelStore.open(str(store)).attrs["complete"]
     assert store_files(store) == store_files(reference_store)
 
@@ -69,10 +145,10 @@ def one_rank_run(small_root, reference_store, tmp_path_factory):
     return out
 
 
-def test_two_rank_distill_equals_one_rank(one_rank_run, small_root, reference_store, tmp_path):
-    out = tmp_path / "two-ranks"
-    result = torchrun(*distill_args(small_root, reference_store, out, 2))
-    assert result.stdout.count("epoch 2/2") == 1  # rank 0 alone reports
+def test_two_rank_distill_equals_one_rank(one_rank_run, two_ranks):
+    first, second = two_ranks.ran("distill")
+    assert first.output.count("epoch 2/2") == 1 and "epoch 2/2" not in second.output  # rank 0 alone reports
+    out = two_ranks.work / "two-ranks"
     assert_same_weights(weights(out), weights(one_rank_run))
     one, two = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
                 for run in (one_rank_run, out))
@@ -82,9 +158,9 @@ def test_two_rank_distill_equals_one_rank(one_rank_run, small_root, reference_st
         assert b["val_top1"] == pytest.approx(a["val_top1"])  # every validation image scored once
 
 
-def test_resume_on_another_world_size(one_rank_run, small_root, reference_store, tmp_path):
-    out = tmp_path / "resized"
-    torchrun(*distill_args(small_root, reference_store, out, 1))
+def test_resume_on_another_world_size(one_rank_run, two_ranks, small_root, reference_store):
+    two_ranks.ran("first_epoch")
+    out = two_ranks.work / "resized"
     result = run_cli(*distill_args(small_root, reference_store, out, 2, "--resume"))
     assert result.exit_code == 0, result.output
     assert_same_weights(weights(out), weights(one_rank_run))
@@ -102,16 +178,23 @@ def test_three_rank_cutmix_distill_equals_one_rank(small_root, teacher_files, tm
     assert_same_weights(weights(three), weights(one))
 
 
-def test_batch_must_split_over_ranks(small_root, reference_store, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mealv2",
-               *map(str, distill_args(small_root, reference_store, tmp_path / "odd", 1, "--batch-size", "9"))]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0 and "must split evenly over 2 ranks" in result.stdout + result.stderr
+def test_batch_must_split_over_ranks(two_ranks):
+    for rank in two_ranks["odd_batch"]:
+        assert rank.exit_code == 1 and "must split evenly over 2 ranks" in rank.output, rank.output
 
 
-def test_shard_jobs_then_finalize(reference_store, small_root, teacher_files, tmp_path):
+@pytest.fixture(scope="module")
+def first_shard(small_root, teacher_files, tmp_path_factory) -> Path:
+    """The reference run's store with only job 0 of --shard 0/2 done: incomplete."""
+    store = tmp_path_factory.mktemp("first-shard") / "sharded.zarr"
+    result = run_cli(*cache_args(small_root, store, teacher_files, "--shard", "0/2"))
+    assert result.exit_code == 0, result.output
+    return store
+
+
+def test_shard_jobs_then_finalize(first_shard, reference_store, small_root, teacher_files, tmp_path):
     store = tmp_path / "sharded.zarr"
-    assert run_cli(*cache_args(small_root, store, teacher_files, "--shard", "0/2")).exit_code == 0
+    shutil.copytree(first_shard, store)
     early = run_cli("labels", "finalize", store)
     assert early.exit_code == 1 and "units are not written yet" in early.output
     assert run_cli(*cache_args(small_root, store, teacher_files, "--shard", "1/2")).exit_code == 0
@@ -121,7 +204,7 @@ def test_shard_jobs_then_finalize(reference_store, small_root, teacher_files, tm
     assert store_files(store) == store_files(reference_store)
 
 
-def test_pack_to_zip_serves_distill(reference_store, small_root, teacher_files, tmp_path):
+def test_pack_to_zip_serves_distill(reference_store, first_shard, small_root, tmp_path):
     packed = tmp_path / "labels.zip"
     result = run_cli("labels", "pack", reference_store, packed)
     assert result.exit_code == 0, result.output
@@ -133,11 +216,23 @@ def test_pack_to_zip_serves_distill(reference_store, small_root, teacher_files, 
     assert (zipped.probs == plain.probs).all() and (zipped.boxes == plain.boxes).all()
     run = run_cli(*distill_args(small_root, f"zip::{packed}", tmp_path / "from-zip", 1))
     assert run.exit_code == 0, run.output
-    incomplete = tmp_path / "partial.zarr"
-    run_cli(*cache_args(small_root, incomplete, teacher_files, "--shard", "0/2"))
-    refused = run_cli("labels", "pack", incomplete, tmp_path / "partial.zip")
+    refused = run_cli("labels", "pack", first_shard, tmp_path / "partial.zip")
     assert refused.exit_code == 1 and "incomplete" in refused.output
     assert not (tmp_path / "partial.zip").exists()
+
+
+def mealv2_at_once(commands: dict[str, list], env: dict, timeout: float = 300) -> dict[str, subprocess.CompletedProcess]:
+    """`python -m mealv2 ARGS` for every command, all started at once (a test that runs one process at a time leaves
+    the second of CI's 2 cores idle); each one's exit code and output by name."""
+    runs = {name: subprocess.Popen([sys.executable, "-m", "mealv2", *map(str, args)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env) for name, args in commands.items()}
+    try:
+        outputs = {name: run.communicate(timeout=timeout) for name, run in runs.items()}
+        return {name: subprocess.CompletedProcess(run.args, run.returncode, *outputs[name]) for name, run in runs.items()}
+    finally:
+        for run in runs.values():
+            run.kill()
+            run.wait()
 
 
 @pytest.fixture(scope="module")
@@ -171,16 +266,14 @@ def test_a_store_that_cannot_be_reached_is_one_line_naming_it(small_root, teache
                 "cache-teachers": [*cache_args(small_root, url, teacher_files), *options],
                 "distill": [*distill_args(small_root, url, tmp_path / "run", 1), *options]}
     env = os.environ | {"AWS_MAX_ATTEMPTS": "1"}  # botocore's retries only slow the test down
-    for name, args in commands.items():
-        run = subprocess.run([sys.executable, "-m", "mealv2", *map(str, args)], capture_output=True, text=True,
-                             env=env, timeout=120)
+    runs = mealv2_at_once({**commands, "--debug": ["--debug", *commands["labels info"]]}, env)
+    debug = runs.pop("--debug")
+    for name, run in runs.items():
         lines = [line for line in (run.stdout + run.stderr).splitlines() if not line.startswith(("cache-teachers:",
                                                                                                "scan "))]
         assert run.returncode == 1 and len(lines) == 1, (name, run.stdout + run.stderr)
         assert lines[0].startswith(f"Error: {url}: cannot reach the store (Could not connect to the endpoint URL"), name
         assert "check the URL, the --storage-option values" in lines[0]
-    debug = subprocess.run([sys.executable, "-m", "mealv2", "--debug", *commands["labels info"]], capture_output=True,
-                           text=True, env=env, timeout=120)
     assert debug.returncode == 1 and "botocore.exceptions.EndpointConnectionError" in debug.stderr
 
 
@@ -243,46 +336,28 @@ def test_an_s3_claim_is_taken_over_after_its_lease_only(s3_endpoint):
     assert not site.fs.exists(site.claim.path)
 
 
-def test_each_rank_resumes_its_own_random_state(small_root, reference_store, tmp_path):
+def test_each_rank_resumes_its_own_random_state(two_ranks):
     """Dropout on: each rank draws its own masks, and a resume restores every rank's generator, not rank 0's."""
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    torchrun(*distill_args(small_root, reference_store, whole, 2, "--drop", "0.5"))
-    torchrun(*distill_args(small_root, reference_store, split, 1, "--drop", "0.5"))
-    torchrun(*distill_args(small_root, reference_store, split, 2, "--drop", "0.5", "--resume"))
-    assert_same_weights(weights(split), weights(whole))
+    for name in ("dropout_whole", "dropout_first_epoch", "dropout_resumed"):
+        two_ranks.ran(name)
+    split = two_ranks.work / "split"
+    assert_same_weights(weights(split), weights(two_ranks.work / "whole"))
     states = torch.load(split / "checkpoint-last.pth", weights_only=True)["rng"]
     assert len(states) == 2 and not torch.equal(states[0], states[1])
 
 
-def _break_decoding(path) -> None:
-    """Make a JPEG undecodable at the same byte size, its header still read: the scan start names no component."""
-    data = bytearray(path.read_bytes())
-    data[data.index(b"\xff\xda") + 5] = 0x77
-    path.write_bytes(bytes(data))
-
-
-def test_ranks_agree_on_each_step_when_skip_bad_leaves_a_whole_batch_out(small_root, reference_store, tmp_path):
+def test_ranks_agree_on_each_step_when_skip_bad_leaves_a_whole_batch_out(two_ranks):
     """One image a rank per step: an image that fails at decode time after caching leaves one rank's batch empty.
     The ranks agree to skip that step instead of one rank taking a step fewer while the other waits in DDP's
     all-reduce for the collective timeout (two hours); bounded here far below that."""
-    root = tmp_path / "data"
-    shutil.copytree(small_root, root)  # the same files, sizes and times: the store's dataset
-    broken = sorted(root.glob("train/*/img_00[01].jpg"))[:3]
-    for path in broken:
-        _break_decoding(path)
-    out = tmp_path / "run"
-    args = distill_args(root, reference_store, out, 1, "--skip-bad")
-    args[args.index("--batch-size") + 1] = "2"
-    result = torchrun(*args, timeout=240)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    output = "".join(rank.output for rank in two_ranks.ran("skip_bad"))
+    rows = [json.loads(line) for line in (two_ranks.work / "skip-bad" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["loss"] == rows[0]["loss"]
-    assert sum(f"left out {path}" in result.stdout + result.stderr for path in broken) >= 1
-    assert "a step skipped on every rank" in result.stdout + result.stderr
+    assert sum(f"left out {path}" in output for path in broken_images(two_ranks.work / "data")) >= 1
+    assert "a step skipped on every rank" in output
 
 
-def test_sync_bn_on_cpu_ranks_is_refused(small_root, reference_store, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "mealv2",
-               *map(str, distill_args(small_root, reference_store, tmp_path / "sync", 1, "--sync-bn"))]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert result.returncode != 0 and "--sync-bn: batch norm statistics are synchronised over GPUs" in (
-        result.stdout + result.stderr)
+def test_sync_bn_on_cpu_ranks_is_refused(two_ranks):
+    for rank in two_ranks["sync_bn"]:
+        assert rank.exit_code == 1 and "--sync-bn: batch norm statistics are synchronised over GPUs" in rank.output, (
+            rank.output)
