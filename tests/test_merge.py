@@ -111,6 +111,8 @@ def test_a_teacher_added_by_merging_labels_as_both_cached_at_once(merged, refere
     assert np.abs(got["probs"][...].astype(np.float32) - want["probs"][...].astype(np.float32)).max() < 2e-3
     info = run_cli("labels", "info", merged)
     assert info.exit_code == 0 and "merged from" in info.output and "a.zarr" in info.output
+    stats = [run_cli("labels", "stats", store).output.splitlines()[1:] for store in (merged, reference_store)]
+    assert stats[0] == stats[1]  # the same table as any store's (its first line names the store)
 
 
 def test_a_merged_store_recomputes_from_all_its_teachers(merged, small_root, teacher_files):
